@@ -1,0 +1,229 @@
+"""
+Speed figures of the kit, printed (and written as JSON): nothing here is asserted by the tests.
+
+    python bench.py                      # everything that runs on this machine
+    python bench.py --only pretrain      # pretrain | metrics | extract
+    python bench.py --steps 6 --json bench.json
+
+pretrain: throughput of one AMMA training step (forward, backward, AdamW) at the paper config
+  (1280/3072/768 -> D 512, 8 + 3x2 layers, M 160) on random features with realistic lengths
+  (L from 50 to 1022, median ~300; 100-250 text tokens), in length-bucketed batches of 4, against a
+  loop-per-protein reference built from nn.TransformerEncoder layers; achieved training FLOP/s from
+  an analytic count (3 x forward FLOPs) as a fraction of the measured matmul peak (fp32 on CPU, bf16
+  autocast on GPU).
+metrics: fmax + aupr at the GO-BP test scale (2,991 proteins x 1,943 terms).
+extract: proteins/s of the tiny encoders (real sizes on GPU), length-sorted batches against one
+  protein at a time, and the share of time outside the encoder forward.
+"""
+import argparse
+import json
+import math
+import time
+
+import torch
+import torch.nn as nn
+
+import amma
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(device, dtype, n=2048, reps=10):
+    """Measured dense matmul FLOP/s: the denominator of the utilisation figures."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+
+
+def realistic_lengths(n, seed=0):
+    """Protein lengths (log-normal, median ~300, clipped to 50..1022) and text lengths (100..250)."""
+    g = torch.Generator().manual_seed(seed)
+    L = torch.exp(math.log(300) + 0.55 * torch.randn(n, generator=g)).round().clamp(50, 1022).long()
+    Lf = torch.randint(100, 251, (n,), generator=g)
+    return L.tolist(), Lf.tolist()
+
+
+def layer_flops(S, D, mlp):
+    """Forward FLOPs of one Transformer layer on S tokens: projections, MLP, attention."""
+    return 2 * S * (4 * D * D + 2 * mlp * D * D) + 4 * S * S * D
+
+
+def forward_flops(c, L, Lf):
+    """Analytic forward FLOPs of AMMA (asymmetric) on one protein, as the kit computes it."""
+    D, mlp = c.D, c.mlp_ratio
+    proj = 2 * (L * (c.d_seq * D + D * D) + L * (c.d_str * D + D * D) + Lf * (c.d_func * D + D * D))
+    S = 1 + min(c.M, 2 * L + Lf)
+    enc = c.n_layers * layer_flops(S, D, mlp)
+    ls = 3 * 2 * S * D * D
+    dec = c.dec_layers * (layer_flops(L, D, mlp) + 2 * layer_flops(2 * L + Lf, D, mlp))
+    heads = 2 * D * (L * c.d_seq + L * c.d_str + Lf * c.d_func)
+    return proj + enc + ls + dec + heads
+
+
+def make_items(c, L, Lf, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [{"id": str(i), "seq": torch.randn(l, c.d_seq, generator=g).half(),
+             "str": torch.randn(l, c.d_str, generator=g).half(),
+             "func": torch.randn(lf, c.d_func, generator=g).half()} for i, (l, lf) in enumerate(zip(L, Lf))]
+
+
+def bench_kit(c, items, batches, device, steps):
+    """Proteins/s and tokens/s of the kit's batched training step."""
+    model = amma.AMMA(c).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    n_prot = n_tok = 0
+    flops = 0.0
+    for i, idx in enumerate(batches[: steps + 1]):
+        if i == 1:  # the first step is warm-up
+            sync(device)
+            t = time.perf_counter()
+        batch = amma.batch_to(amma.collate([items[j] for j in idx]), device)
+        with autocast:
+            _, loss, _ = model(batch, generator=torch.Generator().manual_seed(i))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if i >= 1:
+            n_prot += len(idx)
+            n_tok += sum(2 * len(items[j]["seq"]) + len(items[j]["func"]) for j in idx)
+            flops += sum(3 * forward_flops(c, len(items[j]["seq"]), len(items[j]["func"])) for j in idx)
+    sync(device)
+    dt = time.perf_counter() - t
+    return {"proteins_per_s": n_prot / dt, "tokens_per_s": n_tok / dt, "flops_per_s": flops / dt, "steps": steps}
+
+
+class LoopReference(nn.Module):
+    """The first implementation the issue mentions: one protein at a time, nn.TransformerEncoder
+    layers, no padding. Same widths and FLOPs as the kit; used only as a speed reference."""
+
+    def __init__(self, c):
+        super().__init__()
+        layer = lambda n: nn.TransformerEncoder(nn.TransformerEncoderLayer(
+            c.D, c.n_heads, c.mlp_ratio * c.D, dropout=0.0, activation="gelu", batch_first=True, norm_first=True), n,
+            enable_nested_tensor=False)
+        self.c = c
+        self.proj = nn.ModuleDict({m: amma.Proj(d, c.D) for m, d in c.dims().items()})
+        self.enc = layer(c.n_layers)
+        self.l = nn.ModuleList(nn.Linear(c.D, c.D) for _ in range(3))
+        self.dec = nn.ModuleDict({m: layer(c.dec_layers) for m in amma.MODALITIES})
+        self.head = nn.ModuleDict({m: nn.Linear(c.D, d) for m, d in c.dims().items()})
+
+    def forward(self, item, g):
+        x = {m: self.proj[m](item[m].float()) for m in amma.MODALITIES}
+        tokens = torch.cat([x["seq"], x["str"], x["func"]])
+        keep = torch.randperm(len(tokens), generator=g)[: self.c.M]
+        z = self.enc(tokens[keep][None])[0]
+        L, Lf = len(x["seq"]), len(x["func"])
+        loss = 0.0
+        for k, (m, span) in enumerate([("seq", L), ("str", 2 * L + Lf), ("func", 2 * L + Lf)]):
+            full = torch.zeros(span, self.c.D)
+            full[keep[keep < span]] = self.l[k](z)[keep < span]
+            out = self.head[m](self.dec[m](full[None])[0][-len(item[m]):])
+            loss = loss + ((out - item[m].float()) ** 2).mean()
+        return loss
+
+
+def bench_loop(c, items, steps):
+    model = LoopReference(c)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    n = 4 * steps
+    model(items[0], g).backward()
+    t = time.perf_counter()
+    flops = 0.0
+    for i in range(n):
+        loss = model(items[i + 1], g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        flops += 3 * forward_flops(c, len(items[i + 1]["seq"]), len(items[i + 1]["func"]))
+    dt = time.perf_counter() - t
+    return {"proteins_per_s": n / dt, "flops_per_s": flops / dt, "steps": n}
+
+
+def run_pretrain(args, device, report):
+    c = amma.AMMAConfig()
+    n = 4 * (args.steps + 1) * 8
+    L, Lf = realistic_lengths(n)
+    items = make_items(c, L, Lf)
+    lengths = [2 * l + lf for l, lf in zip(L, Lf)]
+    bucketed = amma.bucket_batches(lengths, 4, seed=0, epoch=0)
+    shuffled = [list(range(i, i + 4)) for i in range(0, n, 4)]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    peak = matmul_peak(device, dtype)
+    n_params = sum(p.numel() for p in amma.AMMA(c).parameters())
+    print(f"\n== pretraining step, paper config ({n_params / 1e6:.1f}M parameters), device {device}, "
+          f"{torch.get_num_threads()} threads")
+    print(f"   matmul peak ({str(dtype).replace('torch.', '')}): {peak / 1e9:.1f} GFLOP/s")
+    rows = {"kit, length-bucketed batches of 4": bench_kit(c, items, bucketed, device, args.steps),
+            "kit, random batches of 4": bench_kit(c, items, shuffled, device, args.steps)}
+    if device.type == "cpu" and not args.skip_loop:
+        rows["loop per protein, nn.TransformerEncoder"] = bench_loop(c, items, max(1, args.steps // 2))
+    for name, r in rows.items():
+        r["peak_fraction"] = r["flops_per_s"] / peak
+        print(f"   {name:42s} {r['proteins_per_s']:7.2f} proteins/s  "
+              f"{r.get('tokens_per_s', float('nan')):9.0f} tokens/s  "
+              f"{r['flops_per_s'] / 1e9:7.1f} GFLOP/s  = {100 * r['peak_fraction']:5.1f}% of peak")
+    mean_flops = sum(3 * forward_flops(c, l, lf) for l, lf in zip(L, Lf)) / n
+    best = rows["kit, length-bucketed batches of 4"]["proteins_per_s"]
+    hours = 120_000 * 10 / best / 3600
+    print(f"   paper pretraining (120k proteins x 10 epochs) at this speed: {hours:.1f} device-hours "
+          f"({mean_flops / 1e9:.1f} GFLOP per protein per step)")
+    report["pretrain"] = {"device": str(device), "peak_flops": peak, "rows": rows, "paper_run_hours": hours}
+
+
+def run_metrics(report):
+    import metrics
+    g = torch.Generator().manual_seed(0)
+    pred = torch.rand(2991, 1943, generator=g)
+    target = (torch.rand(2991, 1943, generator=g) < 0.01).float()
+    metrics.fmax(pred, target), metrics.aupr(pred, target)
+    t = time.perf_counter()
+    f, a = metrics.fmax(pred, target), metrics.aupr(pred, target)
+    dt = time.perf_counter() - t
+    print(f"\n== metrics at GO-BP test scale (2,991 x 1,943): fmax + aupr in {dt:.3f} s")
+    report["metrics"] = {"seconds": dt}
+
+
+def run_extract(report):
+    import extract_features
+    if not hasattr(extract_features, "bench"):
+        print("\n== extract: extract_features.bench() not available")
+        return
+    report["extract"] = extract_features.bench()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", choices=("pretrain", "metrics", "extract"))
+    p.add_argument("--steps", type=int, default=4, help="timed training steps per row")
+    p.add_argument("--skip-loop", action="store_true", help="skip the loop-per-protein reference")
+    p.add_argument("--json", default="", help="also write the figures to this JSON file")
+    p.add_argument("--device", default="", help="cpu or cuda (default: cuda if available)")
+    args = p.parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    report = {}
+    if args.only in (None, "metrics"):
+        run_metrics(report)
+    if args.only in (None, "pretrain"):
+        run_pretrain(args, device, report)
+    if args.only in (None, "extract"):
+        run_extract(report)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return report
+
+
+if __name__ == "__main__":
+    main()
