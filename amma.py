@@ -133,8 +133,9 @@ class FeatureDataset(torch.utils.data.Dataset):
 
     def lengths(self):
         """Tokens per protein in the full layout (2L + L'), for length bucketing."""
-        return [2 * min(r["L"], self.max_len) + min(r["L_func"], self.max_text) * ("func" in r["modalities"])
-                for r in self.rows]
+        has = {m: m in self.modalities for m in MODALITIES}
+        return [min(r["L"], self.max_len) * (1 + (has["str"] and "str" in r["modalities"]))
+                + min(r["L_func"], self.max_text) * (has["func"] and "func" in r["modalities"]) for r in self.rows]
 
     def __getitem__(self, i):
         row = self.rows[i]
@@ -529,20 +530,41 @@ class TrainConfig:
 
 
 HELP = {
-    "d_seq": "width of the sequence features (read from the feature files when 0)",
+    "D": "width of Proj, Enc_multi and the decoders",
+    "n_layers": "Transformer layers of Enc_multi (and Enc_con)",
+    "n_heads": "attention heads",
+    "dec_layers": "Transformer layers of each decoder",
+    "mlp_ratio": "MLP width / D in every Transformer layer",
+    "dropout": "dropout in attention and MLPs (the paper gives none)",
     "M": "tokens kept per protein (paper: 160)",
-    "alpha": "Dirichlet concentrations for seq str func: a larger alpha_m keeps more of modality m",
+    "alpha": "Dirichlet concentrations for seq str func; a larger alpha_m keeps more of modality m",
     "variant": "asymmetric (AMMA) | symmetric (eq. 13) | no-aux (eq. 17) | contrastive (B.9)",
     "loss_on": "'all' valid positions (eq. 4) or only the 'masked' ones",
-    "features": "feature set written by extract_features.py; the built-in demo is used when it does not exist",
-    "step_size": "StepLR step size in epochs (the paper is silent; we halve the lr every 3 epochs)",
-    "init": "initialise weights from this checkpoint (e.g. the 120k model before the unpaired phase)",
-    "limit_steps": "cap on steps per epoch (for smoke tests)",
+    "tau": "InfoNCE temperature of the contrastive variant",
+    "features": "paired feature set written by extract_features.py; the built-in demo is used when "
+                "it does not exist; '' for none",
+    "unpaired_seqstr": "seq+str feature set for the unpaired objective (eq. 12)",
+    "unpaired_seqfunc": "seq+func feature set for the unpaired objective (eq. 12)",
+    "out": "run directory: checkpoint.pt, log.jsonl",
+    "epochs": "epochs (paper: 10)",
+    "batch_size": "proteins per step and process (paper: 4)",
+    "lr": "AdamW learning rate (paper: 1e-4)",
+    "weight_decay": "AdamW weight decay (paper: 0.05)",
+    "step_size": "StepLR step size in epochs (the paper gives only gamma; we halve every 3 epochs)",
+    "gamma": "StepLR gamma (paper: 0.5)",
+    "seed": "seed of the initialisation, batch order and masks",
+    "resume": "continue from <out>/checkpoint.pt where it stopped (same result as an uninterrupted run)",
+    "init": "initialise the weights from this checkpoint (e.g. the 120k model before the unpaired phase)",
+    "max_len": "residues kept per protein (ESM-1b's 1022)",
+    "num_workers": "DataLoader worker processes",
+    "log_every": "steps between lines of log.jsonl",
+    "limit_steps": "cap on steps per epoch (smoke tests); 0 = all",
+    "device": "cpu | cuda | cuda:1 ...; default: cuda when available",
 }
 
 # The demo model: small enough to learn the synthetic demo in a few CPU minutes.
 DEMO = dict(D=128, n_layers=3, n_heads=4, dec_layers=1, M=48, epochs=6, batch_size=8, lr=1e-3,
-            step_size=4, out="runs/demo")
+            step_size=4, num_workers=0, out="runs/demo")
 
 
 def bucket_batches(lengths, batch_size, seed, epoch, rank=0, world=1):
@@ -748,17 +770,19 @@ def collate_pair(a, b):
 def build_parser():
     p = argparse.ArgumentParser(
         description="AMMA pretraining (and, with --analyze, the analyses of analyze.py).",
-        epilog="Model flags default to the paper's config; the demo (used when --features does not exist) "
-               "shrinks the model unless you set the flags yourself.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        epilog="Defaults are the paper's. Feature widths are read from the files. The demo (used when "
+               "--features does not exist) shrinks the model and schedule unless you set those flags yourself.")
     p.add_argument("--pretrain", action="store_true", help="run pretraining")
     p.add_argument("--analyze", action="store_true", help="run analyze.py with the remaining arguments")
     for dc in (AMMAConfig, TrainConfig):
         for f in fields(dc):
+            if f.name in ("d_seq", "d_str", "d_func"):
+                continue  # always read from the feature files
             name = "--" + f.name.replace("_", "-")
-            kw = dict(default=None, help=HELP.get(f.name, f"(default: {f.default})"))
+            default = " ".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+            kw = dict(default=None, help=f"{HELP[f.name]} (default: {default!r})")
             if f.type is bool or isinstance(f.default, bool):
-                p.add_argument(name, action="store_true", help=kw["help"])
+                p.add_argument(name, action="store_true", help=HELP[f.name])
             elif isinstance(f.default, tuple):
                 p.add_argument(name, type=float, nargs=3, **kw)
             elif f.name == "variant":
@@ -790,13 +814,14 @@ def main(argv=None):
         build_parser().print_help()
         return None
     overrides = None
-    features = args.features if args.features is not None else TrainConfig.features
-    if features and not (Path(features) / "manifest.tsv").exists():
+    if args.features is not None and args.features and not (Path(args.features) / "manifest.tsv").exists():
+        raise SystemExit(f"error: {args.features}/manifest.tsv not found: extract features first "
+                         f"(extract_features.py), or leave out --features to run the built-in demo")
+    if args.features is None and not (Path(TrainConfig.features) / "manifest.tsv").exists():
         import demo  # the built-in demo corpus (demo.py); not needed with real features
-        print(f"no feature set at {features}: pretraining on the built-in demo instead "
+        print(f"no feature set at {TrainConfig.features}: pretraining on the built-in demo instead "
               f"(synthetic or tiny-encoder features, not real ESM-1b/GearNet/PubMedBERT ones)")
         overrides = {**DEMO, "features": str(demo.ensure_demo_features("features/demo"))}
-        args.features = None
     mc, tc, _ = configs_from_args(args, overrides)
     if tc.features or tc.unpaired_seqstr:
         dims = feature_dims(tc.features or tc.unpaired_seqstr)
@@ -807,7 +832,10 @@ def main(argv=None):
     n_params = sum(p.numel() for p in build_model(mc).parameters())
     print(f"AMMA {mc.variant}: {n_params / 1e6:.1f}M parameters, dims {mc.dims()}, D={mc.D}, "
           f"M={mc.M}, alpha={mc.alpha}; data {tc.features or ''} {tc.unpaired_seqstr} {tc.unpaired_seqfunc}")
-    history = pretrain(mc, tc)
+    try:
+        history = pretrain(mc, tc)
+    except (ValueError, FileNotFoundError) as e:  # bad input files: one line, no traceback
+        raise SystemExit(f"error: {e}") from None
     if history:
         print(f"loss: first epoch {history[0]:.4f}, last epoch {history[-1]:.4f}; checkpoint in {tc.out}/checkpoint.pt")
     return history
