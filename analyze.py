@@ -1,0 +1,611 @@
+"""The paper's analyses of a pretrained AMMA (section 4.3, B.4, B.5, B.8) and the ablation collector.
+
+    python amma.py --analyze --ckpt runs/amma/checkpoint.pt --features features/pretrain \\
+        --contrastive-ckpt runs/contrastive/checkpoint.pt --protein P69905 --structure AF-P69905-F1-model_v4.pdb
+    python analyze.py --ckpt runs/demo/checkpoint.pt --features features/demo       # same thing, no amma.py
+    python analyze.py --collect runs/           # every runs/*/<task>/results.json -> one table (ablations.sh)
+
+Outputs (in --out, default <checkpoint dir>/analysis, e.g. runs/amma/analysis):
+    table1.json, table1.md      Table 1: cosine similarity of the relation matrices, ours beside the paper's
+    tsne_initial.png            t-SNE of the frozen features (Figure 1)
+    tsne_amma.png               t-SNE of AMMA's Z'_{m,0} (Figure 4a)
+    tsne_contrastive.png        t-SNE of the contrastive z_m of eq. 14 (Figure 4b), with --contrastive-ckpt
+    attention_<id>.tsv          residues ranked by function-to-residue attention (B.8)
+    attention_<id>.pdb          with a structure: a copy whose B-factor column holds that attention
+--collect writes <dir>/results_table.json and <dir>/results_table.md.
+
+Choices made where the paper is silent (the README repeats them):
+- Latents. Initial: the frozen features X'_m averaged over length (B.5 names X'; Table 1's caption
+  mentions projection layers, but B.5 is the precise text). CL: z_seq, z_str, z_func of eq. 14.
+  AMMA: l0 applied to Enc_multi's output with no masking, scattered to the full layout
+  (Z'_{m,0} of eq. 3) and averaged over each modality's valid positions.
+- Table 1 (B.5): latents L2-normalised, Relation_m = z_m z_m^T per batch, and the cosine similarity of
+  two relation matrices taken over the flattened B x B matrices, x.y / max(|x| |y|, 1e-8). The paper
+  gives no batch size: we use 4, the pretraining batch size of B.1 (--batch-size). Proteins with all
+  three modalities, shuffled with --seed, cut into consecutive batches; a last batch of one protein is
+  dropped (its relation matrix is [[1]]). The mean over batches is reported; table1.json also holds the
+  row-wise variant (mean cosine of matching rows, torch's cosine_similarity default dim=1) and, per
+  modality, the mean cosine between different proteins' latents: when that is near 1 (latents sharing
+  one large common direction, as l0 outputs early in training do), every relation matrix is near
+  all-ones and the column is near 1 whatever the alignment; a note is printed then.
+- t-SNE (B.4): the same --tsne-n proteins (default 500, Fig. 4a's count) for every panel. Per modality:
+  min-max scaling by the modality's overall min and max, PCA (100 components for the frozen features
+  as in Fig. 1, 500 for the trained latents as in Fig. 4; capped by the number of proteins and the
+  smallest width), then the three modalities' points stacked and embedded by one t-SNE. Perplexity
+  200 and 2500 iterations as in B.4, scaled down for small sets: perplexity min(200, (points - 1) / 3),
+  iterations min(2500, max(250, 2 x points)). Colours as the paper: seq red, str yellow, func blue.
+- Attention (B.8): one protein, all three modalities, no masking, batch of one. The last Enc_multi
+  layer's attention is averaged over heads and over the function-token queries; a residue's
+  attention is the sum of what its seq slot and its str slot receive (both are the same residue).
+  The paper used the protein name only as text; the cached features hold the whole ProtST text, so we
+  use every text token (--func-tokens K keeps only the first K, e.g. [CLS] and the name).
+  The PDB copy: every ATOM/HETATM line of a residue gets B = 100 x attention / max attention (so the
+  top residue reads 100.00 and the %6.2f column keeps the contrast); residues without features
+  (no C-alpha, beyond --max-len, ligands, water) get 0.00.
+- Collector: runs/<name>/<task>/results.json for task in ec, go-mf, go-cc, go-bp. Test Fmax and AUPR
+  are read from results["test"]["fmax"|"aupr"] (finetune.py's layout), else from "test_fmax" /
+  "test_aupr", else top-level "fmax" / "aupr" (keys compared case-insensitively, "f1_max" counts as
+  fmax). Values <= 1 are taken as fractions and shown in percent, as in the paper's tables.
+"""
+import argparse
+import gzip
+import json
+import sys
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import amma
+from amma import MODALITIES
+
+PAIRS = (("seq", "str"), ("seq", "func"), ("str", "func"))
+PAIR_NAMES = {p: f"{p[0].capitalize()}-{p[1].capitalize()}" for p in PAIRS}      # "Seq-Str", ...
+COLUMNS = {"initial": "Initial", "contrastive": "CL", "amma": "AMMA"}
+PAPER_TABLE1 = {"initial": {"seq-str": 0.865, "seq-func": 0.855, "str-func": 0.947},
+                "contrastive": {"seq-str": 0.894, "seq-func": 0.907, "str-func": 0.847},
+                "amma": {"seq-str": 1.000, "seq-func": 0.999, "str-func": 0.999}}
+TSNE_COLOURS = {"seq": "#d62728", "str": "#e6b800", "func": "#1f77b4"}           # red, yellow, blue
+
+TASKS = ("ec", "go-mf", "go-cc", "go-bp")
+TASK_NAMES = {"ec": "EC", "go-mf": "GO-MF", "go-cc": "GO-CC", "go-bp": "GO-BP"}
+# Paper values (percent): {row: {task: (Fmax, AUPR)}}. Table 2 on the 120k set; Tables 4 and 6 on a 22k subset.
+PAPER_RESULTS = {
+    "Table 2: AMMA": {"ec": (88.7, 89.8), "go-mf": (67.3, 65.5), "go-cc": (49.8, 36.9), "go-bp": (46.9, 33.6)},
+    "Table 2: AMMA-symmetric": {"ec": (71.6, 74.9), "go-mf": (52.0, 52.3), "go-cc": (48.8, 35.1), "go-bp": (35.5, 24.3)},
+    "Table 2: AMMA-contrastive": {"ec": (87.7, 89.5), "go-mf": (65.2, 61.3), "go-cc": (44.3, 28.2), "go-bp": (28.2, 17.3)},
+    "Table 2: ESM-1b": {"ec": (86.9, 88.4), "go-mf": (65.9, 63.0), "go-cc": (47.7, 32.4), "go-bp": (45.2, 33.2)},
+    "Table 4: alpha 1 1 1": {"ec": (84.6, 87.2), "go-mf": (66.4, 64.8)},
+    "Table 4: alpha 1 2 2": {"ec": (87.7, 89.8), "go-mf": (66.4, 64.2)},
+    "Table 4: alpha 2 1 1": {"ec": (73.0, 75.9), "go-mf": (65.1, 63.2)},
+    "Table 4: alpha 2 1 2": {"ec": (86.7, 89.2), "go-mf": (65.9, 64.7)},
+    "Table 6: AMMA": {"ec": (87.7, 89.8), "go-mf": (66.4, 64.2)},
+    "Table 6: AMMA-w/o auxiliary": {"ec": (87.7, 90.1), "go-mf": (65.0, 63.6)},
+}
+
+
+@dataclass
+class AnalyzeConfig:
+    ckpt: str = ""                  # AMMA checkpoint (amma.py --pretrain)
+    contrastive_ckpt: str = ""      # AMMA-contrastive checkpoint (--variant contrastive): Table 1 CL, Fig. 4b
+    features: str = "features/pretrain"
+    out: str = ""                   # default: <ckpt dir>/analysis
+    batch_size: int = 4             # relation-matrix batch (B.5 is silent; B.1's pretraining batch size)
+    n_proteins: int = 0             # Table 1 on this many proteins (shuffled); 0 = all
+    tsne_n: int = 500               # proteins per t-SNE panel (0 = no t-SNE)
+    tsne_perplexity: float = 0.0    # 0 = min(200, (points - 1) / 3)
+    tsne_iter: int = 0              # 0 = min(2500, max(250, 2 x points))
+    protein: str = ""               # attention of this protein; default: the first with all three modalities
+    structure: str = ""             # PDB file of that protein: also write a B-factor copy
+    func_tokens: int = 0            # attention: keep only the first K text tokens (0 = all)
+    max_len: int = 1022
+    seed: int = 0
+    device: str = ""                # '' = cuda if available else cpu
+    collect: str = ""               # collect runs/*/<task>/results.json under this dir instead
+
+
+HELP = {
+    "ckpt": "AMMA checkpoint written by amma.py --pretrain",
+    "contrastive_ckpt": "AMMA-contrastive checkpoint (amma.py --pretrain --variant contrastive): Table 1's CL "
+                        "column and the contrastive t-SNE",
+    "features": "feature set (the pretraining set in the paper); the built-in demo is used when it does not exist",
+    "out": "output folder (default: <checkpoint dir>/analysis)",
+    "batch_size": "proteins per relation matrix (the paper is silent; 4 = its pretraining batch size)",
+    "n_proteins": "Table 1 on the first N proteins after shuffling (0 = all)",
+    "tsne_n": "proteins per t-SNE panel (B.4 used 500 for Fig. 4, 1000 for Fig. 1; 0 = skip t-SNE)",
+    "tsne_perplexity": "t-SNE perplexity (0 = min(200, (points - 1) / 3); B.4: 200)",
+    "tsne_iter": "t-SNE iterations (0 = min(2500, max(250, 2 x points)); B.4: 2500)",
+    "protein": "protein id for the function-to-residue attention (default: first with seq, str and func)",
+    "structure": "PDB file of --protein: also write a copy with the attention in the B-factor column "
+                 "(default: the manifest's structure column when that file exists)",
+    "func_tokens": "attention: use only the first K function-text tokens (0 = all; the paper used the name)",
+    "max_len": "residues per protein (as in pretraining)",
+    "seed": "seed of the protein order (Table 1 batches, t-SNE subset) and of t-SNE",
+    "device": "torch device ('' = cuda if available else cpu)",
+    "collect": "instead of analysing a checkpoint, gather every <dir>/*/<task>/results.json into one table",
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Table 1 (B.5): relation matrices and their cosine similarity
+
+def relation(z):
+    """Relation matrix of L2-normalised latents: z [B, d] -> [B, B]."""
+    z = F.normalize(z.float(), dim=-1)
+    return z @ z.T
+
+
+def relation_cosine(ra, rb, eps=1e-8, rowwise=False):
+    """Cosine similarity of two relation matrices [B, B]: over the flattened matrices (default), or
+    the mean over rows of the row-wise cosines."""
+    if rowwise:
+        return F.cosine_similarity(ra, rb, dim=1, eps=eps).mean().item()
+    a, b = ra.flatten(), rb.flatten()
+    return (a @ b / (a.norm() * b.norm()).clamp_min(eps)).item()
+
+
+def masked_mean(x, lengths):
+    """Mean over the first lengths[b] rows: x [B, L, d] -> [B, d]."""
+    valid = torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]       # [B, L]
+    return (x * valid[..., None]).sum(1) / lengths.clamp_min(1)[:, None]
+
+
+@torch.no_grad()
+def amma_latents(model, batch):
+    """Z'_{m,0} of eq. 3 (l0 of Enc_multi's output, unmasked, scattered to the full layout) averaged
+    over each modality's valid positions: {m: [B, D]}."""
+    z, ids, keep, valid, layout, _ = model.enc(batch, mask=False)
+    N = valid.shape[1]
+    z0 = model.unmask(model.l[0](z[:, 1:]), ids, keep, N)                               # [B, N, D]
+    out = {}
+    for m in MODALITIES:
+        start, length = layout[m]
+        if length:
+            out[m] = masked_mean(z0[:, start:start + length], batch[m + "_len"])        # [B, D]
+    return out
+
+
+@torch.no_grad()
+def contrastive_latents(model, batch):
+    """z_seq (after Enc_con), z_str, z_func of eq. 14: {m: [B, D]}."""
+    z, _ = model.latents(batch)
+    return {m: z[m] for m in MODALITIES if m in z}
+
+
+def initial_latents(batch):
+    """The frozen features X'_m averaged over length: {m: [B, d_m]}."""
+    return {m: masked_mean(batch[m], batch[m + "_len"]) for m in MODALITIES if m in batch}
+
+
+def table1_scores(latents, rowwise=False):
+    """Cosine similarities of one batch's relation matrices: {"seq-str": c, "seq-func": c, "str-func": c}."""
+    rel = {m: relation(z) for m, z in latents.items()}
+    return {f"{a}-{b}": relation_cosine(rel[a], rel[b], rowwise=rowwise) for a, b in PAIRS}
+
+
+def within_cosine(z):
+    """Mean cosine between different proteins' latents of one modality (the off-diagonal of the relation
+    matrix). Near 1, every relation matrix is near all-ones and Table 1's cosine is near 1 whatever the
+    alignment: a diagnostic kept beside the table."""
+    r, B = relation(z), len(z)
+    return ((r.sum() - r.diagonal().sum()) / (B * (B - 1))).item()
+
+
+def paired_ids(root, n, seed):
+    """Ids with all three modalities, shuffled with seed, first n (0 = all)."""
+    ids = [r["id"] for r in amma.read_manifest(root) if set(MODALITIES) <= set(r["modalities"])]
+    perm = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed)).tolist()
+    ids = [ids[i] for i in perm]
+    return ids[:n] if n else ids
+
+
+def compute_latents(models, dataset, batch_size, n_keep, device, chunk=8):
+    """One pass over the dataset. Returns (scores, kept): scores[col][rowwise][pair] = list of per-batch
+    cosines over consecutive batches of batch_size (a last batch of one protein is dropped), and
+    kept[col][m] = [n_keep, d] latents of the first n_keep proteins (for t-SNE)."""
+    scores = {col: {False: {}, True: {}, "within": {}} for col in models}
+    kept = {col: {m: [] for m in MODALITIES} for col in models}
+    n_seen = 0
+    step = batch_size * chunk                                    # forward several relation batches at once
+    for start in range(0, len(dataset), step):
+        items = [dataset[i] for i in range(start, min(start + step, len(dataset)))]
+        batch = amma.batch_to(amma.collate(items), device)
+        for col, fn in models.items():
+            lat = {m: z.float().cpu() for m, z in fn(batch).items()}                    # {m: [b, d]}
+            for s in range(0, len(items), batch_size):
+                part = {m: z[s:s + batch_size] for m, z in lat.items()}
+                if len(part["seq"]) < 2:
+                    continue
+                for rowwise in (False, True):
+                    for pair, c in table1_scores(part, rowwise).items():
+                        scores[col][rowwise].setdefault(pair, []).append(c)
+                for m, z in part.items():
+                    scores[col]["within"].setdefault(m, []).append(within_cosine(z))
+            take = max(0, min(len(items), n_keep - n_seen))
+            for m in MODALITIES:
+                kept[col][m].append(lat[m][:take])
+        n_seen += len(items)
+    kept = {col: {m: torch.cat(parts) for m, parts in per_m.items()} for col, per_m in kept.items()}   # [n_keep, d]
+    return scores, kept
+
+
+def table1_markdown(table, paper=PAPER_TABLE1):
+    cols = [c for c in COLUMNS if c in table]
+    lines = ["| Alignment | " + " | ".join(f"{COLUMNS[c]} (ours) | {COLUMNS[c]} (paper)" for c in cols) + " |",
+             "|---" * (1 + 2 * len(cols)) + "|"]
+    for a, b in PAIRS:
+        key = f"{a}-{b}"
+        lines.append(f"| {PAIR_NAMES[(a, b)]} | " +
+                     " | ".join(f"{table[c][key]:.3f} | {paper[c][key]:.3f}" for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def table1_text(table, paper=PAPER_TABLE1):
+    cols = list(COLUMNS)
+    lines = ["Alignment  " + "".join(f"{COLUMNS[c] + ' ours (paper)':>22}" for c in cols)]
+    for a, b in PAIRS:
+        key = f"{a}-{b}"
+        cells = [(f"{table[c][key]:.3f}" if c in table else "-") + f" ({paper[c][key]:.3f})" for c in cols]
+        lines.append(f"{PAIR_NAMES[(a, b)]:<11}" + "".join(f"{cell:>22}" for cell in cells))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# t-SNE (B.4)
+
+def tsne_params(n_points, perplexity=0.0, n_iter=0):
+    """B.4's perplexity 200 and 2500 iterations, scaled down for small sets (see the module docstring)."""
+    perplexity = perplexity or min(200.0, max(2.0, (n_points - 1) / 3))
+    n_iter = n_iter or int(min(2500, max(250, 2 * n_points)))
+    return perplexity, n_iter
+
+
+def tsne_embed(latents, pca_dim, perplexity=0.0, n_iter=0, seed=0):
+    """B.4: per modality min-max scaling and PCA, the modalities' points stacked, one 2-D t-SNE.
+    latents {m: [n, d_m]} -> ({m: [n, 2] numpy}, info dict)."""
+    import numpy as np
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+
+    n = len(latents["seq"])
+    k = min(pca_dim, n, *(z.shape[1] for z in latents.values()))
+    parts = []
+    for m in MODALITIES:
+        x = latents[m].double().numpy()
+        x = (x - x.min()) / max(x.max() - x.min(), 1e-12)                  # the modality's min and max
+        parts.append(PCA(n_components=k, random_state=seed).fit_transform(x))          # [n, k]
+    points = np.concatenate(parts, 0)                                       # [3n, k], modality-major
+    perplexity, n_iter = tsne_params(len(points), perplexity, n_iter)
+    y = TSNE(n_components=2, perplexity=perplexity, max_iter=n_iter, init="pca", learning_rate="auto",
+             random_state=seed).fit_transform(points)                       # [3n, 2]
+    info = {"n_proteins": n, "pca_components": k, "perplexity": perplexity, "iterations": n_iter}
+    return {m: y[i * n:(i + 1) * n] for i, m in enumerate(MODALITIES)}, info
+
+
+def plot_tsne(coords, info, title, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 5.5), dpi=120)
+    for m in MODALITIES:
+        ax.scatter(coords[m][:, 0], coords[m][:, 1], s=6, alpha=0.6, c=TSNE_COLOURS[m], label=m, linewidths=0)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(f"{info['n_proteins']} proteins, PCA {info['pca_components']}, "
+                  f"perplexity {info['perplexity']:.0f}, {info['iterations']} iterations", fontsize=8)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.legend(markerscale=3, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# function-to-residue attention (B.8)
+
+@torch.no_grad()
+def function_attention(model, batch):
+    """Last Enc_multi layer's attention from the function tokens to each residue, for a batch of one
+    protein without masking. Returns (per-residue attention [L] = seq slot + str slot, the seq-slot
+    part [L], the str-slot part [L], the full map [nh, 1+N, 1+N])."""
+    if len(batch["ids"]) != 1:
+        raise ValueError("function_attention takes a batch of one protein")
+    if not batch.get("func_len", torch.zeros(1)).sum():
+        raise ValueError(f"{batch['ids'][0]}: no function tokens, so no function-to-residue attention")
+    z, ids, keep, valid, layout, attn = model.enc(batch, mask=False, return_attn=True)
+    attn = attn[0]                                                          # [nh, 1+N, 1+N]
+    a = attn.mean(0)                                                        # [1+N, 1+N], mean over heads
+    L = int(batch["seq_len"][0])
+    fs, fl = layout["func"]
+    rows = a[1 + fs:1 + fs + fl]                                            # [L', 1+N] function queries
+    ss, _ = layout["seq"]
+    a_seq = rows[:, 1 + ss:1 + ss + L].mean(0)                              # [L]
+    ts, tl = layout["str"]
+    a_str = rows[:, 1 + ts:1 + ts + L].mean(0) if tl else torch.zeros_like(a_seq)
+    return a_seq + a_str, a_seq, a_str, attn
+
+
+def residue_keys(residue_ids):
+    """'A:12B' -> (chain, number, insertion code) as PDB columns 22, 23-26, 27 hold them."""
+    keys = []
+    for rid in residue_ids:
+        chain, rest = rid.split(":", 1)
+        digits = rest.rstrip("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+        keys.append((chain, digits, rest[len(digits):]))
+    return keys
+
+
+def bfactor_pdb(src, dst, values):
+    """Copy a PDB file, writing values[(chain, number, icode)] (0.00 for other residues) into the
+    B-factor columns 61-66 of every ATOM/HETATM line. Returns the number of lines changed."""
+    opener = gzip.open if str(src).endswith(".gz") else open
+    with opener(src, "rt") as f:
+        lines = f.read().splitlines()
+    out, n = [], 0
+    for line in lines:
+        if line[:6] in ("ATOM  ", "HETATM"):
+            key = (line[21:22], line[22:26].strip(), line[26:27].strip())
+            line = line.ljust(66)
+            line = line[:60] + f"{values.get(key, 0.0):6.2f}" + line[66:]
+            n += 1
+        out.append(line)
+    remark = "REMARK 250 B-FACTOR = 100 x FUNCTION-TO-RESIDUE ATTENTION / MAX (AMMA analyze.py)"
+    Path(dst).write_text("\n".join([remark.ljust(80)] + out) + "\n")
+    return n
+
+
+def write_attention(cfg, model, root, pid, out, device):
+    """The attention TSV (and PDB copy) of one protein. Returns (tsv path, pdb path or None, rows)."""
+    rows = {r["id"]: r for r in amma.read_manifest(root)}
+    if pid not in rows:
+        raise SystemExit(f"error: protein {pid} is not in {root}/manifest.tsv")
+    row = rows[pid]
+    ds = amma.FeatureDataset(root, ids=[pid], max_len=cfg.max_len, max_text=cfg.func_tokens or 512)
+    batch = amma.batch_to(amma.collate([ds[0]]), device)
+    try:
+        total, a_seq, a_str, _ = function_attention(model, batch)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    total, a_seq, a_str = total.cpu(), a_seq.cpu(), a_str.cpu()
+    L = len(total)
+    letters = row.get("sequence", "")[:L]
+    letters = letters if len(letters) == L else "?" * L
+
+    structure, pdb_ids = cfg.structure, [""] * L
+    if not structure and row.get("structure") and Path(row["structure"]).exists():
+        structure = row["structure"]
+        print(f"attention: using the structure named in the manifest, {structure}")
+    pdb_path = None
+    if structure:
+        import gearnet
+        name = Path(structure).name.lower().removesuffix(".gz")
+        if name.endswith((".cif", ".mmcif")):
+            raise SystemExit(f"error: {structure}: the B-factor copy needs a PDB file, not mmCIF")
+        chain = row.get("chain") or None
+        s = gearnet.read_structure(structure, chain=chain if chain and "," not in chain else None)
+        seq = s["sequence"][:L]
+        same = len(seq) == L and all(a == b or "X" in (a, b) or "?" in (a, b) for a, b in zip(seq, letters))
+        if not same:
+            raise SystemExit(f"error: {structure} does not match {pid}'s features: its first {L} residues with "
+                             f"a C-alpha atom read {seq[:30]}..., the features' sequence {letters[:30]}...")
+        if letters == "?" * L:
+            letters = seq
+        pdb_ids = s["residue_ids"][:L]
+        scaled = 100.0 * total / total.max().clamp_min(1e-12)
+        values = dict(zip(residue_keys(pdb_ids), scaled.tolist()))
+        pdb_path = out / f"attention_{pid}.pdb"
+        bfactor_pdb(structure, pdb_path, values)
+
+    order = sorted(range(L), key=lambda i: (-float(total[i]), i))
+    table = [(rank, i + 1, letters[i], float(total[i]), float(a_seq[i]), float(a_str[i]), pdb_ids[i])
+             for rank, i in enumerate(order, 1)]
+    tsv = out / f"attention_{pid}.tsv"
+    lines = ["rank\tresidue\tletter\tattention\tattention_seq\tattention_str\tpdb_residue"]
+    lines += [f"{r}\t{i}\t{c}\t{a:.6g}\t{s_:.6g}\t{t:.6g}\t{p}" for r, i, c, a, s_, t, p in table]
+    tsv.write_text("\n".join(lines) + "\n")
+    return tsv, pdb_path, table
+
+
+# ----------------------------------------------------------------------------------------------
+# the analysis
+
+def load_model(path, want_contrastive, device):
+    model, config, _ = amma.load_pretrained(path, map_location=device)
+    if (config.variant == "contrastive") != want_contrastive:
+        flag = "--contrastive-ckpt" if config.variant == "contrastive" else "--ckpt"
+        raise SystemExit(f"error: {path} is a '{config.variant}' checkpoint: pass it as {flag}")
+    return model.to(device).eval(), config
+
+
+def check_dims(config, root, path):
+    dims = amma.feature_dims(root)
+    bad = {m: (d, config.dims()[m]) for m, d in dims.items() if d != config.dims()[m]}
+    if bad:
+        raise SystemExit(f"error: {root} and {path} do not match (feature width, model width): {bad}")
+
+
+def analyze(cfg):
+    t0 = time.time()
+    if cfg.batch_size < 2:
+        raise SystemExit("error: --batch-size must be 2 or more (a relation matrix of one protein is [[1]])")
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    root = Path(cfg.features)
+    if not (root / "manifest.tsv").exists():
+        import demo
+        print(f"no feature set at {root}: analysing the built-in demo instead "
+              f"(synthetic features, not real ESM-1b/GearNet/PubMedBERT ones)")
+        root = demo.ensure_demo_features("features/demo")
+    out = Path(cfg.out) if cfg.out else Path(cfg.ckpt).parent / "analysis"
+    out.mkdir(parents=True, exist_ok=True)
+
+    model, config = load_model(cfg.ckpt, False, device)
+    check_dims(config, root, cfg.ckpt)
+    models = {"initial": initial_latents, "amma": lambda b: amma_latents(model, b)}
+    if cfg.contrastive_ckpt:
+        con, con_config = load_model(cfg.contrastive_ckpt, True, device)
+        check_dims(con_config, root, cfg.contrastive_ckpt)
+        models["contrastive"] = lambda b: contrastive_latents(con, b)
+    models = {c: models[c] for c in COLUMNS if c in models}            # Initial, CL, AMMA order
+
+    ids = paired_ids(root, cfg.n_proteins, cfg.seed)
+    if len(ids) < 2:
+        raise SystemExit(f"error: {root} has {len(ids)} proteins with seq, str and func; Table 1 needs 2 or more")
+    dataset = amma.FeatureDataset(root, ids=ids, max_len=cfg.max_len)
+    print(f"AMMA {config.variant} from {cfg.ckpt} on {root}: {len(ids)} proteins with all three modalities, "
+          f"relation batches of {cfg.batch_size}, device {device}")
+    scores, kept = compute_latents(models, dataset, cfg.batch_size, cfg.tsne_n, device)
+    n_batches = len(scores["initial"][False]["seq-str"])
+    mean = lambda v: sum(v) / len(v)
+    table = {c: {p: mean(v) for p, v in scores[c][False].items()} for c in models}
+    rowwise = {c: {p: mean(v) for p, v in scores[c][True].items()} for c in models}
+    within = {c: {m: mean(v) for m, v in scores[c]["within"].items()} for c in models}
+    result = {"table1": table, "table1_rowwise": rowwise, "within_modality_cosine": within, "paper": PAPER_TABLE1,
+              "batch_size": cfg.batch_size, "n_batches": n_batches, "n_proteins": len(ids),
+              "features": str(root), "ckpt": cfg.ckpt, "contrastive_ckpt": cfg.contrastive_ckpt,
+              "variant": config.variant, "seed": cfg.seed,
+              "latents": {"initial": "frozen features averaged over length (B.5)",
+                          "contrastive": "z_m of eq. 14", "amma": "Z'_{m,0}: l0 outputs, unmasked, averaged (eq. 3)"}}
+    (out / "table1.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / "table1.md").write_text(
+        f"Table 1: cosine similarity between relation matrices ({n_batches} batches of {cfg.batch_size}, "
+        f"{root})\n\n" + table1_markdown(table))
+    files = [out / "table1.json", out / "table1.md"]
+    print(f"\nTable 1 (ours, paper in parentheses; {n_batches} batches of {cfg.batch_size}):")
+    print(table1_text(table))
+    for c, w in within.items():
+        if max(w.values()) > 0.9:
+            print(f"note: {COLUMNS[c]} latents of different proteins have mean cosine "
+                  f"{', '.join(f'{m} {v:.2f}' for m, v in w.items())}: their relation matrices are close to "
+                  f"all-ones, so this column is close to 1 whatever the alignment")
+
+    if cfg.tsne_n:
+        panels = {"initial": ("frozen features (Fig. 1)", 100), "amma": ("AMMA Z'_{m,0} (Fig. 4a)", 500),
+                  "contrastive": ("AMMA-contrastive z_m (Fig. 4b)", 500)}
+        for col in models:
+            title, pca_dim = panels[col]
+            coords, info = tsne_embed(kept[col], pca_dim, cfg.tsne_perplexity, cfg.tsne_iter, cfg.seed)
+            path = out / f"tsne_{col}.png"
+            plot_tsne(coords, info, f"t-SNE: {title}", path)
+            files.append(path)
+        print(f"\nt-SNE: {info['n_proteins']} proteins x 3 modalities, perplexity {info['perplexity']:.1f}, "
+              f"{info['iterations']} iterations")
+
+    pid = cfg.protein or ids[0]
+    if not cfg.protein:
+        print(f"\nattention: no --protein given, using {pid}")
+    tsv, pdb, ranked = write_attention(cfg, model, root, pid, out, device)
+    files += [tsv] + ([pdb] if pdb else [])
+    top = ", ".join(f"{c}{i}" for _, i, c, *_ in ranked[:10])
+    print(f"\nfunction-to-residue attention of {pid} ({len(ranked)} residues), top 10: {top}")
+    print(f"\nwrote ({time.time() - t0:.0f} s):\n" + "\n".join(f"  {f}" for f in files))
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# collector for ablations.sh
+
+def _find(d, names):
+    """First numeric value of a key in names (case-insensitive) in dict d."""
+    if not isinstance(d, dict):
+        return None
+    for k, v in d.items():
+        if k.lower() in names and isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v)
+    return None
+
+
+def read_metrics(results):
+    """Test (Fmax, AUPR) from a finetune results dict, in percent (None where missing)."""
+    names = {"fmax": {"fmax", "f1_max", "f_max"}, "aupr": {"aupr", "auprc", "area_under_prc"}}
+    out = []
+    for metric in ("fmax", "aupr"):
+        v = _find(results.get("test"), names[metric])
+        if v is None:
+            v = _find(results, {f"test_{n}" for n in names[metric]})
+        if v is None:
+            v = _find(results, names[metric])
+        out.append(None if v is None else (100.0 * v if v <= 1.0 else v))
+    return tuple(out)
+
+
+def collect(root):
+    """Gather <root>/<run>/<task>/results.json into {run: {task: [Fmax, AUPR]}}; write JSON and markdown."""
+    root = Path(root)
+    runs = {}
+    for path in sorted(root.glob("*/*/results.json")):
+        run, task = path.parent.parent.name, path.parent.name
+        if task not in TASKS:
+            continue
+        try:
+            fm, au = read_metrics(json.loads(path.read_text()))
+        except (OSError, ValueError) as e:
+            print(f"skipping {path}: {e}")
+            continue
+        if fm is None and au is None:
+            print(f"skipping {path}: no test Fmax/AUPR found")
+            continue
+        runs.setdefault(run, {})[task] = [fm, au]
+    if not runs:
+        raise SystemExit(f"error: no {root}/<run>/<task>/results.json with task in {', '.join(TASKS)}")
+
+    def row_cells(r):
+        cells = []
+        for t in TASKS:
+            fm, au = r.get(t, (None, None))
+            cells += ["-" if v is None else f"{v:.1f}" for v in (fm, au)]
+        for i in (0, 1):
+            vals = [r[t][i] for t in TASKS if t in r and r[t][i] is not None]
+            cells.append(f"{sum(vals) / len(vals):.1f}" if vals else "-")
+        return cells
+
+    header = ["Run"] + [f"{TASK_NAMES[t]} {m}" for t in TASKS for m in ("Fmax", "AUPR")] + ["Avg Fmax", "Avg AUPR"]
+
+    def md(rows):
+        lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+        lines += ["| " + " | ".join([name] + row_cells(r)) + " |" for name, r in rows.items()]
+        return "\n".join(lines)
+
+    text = (f"Finetuning results (test, percent) from {root}/*/<task>/results.json; averages over the "
+            f"tasks present in the row.\n\n{md(runs)}\n\nPaper (Tables 2, 4, 6; Tables 4 and 6 pretrain on a "
+            f"22k subset):\n\n{md(PAPER_RESULTS)}\n")
+    (root / "results_table.md").write_text(text)
+    (root / "results_table.json").write_text(json.dumps(
+        {"columns": ["fmax", "aupr"], "unit": "percent", "runs": runs,
+         "paper": {k: {t: list(v) for t, v in r.items()} for k, r in PAPER_RESULTS.items()}}, indent=1) + "\n")
+    width = max(len(n) for n in list(runs) + ["Run"])
+    print("  ".join([f"{header[0]:<{width}}"] + [f"{h:>11}" for h in header[1:]]))
+    for name, r in runs.items():
+        print("  ".join([f"{name:<{width}}"] + [f"{c:>11}" for c in row_cells(r)]))
+    print(f"wrote {root / 'results_table.md'} and {root / 'results_table.json'} ({len(runs)} runs)")
+    return runs
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Table 1, t-SNE and function-to-residue attention of a pretrained "
+                                            "AMMA (paper 4.3, B.4, B.5, B.8); --collect gathers finetuning results.")
+    for f in fields(AnalyzeConfig):
+        name = "--" + f.name.replace("_", "-")
+        shown = f.default not in ("", 0) and "default" not in HELP[f.name]
+        p.add_argument(name, type=type(f.default), default=f.default,
+                       help=HELP[f.name] + (" (default: %(default)s)" if shown else ""))
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    cfg = AnalyzeConfig(**vars(args))
+    if cfg.collect:
+        return collect(cfg.collect)
+    if not cfg.ckpt:
+        build_parser().error("--ckpt is required (or --collect DIR)")
+    return analyze(cfg)
+
+
+if __name__ == "__main__":
+    main()

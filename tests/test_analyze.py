@@ -1,0 +1,205 @@
+"""analyze.py: Table 1 arithmetic, the analysis outputs on a tiny checkpoint, attention TSV/PDB, collector."""
+import json
+
+import pytest
+import torch
+
+import amma
+import analyze
+from conftest import write_features
+
+SMALL = dict(d_seq=12, d_str=20, d_func=8, D=32, n_layers=2, n_heads=4, dec_layers=1, M=24)
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A 14-protein feature set and a tiny AMMA and AMMA-contrastive checkpoint (1 epoch, 2 steps)."""
+    tmp = tmp_path_factory.mktemp("analyze")
+    root = write_features(tmp / "f", [8 + i % 6 for i in range(14)])
+    ckpts = {}
+    for variant in ("asymmetric", "contrastive"):
+        mc = amma.AMMAConfig(**SMALL, variant=variant)
+        tc = amma.TrainConfig(features=str(root), out=str(tmp / variant), epochs=1, limit_steps=2,
+                              batch_size=4, num_workers=0, lr=1e-3)
+        amma.pretrain(mc, tc, quiet=True)
+        ckpts[variant] = tmp / variant / "checkpoint.pt"
+    return tmp, root, ckpts
+
+
+def pdb_file(path, L, start=5):
+    """A PDB chain of L alanines (N, CA, C, O, CB each) numbered from `start`, residue start+1 with an
+    insertion code, one extra residue without a C-alpha atom, and a water."""
+    lines, serial = [], 1
+    keys = [(str(start + i), "B" if i == 1 else "") for i in range(L)]
+    keys.insert(3, (str(start + 50), ""))                       # no CA: not a residue of the features
+    for r, (num, icode) in enumerate(keys):
+        atoms = ("N",) if num == str(start + 50) else ("N", "CA", "C", "O", "CB")
+        for a in atoms:
+            lines.append(f"ATOM  {serial:5d}  {a:<3} ALA A{int(num):4d}{icode:1}   "
+                         f"{r * 3.8:8.3f}{serial * 0.1:8.3f}{0.0:8.3f}{1.0:6.2f}{55.5:6.2f}           {a[0]}  ")
+            serial += 1
+    lines.append(f"HETATM{serial:5d}  O   HOH A 900    {1.0:8.3f}{2.0:8.3f}{3.0:8.3f}{1.0:6.2f}{20.0:6.2f}           O  ")
+    lines.append("END")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# ---- Table 1 arithmetic (B.5) ----------------------------------------------------------------
+
+def test_relation_matrix_and_cosine():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(4, 16, generator=g)
+    r = analyze.relation(z)
+    assert r.shape == (4, 4) and torch.allclose(r.diagonal(), torch.ones(4))
+    assert torch.allclose(analyze.relation(3 * z), r, atol=1e-6)                 # L2-normalised first
+    for rowwise in (False, True):
+        assert analyze.relation_cosine(r, r, rowwise=rowwise) == pytest.approx(1.0, abs=1e-6)
+        assert analyze.relation_cosine(r, -r, rowwise=rowwise) == pytest.approx(-1.0, abs=1e-6)
+        for seed in range(20):
+            other = analyze.relation(torch.randn(4, 8, generator=torch.Generator().manual_seed(seed)))
+            assert -1.0 <= analyze.relation_cosine(r, other, rowwise=rowwise) <= 1.0
+    scores = analyze.table1_scores({"seq": z, "str": z.clone(), "func": 2 * z})
+    assert scores == pytest.approx({"seq-str": 1.0, "seq-func": 1.0, "str-func": 1.0}, abs=1e-6)
+    assert analyze.relation_cosine(torch.zeros(3, 3), r[:3, :3]) == 0.0          # eps, no NaN
+    assert analyze.within_cosine(torch.ones(3, 5) + 0.0 * z[:3, :5]) == pytest.approx(1.0)
+    assert analyze.within_cosine(torch.eye(4)) == pytest.approx(0.0)
+
+
+def test_amma_latents_do_not_depend_on_padding(tiny):
+    _, root, ckpts = tiny
+    model, config, _ = amma.load_pretrained(ckpts["asymmetric"])
+    model.eval()
+    ds = amma.FeatureDataset(root, ids=["P000", "P005"])                         # lengths 8 and 13
+    both = analyze.amma_latents(model, amma.batch_to(amma.collate([ds[0], ds[1]]), "cpu"))
+    alone = analyze.amma_latents(model, amma.batch_to(amma.collate([ds[0]]), "cpu"))
+    for m in amma.MODALITIES:
+        assert both[m].shape == (2, config.D)
+        assert torch.allclose(both[m][0], alone[m][0], atol=1e-5), m
+
+
+# ---- attention (B.8) -------------------------------------------------------------------------
+
+def test_last_layer_attention_rows_sum_to_one(tiny):
+    _, root, ckpts = tiny
+    model, _, _ = amma.load_pretrained(ckpts["asymmetric"])
+    model.eval()
+    batch = amma.batch_to(amma.collate([amma.FeatureDataset(root, ids=["P003"])[0]]), "cpu")
+    total, a_seq, a_str, attn = analyze.function_attention(model, batch)
+    L, Lf = 11, 6
+    assert attn.shape == (SMALL["n_heads"], 1 + 2 * L + Lf, 1 + 2 * L + Lf)
+    assert torch.allclose(attn.sum(-1), torch.ones(attn.shape[:2]), atol=1e-5)
+    assert total.shape == (L,) and (total >= 0).all()
+    assert torch.allclose(total, a_seq + a_str)
+    assert float(total.sum()) <= 1.0 + 1e-5                                      # a share of each row
+
+
+# ---- the whole analysis through amma.py --analyze ------------------------------------------
+
+def test_analysis_outputs(tiny, capsys):
+    from threadpoolctl import threadpool_limits
+
+    tmp, root, ckpts = tiny
+    pdb = pdb_file(tmp / "P002.pdb", L=10)
+    out = tmp / "analysis"
+    with threadpool_limits(1):        # t-SNE's OpenMP threads crawl on a busy shared CPU
+        amma.main(["--analyze", "--ckpt", str(ckpts["asymmetric"]), "--contrastive-ckpt", str(ckpts["contrastive"]),
+                   "--features", str(root), "--out", str(out), "--protein", "P002", "--structure", str(pdb),
+                   "--tsne-iter", "250"])
+    printed = capsys.readouterr().out
+    assert "Table 1" in printed and "0.865" in printed and "attention_P002.tsv" in printed
+
+    t1 = json.loads((out / "table1.json").read_text())
+    assert set(t1["table1"]) == {"initial", "contrastive", "amma"}
+    assert t1["batch_size"] == 4 and t1["n_batches"] == 4                        # 14 proteins: 4+4+4+2
+    for table in (t1["table1"], t1["table1_rowwise"]):
+        for col in table.values():
+            assert set(col) == {"seq-str", "seq-func", "str-func"}
+            assert all(-1.0 <= v <= 1.0 + 1e-6 for v in col.values())
+    assert "| Seq-Str |" in (out / "table1.md").read_text()
+    for col in t1["within_modality_cosine"].values():
+        assert set(col) == set(amma.MODALITIES) and all(-1.0 <= v <= 1.0 + 1e-6 for v in col.values())
+
+    import matplotlib.image
+    for name in ("initial", "amma", "contrastive"):
+        png = out / f"tsne_{name}.png"
+        assert png.read_bytes()[:8] == PNG_MAGIC
+        assert matplotlib.image.imread(png).ndim == 3
+
+    rows = [line.split("\t") for line in (out / "attention_P002.tsv").read_text().splitlines()]
+    assert rows[0][:4] == ["rank", "residue", "letter", "attention"]
+    rows = rows[1:]
+    assert [int(r[0]) for r in rows] == list(range(1, 11))
+    assert sorted(int(r[1]) for r in rows) == list(range(1, 11))                 # every residue once
+    att = [float(r[3]) for r in rows]
+    assert att == sorted(att, reverse=True) and all(r[2] == "A" for r in rows)
+    assert rows[0][6] in {f"A:{5 + i}" for i in range(10)} | {"A:6B"}
+
+    lines = [l for l in (out / "attention_P002.pdb").read_text().splitlines() if l[:6] in ("ATOM  ", "HETATM")]
+    assert len(lines) == 10 * 5 + 1 + 1
+    per_residue = {}
+    for l in lines:
+        b = float(l[60:66])                                                      # one B-factor per atom line
+        assert l[:60] == next(s for s in pdb.read_text().splitlines() if s[6:11] == l[6:11])[:60]
+        per_residue.setdefault(l[21:27], set()).add(b)
+    assert all(len(bs) == 1 for bs in per_residue.values())                      # equal within a residue
+    top = rows[0][6].split(":")[1]
+    assert per_residue[f"A{int(top.rstrip('B')):4d}{'B' if top.endswith('B') else ' '}"] == {100.0}
+    assert per_residue["A  55 "] == {0.0} and per_residue["A 900 "] == {0.0}     # no CA / water
+    by_pdb = {r[6]: float(r[3]) for r in rows}
+    for key, bs in per_residue.items():
+        rid = f"A:{int(key[1:5])}{key[5].strip()}"
+        if rid in by_pdb:
+            assert bs.pop() == pytest.approx(100 * by_pdb[rid] / max(att), abs=0.006)
+
+
+def test_missing_features_fall_back_to_demo(tiny, monkeypatch, capsys):
+    import demo
+
+    tmp, root, ckpts = tiny
+    monkeypatch.setattr(demo, "ensure_demo_features", lambda path="features/demo": root)
+    analyze.main(["--ckpt", str(ckpts["asymmetric"]), "--features", str(tmp / "nothing"),
+                  "--out", str(tmp / "fallback"), "--tsne-n", "0"])
+    assert "built-in demo" in capsys.readouterr().out
+    assert (tmp / "fallback" / "table1.json").exists() and not list((tmp / "fallback").glob("*.png"))
+
+
+def test_checkpoint_kinds_and_widths_are_checked(tiny, tmp_path):
+    tmp, root, ckpts = tiny
+    with pytest.raises(SystemExit, match="contrastive-ckpt"):
+        analyze.main(["--ckpt", str(ckpts["contrastive"]), "--features", str(root), "--out", str(tmp_path)])
+    other = write_features(tmp_path / "wide", [8, 9, 10], dims=(16, 20, 8))
+    with pytest.raises(SystemExit, match="do not match"):
+        analyze.main(["--ckpt", str(ckpts["asymmetric"]), "--features", str(other), "--out", str(tmp_path)])
+
+
+# ---- collector -------------------------------------------------------------------------------
+
+def test_collector_builds_the_table(tmp_path, capsys):
+    fake = {
+        ("amma", "ec"): {"task": "ec", "best_epoch": 3, "test": {"fmax": 0.887, "aupr": 0.898}},
+        ("amma", "go-mf"): {"test": {"Fmax": 0.673, "AUPR": 0.655}, "valid": {"fmax": 0.9, "aupr": 0.9}},
+        ("amma", "go-cc"): {"test_fmax": 0.498, "test_aupr": 0.369},
+        ("amma", "go-bp"): {"fmax": 46.9, "aupr": 33.6},                          # already percent
+        ("alpha-1-1-1", "ec"): {"test": {"f1_max": 0.846, "aupr": 0.872}},
+        ("alpha-1-1-1", "notes"): {"test": {"fmax": 0.1, "aupr": 0.1}},           # not a task: ignored
+        ("broken", "ec"): {"test": {"accuracy": 0.5}},                            # no metric: skipped
+    }
+    for (run, task), results in fake.items():
+        (tmp_path / run / task).mkdir(parents=True)
+        (tmp_path / run / task / "results.json").write_text(json.dumps(results))
+    runs = analyze.main(["--collect", str(tmp_path)])
+    assert set(runs) == {"amma", "alpha-1-1-1"}
+    assert runs["amma"]["ec"] == pytest.approx([88.7, 89.8])
+    assert runs["amma"]["go-mf"] == pytest.approx([67.3, 65.5])
+    assert runs["amma"]["go-cc"] == pytest.approx([49.8, 36.9])
+    assert runs["amma"]["go-bp"] == pytest.approx([46.9, 33.6])
+    assert set(runs["alpha-1-1-1"]) == {"ec"}
+    printed = capsys.readouterr().out
+    assert "skipping" in printed and "broken" in printed
+    md = (tmp_path / "results_table.md").read_text()
+    assert "| Run | EC Fmax | EC AUPR | GO-MF Fmax |" in md
+    assert "| amma | 88.7 | 89.8 | 67.3 | 65.5 | 49.8 | 36.9 | 46.9 | 33.6 | 63.2 | 56.5 |" in md   # paper's Avg
+    assert "| alpha-1-1-1 | 84.6 | 87.2 | - |" in md and "Table 4: alpha 2 1 1" in md
+    saved = json.loads((tmp_path / "results_table.json").read_text())
+    assert saved["runs"]["amma"]["ec"] == pytest.approx([88.7, 89.8]) and saved["unit"] == "percent"
