@@ -8,6 +8,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))
+# The tests run tiny models: one thread is as fast, and it avoids OpenMP threads spinning against
+# each other (100x slower steps) whenever anything else runs on a 2-core machine.
+torch.set_num_threads(1)
 
 
 def need_shared(*parts):
