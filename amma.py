@@ -146,7 +146,7 @@ class FeatureDataset(torch.utils.data.Dataset):
                 x = load_tensor(self.root / m / f"{row['id']}.pt")
                 x = x[: self.max_text if m == "func" else self.max_len]
             item[m] = x
-        if item["str"] is not None and len(item["str"]) != len(item["seq"]):
+        if item["str"] is not None and item["seq"] is not None and len(item["str"]) != len(item["seq"]):
             raise ValueError(f"{row['id']}: seq has {len(item['seq'])} rows but str has {len(item['str'])}")
         return item
 
