@@ -375,8 +375,9 @@ class Decoder(nn.Module):
         self.transformer = Transformer(c.dec_layers, c.D, c.n_heads, c.mlp_ratio, c.dropout)
         self.head = nn.Linear(c.D, d_out)
 
-    def forward(self, x, pad):
-        return self.head(self.transformer(x, pad)[0])
+    def forward(self, x, pad, start, length):
+        """Reconstruct the `length` target slots from `start` on: [B, length, d_out]."""
+        return self.head(self.transformer(x, pad)[0][:, start:start + length])
 
 
 class AMMA(nn.Module):
@@ -413,9 +414,8 @@ class AMMA(nn.Module):
                 pos = torch.arange(length, device=z.device)
                 xs.append(x + sinusoid(pos, D) + self.dec_modality_embed[MODALITIES.index(s)])  # [B, Ls, D]
                 pads.append(~valid[:, start:start + length])
-            out = self.dec[m](torch.cat(xs, 1), torch.cat(pads, 1))           # [B, sum Ls, d_m]
-            off = sum(layout[s][1] for s in segments[: segments.index(m)])
-            recon[m] = out[:, off:off + layout[m][1]]                          # [B, Lm, d_m]
+            off = sum(layout[s][1] for s in segments[: segments.index(m)])    # where the target slots are
+            recon[m] = self.dec[m](torch.cat(xs, 1), torch.cat(pads, 1), off, layout[m][1])  # [B, Lm, d_m]
         return recon
 
     def forward_loss(self, batch, recon, ids, keep, valid, layout):
