@@ -29,12 +29,21 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+try:
+    from tqdm import tqdm
+except ImportError:  # amma.py needs only torch: without tqdm there is no progress bar
+    class tqdm:
+        def __init__(self, *args, **kwargs): pass
+        def update(self, n=1): pass
+        def set_postfix(self, **kwargs): pass
+        def close(self): pass
 
 MODALITIES = ("seq", "str", "func")
 
@@ -424,7 +433,8 @@ class AMMA(nn.Module):
         B, N = valid.shape
         seen = torch.zeros(B, N, dtype=torch.bool, device=valid.device).scatter(1, ids, keep)  # [B, N]
         group = batch.get("group", torch.zeros(B, dtype=torch.long)).to(valid.device)
-        loss, logs = valid.new_zeros((), dtype=torch.float32), {}
+        loss = sum(xhat.sum() for xhat in recon.values()) * 0.0  # keeps a graph when no term applies
+        logs = {}
         for m, xhat in recon.items():
             start, length = layout[m]
             use = valid[:, start:start + length]                                # [B, Lm]
@@ -482,7 +492,7 @@ class AMMAContrastive(nn.Module):
     def forward(self, batch, mask=True, generator=None):
         """Eq. 15 over the proteins that have both modalities of each pair: (latents, loss, logs)."""
         z, has = self.latents(batch)
-        logs, loss = {}, z["seq"].new_zeros(())
+        logs, loss = {}, sum(v.sum() for v in z.values()) * 0.0  # keeps a graph when no pair applies
         for name, (p, q) in {"seq2str": ("seq", "str"), "seq2func": ("seq", "func"), "reg": ("seq", "seq'")}.items():
             both = has[p] & has[q] if q in z else None
             if both is not None and both.sum() > 1:
@@ -495,10 +505,31 @@ def build_model(config):
     return AMMAContrastive(config) if config.variant == "contrastive" else AMMA(config)
 
 
+def read_checkpoint(path, map_location="cpu"):
+    """An AMMA pretraining checkpoint: (AMMAConfig, checkpoint dict); a one-line error for anything else."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} not found (amma.py --pretrain writes runs/<name>/checkpoint.pt)")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated, not a torch file, or holds code
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise ValueError(f"{path} is not an AMMA pretraining checkpoint (no 'model' and 'config')")
+    if str(ckpt.get("kind", "")).startswith("finetune"):
+        raise ValueError(f"{path} is a finetuning checkpoint; give the pretraining one (runs/<name>/checkpoint.pt)")
+    try:
+        config = AMMAConfig(**{k: tuple(v) if k == "alpha" else v for k, v in ckpt["config"].items()})
+    except TypeError as e:
+        raise ValueError(f"{path}: its config does not fit this amma.py ({e})") from None
+    if config.variant not in VARIANTS:
+        raise ValueError(f"{path}: unknown variant {config.variant!r}")
+    return config, ckpt
+
+
 def load_pretrained(path, map_location="cpu"):
     """Rebuild a pretrained model from its checkpoint: (model, config, checkpoint dict)."""
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    config = AMMAConfig(**{k: tuple(v) if k == "alpha" else v for k, v in ckpt["config"].items()})
+    config, ckpt = read_checkpoint(path, map_location)
     model = build_model(config)
     model.load_state_dict(ckpt["model"])
     return model, config, ckpt
@@ -661,8 +692,6 @@ def to_plain(config):
 
 def pretrain(mc, tc, quiet=False):
     """The pretraining loop. Returns the list of per-epoch mean losses (rank 0) ."""
-    from tqdm import tqdm
-
     rank, world, device = setup_distributed(tc)
     main = rank == 0
     torch.manual_seed(tc.seed)
@@ -703,7 +732,8 @@ def pretrain(mc, tc, quiet=False):
         model.load_state_dict(init_model.state_dict())
 
     ddp = world > 1
-    net = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
+    # find_unused_parameters: a batch without a modality (unpaired data, missing text) skips its decoder
+    net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if ddp else model
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     log = open(out / "log.jsonl", "a") if main else None
 

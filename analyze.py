@@ -413,7 +413,10 @@ def write_attention(cfg, model, root, pid, out, device):
 # the analysis
 
 def load_model(path, want_contrastive, device):
-    model, config, _ = amma.load_pretrained(path, map_location=device)
+    try:
+        model, config, _ = amma.load_pretrained(path, map_location=device)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
     if (config.variant == "contrastive") != want_contrastive:
         flag = "--contrastive-ckpt" if config.variant == "contrastive" else "--ckpt"
         raise SystemExit(f"error: {path} is a '{config.variant}' checkpoint: pass it as {flag}")
@@ -604,7 +607,10 @@ def main(argv=None):
         return collect(cfg.collect)
     if not cfg.ckpt:
         build_parser().error("--ckpt is required (or --collect DIR)")
-    return analyze(cfg)
+    try:
+        return analyze(cfg)
+    except (ValueError, FileNotFoundError) as e:  # a truncated feature file, a missing structure: one line
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -236,9 +236,11 @@ def run_extract(args, device, report):
     print(f"\n== extraction, demo corpus ({n} proteins), {args.encoders} encoders, device {device}")
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        base = ["--source", "demo", "--demo-n", str(n), "--encoders", args.encoders, "--device", str(device)]
+        base = ["--source", "demo", "--encoders", args.encoders, "--device", str(device),
+                "--data-dir", tmp]                                           # the demo's raw files: tmp/demo
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             ef.main(base + ["--demo-n", "4", "--out", f"{tmp}/warm"])      # imports, first kernels
+        base += ["--demo-n", str(n)]
         for batching, extra in [("length-sorted batches", []),
                                 ("one protein at a time", ["--toks-per-batch", "1", "--str-toks-per-batch", "1"])]:
             for m in ("seq", "str", "func"):
@@ -255,11 +257,18 @@ def run_extract(args, device, report):
     report["extract"] = rows
 
 
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: need an integer >= 1")
+    return value
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", choices=("pretrain", "metrics", "extract"))
-    p.add_argument("--steps", type=int, default=4, help="timed training steps per row")
+    p.add_argument("--steps", type=positive_int, default=4, help="timed training steps per row (>= 1)")
     p.add_argument("--skip-loop", action="store_true", help="skip the loop-per-protein reference")
     p.add_argument("--json", default="", help="also write the figures to this JSON file")
     p.add_argument("--device", default="", help="cpu or cuda (default: cuda if available)")

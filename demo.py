@@ -8,7 +8,7 @@ The numbers it gives say nothing about real proteins.
     python demo.py --out features/demo              # synthetic feature cache (< 5 s)
     python demo.py --out data/demo --raw            # raw corpus for extract_features.py
     python demo.py --out features/demo --n 480 --seed 1
-    python extract_features.py --source demo --encoders tiny ...   # raw corpus -> features
+    python extract_features.py --source demo --encoders tiny       # raw corpus -> features/demo-tiny
     python amma.py --pretrain                       # falls back to ensure_demo_features()
 
 Two ways to a feature set:
@@ -698,7 +698,7 @@ def _synthetic_features(corpus, seed, d_seq, d_str, d_func, k):
 
 
 def labels_json(corpus, task):
-    """The labels file of INTERFACES.md for one task (source "demo")."""
+    """labels_<task>.json of one task, in extract_features.write_labels' format (source "demo")."""
     terms = task_terms(task)
     index = {t: i for i, t in enumerate(terms)}
     return {"task": task, "terms": terms,

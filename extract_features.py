@@ -10,7 +10,7 @@
 
 Commands (tests/test_extract.py runs the first, with --demo-n 6):
 
-    python extract_features.py --source demo --encoders tiny                  # -> features/demo, offline
+    python extract_features.py --source demo --encoders tiny                  # -> features/demo-tiny, offline
     python extract_features.py --source fasta --fasta prot.fasta --pdb-dir pdb/ --out features/mine
     python extract_features.py --source pdb-dir --pdb-dir ../shared/data/pdb --modality seq str \\
         --out features/pdb
@@ -41,19 +41,23 @@ Choices made here:
 - Text: ProtST's fields ProteinName, Function, SubcellularLocation, Similarity, each tokenized alone
   without special tokens and cut to 128 tokens, joined as [CLS] f1 [SEP] f2 [SEP] f3 [SEP] f4 (ProtST
   has no trailing [SEP]); empty fields are left out, no inner padding (so features do not depend on the
-  batch), at most 512 tokens (the last field is trimmed).
+  batch), at most 512 tokens (the last field is trimmed). A protein whose four fields are all empty
+  has no func modality (a note in the summary, not a failure).
 - Labels: every chain of the DeepFRI splits is in labels_<task>.json (GO chains without a term of a
   branch get [] there, as in torchdrug); test_identity holds the test CSV's <30%..<95% columns, and the
   cutoff is applied by finetune.py, not here.
 - Resuming: finished files that load are skipped (--overwrite redoes them); a truncated one is reported
-  by id and rewritten. --shard i/n (i = 0..n-1) takes the ids at positions i, i+n, ... of the sorted id
-  list; each shard writes manifest.shard-i-of-n.tsv and the one that finds all n present merges them.
+  by id and rewritten. Manifest rows of earlier runs whose files are still valid are kept, so a partial
+  re-run (--limit) does not shrink manifest.tsv. --shard i/n (i = 0..n-1) takes the ids at positions
+  i, i+n, ... of the sorted id list; each shard writes manifest.shard-i-of-n.tsv and the one that
+  finds all n present merges them (info.json then lists the dims of every modality of the set).
 - ProtDescribe: ProtST reads the columns Sequence, ProteinName, Function, SubcellularLocation,
   Similarity by name; its code names no accession column, so the first of Entry / Accession / ... in
   the header is used (--id-column to name it). AlphaFold files join on it; pairs whose sequences differ
   are left out of every set and listed in alphafold_mismatch.json.
 - Exit status: 0 when the run finished (per-protein failures are listed in the summary), 2 when it
-  could not start (bad arguments, encoders that cannot be loaded, mixed encoders in one set); --merge
+  could not start (bad arguments, missing or unreadable input files, encoders that cannot be loaded,
+  mixed encoders in one set); --merge
   gives 1 while some shard has not finished.
 """
 import argparse
@@ -67,7 +71,9 @@ import shutil
 import sys
 import tempfile
 import urllib.request
+import warnings
 import zipfile
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -76,7 +82,6 @@ import torch
 from tqdm import tqdm
 
 import gearnet
-from amma import load_tensor
 
 MODALITIES = ("seq", "str", "func")
 SOURCES = ("fasta", "pdb-dir", "protdescribe", "alphafold", "ec", "go", "demo")
@@ -87,6 +92,7 @@ STANDARD_RESIDUES = "ACDEFGHIKLMNPQRSTVWY"
 EXTRA_RESIDUES = "XBZUO"  # tokens of their own in fair-esm's ESM-1b alphabet
 STRUCTURE_SUFFIXES = (".pdb", ".ent", ".cif", ".mmcif")
 ESM1B_NAME, ESM1B_LAYER = "esm1b_t33_650M_UR50S", 33
+ESM1B_URL = f"https://dl.fbaipublicfiles.com/fair-esm/models/{ESM1B_NAME}.pt"  # fair-esm's esm/pretrained.py
 PUBMEDBERT = "microsoft/BiomedNLP-PubMedBERT-base-uncased-abstract"
 TINY_NAMES = {"seq": "tiny:esm2_t6 (random init)", "str": "tiny:gearnet_edge [32]*6 (random init)",
               "func": "tiny:bert_2layer (random init)"}
@@ -109,7 +115,8 @@ def _opt(default, help, **kw):
 @dataclass
 class ExtractConfig:
     source: str = _opt("fasta", "where the proteins come from", choices=SOURCES)
-    out: str = _opt(None, "feature set directory (default features/<source>; alphafold: the paired set)")
+    out: str = _opt(None, "feature set directory (default features/<source>; the demo: "
+                    "features/demo-tiny, or demo-real; alphafold: the paired set)")
     modality: tuple = _opt(MODALITIES, "modalities to extract (those a protein lacks input for are left out)",
                            nargs="+", choices=MODALITIES)
     encoders: str = _opt("real", "real: ESM-1b, GearNet-Edge, PubMedBERT-abs; tiny: small random-init "
@@ -131,7 +138,8 @@ class ExtractConfig:
     demo_n: int = _opt(None, "demo: number of synthetic proteins (default: demo.py's)", type=int)
     gearnet_ckpt: str = _opt(None, "torchdrug GearNet-Edge state_dict, e.g. mc_gearnet_edge.pth (needed "
                              "for real str features; solver checkpoints {'model': ...} work too)")
-    esm_weights: str = _opt(None, "local esm1b_t33_650M_UR50S.pt (default: fair-esm's download/cache)")
+    esm_weights: str = _opt(None, "local esm1b_t33_650M_UR50S.pt (default: fair-esm's file, downloaded once "
+                            "into the torch hub cache; either is loaded with weights_only=True)")
     text_model: str = _opt(PUBMEDBERT, "Hugging Face name or local directory of the text model")
     toks_per_batch: int = _opt(4096, "token budget per ESM / text batch, sorted by length (fair-esm's extract.py)",
                                type=int)
@@ -173,14 +181,17 @@ def read_fasta(path):
     """[(id, sequence)] in file order; id = first word of the header line."""
     records, name, chunks = [], None, []
     with _open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line.startswith(">"):
-                if name is not None:
-                    records.append((name, "".join(chunks)))
-                name, chunks = (line[1:].split() or [""])[0], []
-            elif line and name is not None:
-                chunks.append(line)
+        try:
+            for line in f:
+                line = line.strip()
+                if line.startswith(">"):
+                    if name is not None:
+                        records.append((name, "".join(chunks)))
+                    name, chunks = (line[1:].split() or [""])[0], []
+                elif line and name is not None:
+                    chunks.append(line)
+        except UnicodeDecodeError as e:
+            raise FatalError(f"{path}: not UTF-8 text ({e})") from None
     if name is not None:
         records.append((name, "".join(chunks)))
     return records
@@ -189,7 +200,14 @@ def read_fasta(path):
 def read_protdescribe(path, id_column=None):
     """ProtST's uniprot_sprot_filtered.tsv (header row, tab-separated, read as ProtST reads it).
     Returns (id column, [dict(id, sequence, fields={ProteinName, Function, SubcellularLocation,
-    Similarity})])."""
+    Similarity})]). A row with another number of fields than the header is a FatalError."""
+    try:
+        return _read_protdescribe(path, id_column)
+    except UnicodeDecodeError as e:
+        raise FatalError(f"{path}: not UTF-8 text ({e})") from None
+
+
+def _read_protdescribe(path, id_column):
     csv.field_size_limit(sys.maxsize)
     with _open(path) as f:
         reader = csv.reader(f, delimiter="\t")
@@ -202,6 +220,11 @@ def read_protdescribe(path, id_column=None):
                              f"({', '.join(header)}); name the accession column with --id-column")
         rows = []
         for values in reader:
+            if not values:
+                continue
+            if len(values) != len(header):
+                raise FatalError(f"{path}:{reader.line_num}: {len(values)} tab-separated fields, the header "
+                                 f"has {len(header)} (a tab or newline inside a field?)")
             row = dict(zip(header, values))
             rows.append({"id": row[id_column].strip(), "sequence": row[SEQUENCE_FIELD].strip(),
                          "fields": {k: row.get(k, "") for k in TEXT_FIELDS}})
@@ -478,6 +501,29 @@ def gearnet_state_dict(path):
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
+def esm1b_checkpoint():
+    """Path of ESM-1b's checkpoint in the torch hub cache, downloaded from fair-esm's URL when not there
+    yet (download_url_to_file writes a temporary file and renames it, so a broken download leaves none)."""
+    path = Path(torch.hub.get_dir()) / "checkpoints" / f"{ESM1B_NAME}.pt"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        log(f"download {ESM1B_URL} -> {path}")
+        torch.hub.download_url_to_file(ESM1B_URL, str(path), progress=True)
+    return path
+
+
+def load_esm1b(path):
+    """(model, alphabet) of an ESM-1b-format checkpoint {'args': Namespace, 'model': state_dict} loaded
+    with weights_only=True (a file from elsewhere cannot run code; only argparse.Namespace is allowed
+    besides tensors). The contact-regression weights are not loaded: only representations are used."""
+    import esm
+    with torch.serialization.safe_globals([argparse.Namespace]):  # ESM checkpoints hold their args
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Regression weights not found")
+        return esm.pretrained.load_model_and_alphabet_core(ESM1B_NAME, data, None)
+
+
 def encoder_names(cfg):
     if cfg.encoders == "tiny":
         return dict(TINY_NAMES)
@@ -498,12 +544,7 @@ def load_encoder(modality, cfg, device):
                     alphabet = esm.data.Alphabet.from_architecture("ESM-1b")
                     model = esm.model.esm2.ESM2(num_layers=6, embed_dim=64, attention_heads=4, alphabet=alphabet)
                 return SeqEncoder(model, alphabet, 6, device)
-            if cfg.esm_weights:
-                with torch.serialization.safe_globals([argparse.Namespace]):  # ESM checkpoints hold their args
-                    data = torch.load(cfg.esm_weights, map_location="cpu", weights_only=True)
-                model, alphabet = esm.pretrained.load_model_and_alphabet_core(ESM1B_NAME, data, None)
-            else:
-                model, alphabet = esm.pretrained.esm1b_t33_650M_UR50S()
+            model, alphabet = load_esm1b(cfg.esm_weights or esm1b_checkpoint())
             return SeqEncoder(model, alphabet, ESM1B_LAYER, device)
         if modality == "str":
             if tiny:
@@ -552,6 +593,18 @@ class Protein:
     modalities: tuple = ()
     text_ids: list = None
     shapes: dict = field(default_factory=dict)
+    note: str = ""            # a modality left out for lack of input (listed in the summary)
+
+
+def read_structure(path):
+    """gearnet.read_structure, with every way a file can be unreadable (bad content, truncated or
+    corrupt gzip, I/O, not text) turned into one InputError."""
+    try:
+        return gearnet.read_structure(path)
+    except gearnet.StructureError as e:
+        raise InputError(str(e)) from None
+    except (OSError, ValueError, IndexError, EOFError, zlib.error) as e:  # UnicodeDecodeError is a ValueError
+        raise InputError(f"{path}: unreadable structure ({type(e).__name__}: {e})") from None
 
 
 def prepare(p, cfg, modalities):
@@ -560,12 +613,7 @@ def prepare(p, cfg, modalities):
         raise InputError(f"id {p.id!r} cannot be a file name")
     seq = p.sequence
     if p.structure is not None:
-        try:
-            s = gearnet.read_structure(p.structure)
-        except gearnet.StructureError as e:
-            raise InputError(str(e)) from None
-        except (OSError, ValueError, IndexError, EOFError) as e:
-            raise InputError(f"{p.structure}: unreadable structure ({type(e).__name__}: {e})") from None
+        s = read_structure(p.structure)
         if seq is not None and seq != s["sequence"]:
             gap = subsequence_gap(s["sequence"], seq)
             if gap is not None:
@@ -585,24 +633,37 @@ def prepare(p, cfg, modalities):
         if p.graph_input is not None:
             p.graph_input = {k: v[:cfg.max_len] for k, v in p.graph_input.items()}
     p.seq = seq
-    if "func" in modalities and p.fields is not None and not any((p.fields.get(k) or "").strip() for k in TEXT_FIELDS):
-        raise InputError(f"no text: the fields {', '.join(TEXT_FIELDS)} are all empty")
-    has = {"seq": True, "str": p.graph_input is not None, "func": p.fields is not None}
+    has_text = p.fields is not None and any((p.fields.get(k) or "").strip() for k in TEXT_FIELDS)
+    if "func" in modalities and p.fields is not None and not has_text:
+        p.note = f"no text (the fields {', '.join(TEXT_FIELDS)} are all empty): func left out"
+    has = {"seq": True, "str": p.graph_input is not None, "func": has_text}
     p.modalities = tuple(m for m in MODALITIES if m in modalities and has[m])
     return p
 
 
 def save_tensor(x, path):
-    """float16 copy of x written to a temporary file next to path, then renamed over it."""
+    """float16 copy of x written to a temporary file next to path, then renamed over it; InputError
+    (nothing written) when a value is not finite in float16 (|x| > 65504, or nan/inf already)."""
+    y = x.to(torch.float16).contiguous().clone()
+    if not torch.isfinite(y).all():
+        raise InputError(f"a value is not finite in float16 (max |value| "
+                         f"{x.detach().float().abs().max().item():.4g}; float16 holds up to 65504)")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(x.to(torch.float16).contiguous().clone(), tmp)
+    torch.save(y, tmp)
     os.replace(tmp, path)
 
 
 def check_existing(path, length=None):
-    """Shape of a finished feature file; ValueError (one line) if it is unreadable or the wrong shape."""
-    x = load_tensor(path)
+    """Shape of a finished feature file; ValueError (one line) if it is unreadable or the wrong shape.
+    The file is memory-mapped, so only its header is read (a truncated file still fails: its zip
+    directory at the end is gone)."""
+    try:
+        x = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # zip errors, pickle errors, EOF: all mean the same thing here
+        raise ValueError(f"{path}: not a readable tensor file ({type(e).__name__}: {e})") from None
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError(f"{path}: expected a 2-D tensor [tokens, dim], got {type(x).__name__}")
     if x.dtype != torch.float16 or (length is not None and x.shape[0] != length):
         raise ValueError(f"{path}: {x.dtype} {tuple(x.shape)}, expected float16 with {length} rows")
     return tuple(x.shape)
@@ -629,9 +690,53 @@ def write_manifest(path, rows):
     write_text_atomic(path, "\n".join(lines) + "\n")
 
 
-def merge_shards(out, n=None):
-    """Merge manifest.shard-*-of-n.tsv into manifest.tsv when all n are there; returns the row count
-    or None (names the missing shards)."""
+def read_manifest_rows(path):
+    """{id: row of strings} of a manifest file written by write_manifest ({} when there is none)."""
+    if not path.exists():
+        return {}
+    with open(path, newline="") as f:
+        rows = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        return {r["id"]: r for r in rows if r.get("id") and all(r.get(c) is not None for c in MANIFEST_COLUMNS)}
+
+
+def kept_rows(out, path, todo_ids):
+    """Rows of the existing manifest `path` for ids this run did not handle whose feature files are
+    still there and valid: a partial re-run (--limit, another input) does not shrink the manifest."""
+    kept = []
+    for pid, r in read_manifest_rows(path).items():
+        if pid in todo_ids:
+            continue
+        try:
+            for m in filter(None, r["modalities"].split(",")):
+                check_existing(out / m / f"{pid}.pt", None if m == "func" else int(r["L"]))
+        except (ValueError, OSError):
+            continue
+        kept.append(r)
+    return kept
+
+
+def write_info(out, rows, names=None, base=None, union=False):
+    """info.json with dims / encoders of every modality some row has (read from one of its files);
+    union: keep what info.json already lists (shards each see only their own rows)."""
+    path = out / "info.json"
+    old = json.loads(path.read_text()) if path.exists() and union else {}
+    dims, encoders = dict(old.get("dims", {})), dict(old.get("encoders", {}))
+    for m in MODALITIES:
+        row = next((r for r in rows if m in r["modalities"].split(",")), None)
+        if row is not None:
+            dims[m] = check_existing(out / m / f"{row['id']}.pt")[1]
+            encoders[m] = (names or {}).get(m) or encoders.get(m, "?")
+    dims = {m: dims[m] for m in MODALITIES if m in dims}
+    info = {"encoders": {m: encoders.get(m, "?") for m in dims}, "dims": dims}
+    info.update({k: v for k, v in {**old, **(base or {})}.items() if k not in info})
+    write_text_atomic(path, json.dumps(info, indent=1))
+    return info
+
+
+def merge_shards(out, n=None, names=None):
+    """Merge manifest.shard-*-of-n.tsv into manifest.tsv when all n are there, and bring info.json's
+    dims / encoders up to every modality of the merged rows; returns the row count or None (names
+    the missing shards)."""
     shard_files = sorted(out.glob("manifest.shard-*-of-*.tsv"))
     counts = {int(m.group(1)) for f in shard_files if (m := re.search(r"-of-(\d+)\.tsv$", f.name))}
     if n is None:
@@ -650,6 +755,11 @@ def merge_shards(out, n=None):
         lines += [r for r in rows[1:] if r.strip()]
     lines.sort(key=lambda r: r.split("\t", 1)[0])
     write_text_atomic(out / "manifest.tsv", "\n".join([header] + lines) + "\n")
+    if names is None:  # --merge alone: the encoder names the shards reported
+        names = {}
+        for f in sorted(out.glob(f"summary.shard-*-of-{n}.json")):
+            names.update(json.loads(f.read_text()).get("encoders", {}))
+    write_info(out, list(read_manifest_rows(out / "manifest.tsv").values()), names, union=True)
     log(f"manifest: merged {n} shards into {out / 'manifest.tsv'} ({len(lines)} rows)")
     return len(lines)
 
@@ -693,12 +803,12 @@ def encode_residues(encoder, jobs, cfg, save, fail, desc):
 
 
 def encode_structures(model, proteins, cfg, save, fail):
-    device = next(model.parameters()).device
+    """GearNet features; the graphs are built on the CPU (gearnet.protein_graph) and the packed batch
+    moves to the model's device once (gearnet.encode_structures)."""
     for batch in tqdm(token_batches([len(p.seq) for p in proteins], cfg.str_toks_per_batch), desc="str"):
         group = [proteins[k] for k in batch]
         try:
-            feats = gearnet.encode_structures(model, [{k: v.to(device) for k, v in p.graph_input.items()}
-                                                      for p in group])
+            feats = gearnet.encode_structures(model, [p.graph_input for p in group])
         except Exception as e:
             for p in group:
                 fail(p, f"str: {type(e).__name__}: {e}")
@@ -720,14 +830,18 @@ def encode_texts(encoder, proteins, cfg, save, fail):
             save(p, x)
 
 
+def encoder_clash(out, names, modalities=MODALITIES):
+    """{modality: (encoder in out/info.json, names[modality])} where the two differ."""
+    path = out / "info.json"
+    old = json.loads(path.read_text()).get("encoders", {}) if path.exists() else {}
+    return {m: (old[m], names[m]) for m in modalities if m in old and m in names and old[m] != names[m]}
+
+
 def check_info(out, cfg, modalities):
     """Refuse to mix features of different encoders in one set (unless --overwrite)."""
-    path = out / "info.json"
-    if not path.exists() or cfg.overwrite:
+    if cfg.overwrite:
         return
-    old = json.loads(path.read_text()).get("encoders", {})
-    new = encoder_names(cfg)
-    clash = {m: (old[m], new[m]) for m in modalities if m in old and old[m] != new[m]}
+    clash = encoder_clash(out, encoder_names(cfg), modalities)
     if clash:
         raise FatalError(f"{out} holds features of other encoders ({clash}); use another --out or --overwrite")
 
@@ -763,7 +877,7 @@ def extract_set(proteins, out, cfg, modalities, source, label_sets=(), encoders=
             failed[pid] = reason
             log(f"error: {pid}: {reason}", err=True)
 
-    failed, rewritten, rows, done, skipped = {}, {}, [], 0, 0
+    failed, rewritten, notes, rows, done, skipped = {}, {}, {}, [], 0, 0
     for start in range(0, len(todo), CHUNK):
         ready = []
         for p in tqdm(todo[start:start + CHUNK], desc="inputs"):
@@ -771,6 +885,9 @@ def extract_set(proteins, out, cfg, modalities, source, label_sets=(), encoders=
                 ready.append(prepare(p, cfg, modalities))
             except InputError as e:
                 fail(p, str(e))
+                continue
+            if p.note:
+                notes[p.id] = p.note
         pending = {m: [] for m in MODALITIES}
         for p in ready:
             for m in p.modalities:
@@ -795,7 +912,11 @@ def extract_set(proteins, out, cfg, modalities, source, label_sets=(), encoders=
 
         def saver(m):
             def save(p, x):
-                save_tensor(x, out / m / f"{p.id}.pt")
+                try:
+                    save_tensor(x, out / m / f"{p.id}.pt")
+                except InputError as e:
+                    fail(p, f"{m}: {e}")
+                    return
                 p.shapes[m] = tuple(x.shape)
             return save
         if pending["seq"]:
@@ -813,26 +934,25 @@ def extract_set(proteins, out, cfg, modalities, source, label_sets=(), encoders=
             done, skipped = done + (p.id in busy), skipped + (p.id not in busy)
 
     # manifest, info, summary
-    if shard_n > 1:
-        write_manifest(out / f"manifest.shard-{shard_i}-of-{shard_n}.tsv", rows)
-        merge_shards(out, shard_n)
-    else:
-        write_manifest(out / "manifest.tsv", rows)
-    dims = {}
     for m in modalities:
-        row = next((r for r in rows if m in r["modalities"].split(",")), None)
-        if row is not None:
-            dims[m] = check_existing(out / m / f"{row['id']}.pt")[1]
-        elif rows:
-            log(f"warning: no protein of {out} has {m} input ({'structure' if m == 'str' else 'text'}); "
-                f"{m} is left out", err=True)
+        if rows and not any(m in r["modalities"].split(",") for r in rows):
+            log(f"warning: no protein of {out} ({'this shard' if shard_n > 1 else 'this run'}) has {m} input "
+                f"({'structure' if m == 'str' else 'text'}); {m} is left out", err=True)
     names = encoder_names(cfg)
-    info = {"encoders": {m: names[m] for m in dims}, "dims": dims, "tiny": cfg.encoders == "tiny",
-            "synthetic": False, "source": source, "max_len": cfg.max_len, "long": cfg.long,
-            "esm_layer": 6 if cfg.encoders == "tiny" else ESM1B_LAYER, "text_fields": list(TEXT_FIELDS)}
-    write_text_atomic(out / "info.json", json.dumps(info, indent=1))
+    manifest = out / (f"manifest.shard-{shard_i}-of-{shard_n}.tsv" if shard_n > 1 else "manifest.tsv")
+    same_encoders = not encoder_clash(out, names)
+    if same_encoders:  # rows of earlier runs (other --limit, other ids) whose files are still valid stay
+        rows += kept_rows(out, manifest, {p.id for p in todo})
+    base = {"tiny": cfg.encoders == "tiny", "synthetic": False, "source": source, "max_len": cfg.max_len,
+            "long": cfg.long, "esm_layer": 6 if cfg.encoders == "tiny" else ESM1B_LAYER,
+            "text_fields": list(TEXT_FIELDS)}
+    info = write_info(out, rows, names, base, union=shard_n > 1 and same_encoders)
+    write_manifest(manifest, rows)
+    if shard_n > 1:
+        merge_shards(out, shard_n, names)
     summary = {"out": str(out), "shard": f"{shard_i}/{shard_n}", "proteins": len(todo), "done": done,
                "skipped": skipped, "failed": dict(sorted(failed.items())), "rewritten": rewritten,
+               "notes": dict(sorted(notes.items())),
                "duplicate_ids": sorted(duplicates),
                "tiny": cfg.encoders == "tiny", "encoders": info["encoders"]}
     name = f"summary.shard-{shard_i}-of-{shard_n}.json" if shard_n > 1 else "summary.json"
@@ -848,6 +968,10 @@ def print_summary(s, path):
         log(f"  failed {pid}: {reason}")
     if len(s["failed"]) > 20:
         log(f"  ... {len(s['failed']) - 20} more in {path}")
+    for pid, note in list(s["notes"].items())[:5]:
+        log(f"  note {pid}: {note}")
+    if len(s["notes"]) > 5:
+        log(f"  ... {len(s['notes']) - 5} more notes in {path}")
     if s["tiny"]:
         log("  TINY random-init encoders: these features only exercise the pipeline, they mean nothing")
 
@@ -909,8 +1033,8 @@ def alphafold_sets(cfg):
             sets["seqstr"].append(Protein(acc, structure=path))
             continue
         try:
-            af_seq = gearnet.read_structure(path)["sequence"]
-        except (gearnet.StructureError, OSError, ValueError) as e:
+            af_seq = read_structure(path)["sequence"]
+        except InputError as e:
             mismatched[acc] = f"unreadable: {e}"
             continue
         if af_seq != tsv[acc]["sequence"]:
@@ -968,8 +1092,10 @@ def fetch_archive(cfg, kind):
             raise FatalError(f"could not download {url} ({type(e).__name__}: {e}); fetch it elsewhere and "
                              "pass --data PATH") from None
         os.replace(tmp, zip_path)
-    if zip_path.name == f"{name}.zip" and md5sum(zip_path) != md5:
-        raise FatalError(f"{zip_path}: md5 {md5sum(zip_path)} is not torchdrug's published {md5}")
+    if cfg.download or zip_path.name == f"{name}.zip":  # a download is always checked, whatever its name
+        found = md5sum(zip_path)
+        if found != md5:
+            raise FatalError(f"{zip_path}: md5 {found} is not torchdrug's published {md5}")
     return zip_path
 
 
@@ -1083,7 +1209,10 @@ def main(argv=None):
             if not cfg.out:
                 raise FatalError("--merge needs --out")
             return 0 if merge_shards(Path(cfg.out)) is not None else 1
-        out = Path(cfg.out or f"features/{cfg.source}")
+        if not 1 <= cfg.max_len <= 1022:
+            raise FatalError(f"--max-len {cfg.max_len}: need 1 <= max-len <= 1022 (ESM-1b's positions)")
+        name = f"demo-{cfg.encoders}" if cfg.source == "demo" else cfg.source  # features/demo: demo.py's own set
+        out = Path(cfg.out or f"features/{name}")
         if cfg.encoders == "tiny":
             log("encoders: TINY -- small random-init models of the real architectures (ESM-2 6 layers, "
                 "GearNet-Edge [32]*6, 2-layer BERT); for tests and the demo, not for results")
@@ -1112,6 +1241,9 @@ def main(argv=None):
         return 0
     except FatalError as e:
         log(f"error: {e}", err=True)
+        return 2
+    except (OSError, UnicodeDecodeError) as e:  # a missing or unreadable input file or directory
+        log(f"error: {type(e).__name__}: {e}", err=True)
         return 2
 
 

@@ -55,7 +55,7 @@ import io
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -114,7 +114,7 @@ class FinetuneConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# labels and splits (labels_<task>.json, INTERFACES of extract_features.py / demo.py)
+# labels and splits (labels_<task>.json, written by extract_features.write_labels and demo.py)
 
 def read_labels(path, task):
     """labels_<task>.json with every class given as an index into its term list (term strings are
@@ -166,6 +166,9 @@ def apply_cutoff(test_ids, test_identity, cutoff):
     if not any(key in v for v in test_identity.values()):
         raise SystemExit(f"error: test_identity has no '{key}' column: cutoffs in the file are "
                          f"{sorted({k for v in test_identity.values() for k in v})}")
+    if test_ids and not any(x in test_identity for x in test_ids):
+        raise SystemExit("error: no test id has a test_identity entry (do the id formats differ?): --cutoff "
+                         "would keep every test chain")
     return [x for x in test_ids if int(test_identity.get(x, {}).get(key, 1)) == 1]
 
 
@@ -355,24 +358,10 @@ class FunctionModel(nn.Module):
 
 def read_pretrained(path):
     """An AMMA pretraining checkpoint: (AMMAConfig, state_dict); one-line SystemExit otherwise."""
-    path = Path(path)
-    if not path.exists():
-        raise SystemExit(f"error: checkpoint {path} not found (amma.py --pretrain writes runs/<name>/checkpoint.pt)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, not a torch file, or holds code
-        raise SystemExit(f"error: {path}: not a readable checkpoint ({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise SystemExit(f"error: {path} is not an AMMA pretraining checkpoint (no 'model' and 'config')")
-    if ckpt.get("kind", "").startswith("finetune"):
-        raise SystemExit(f"error: {path} is a finetuning checkpoint; give the pretraining one "
-                         "(runs/<name>/checkpoint.pt)")
-    try:
-        mc = amma.AMMAConfig(**{k: tuple(v) if k == "alpha" else v for k, v in ckpt["config"].items()})
-    except TypeError as e:
-        raise SystemExit(f"error: {path}: config does not fit this amma.py ({e})") from None
-    if mc.variant not in amma.VARIANTS:
-        raise SystemExit(f"error: {path}: unknown variant {mc.variant!r}")
+        mc, ckpt = amma.read_checkpoint(path)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
     return mc, ckpt["model"]
 
 
@@ -479,10 +468,6 @@ def default_out(cfg):
     return (Path(cfg.ckpt).parent if cfg.ckpt else Path("runs/demo-scratch" if cfg.demo else "runs/scratch")) / cfg.task
 
 
-def to_plain(config):
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
-
-
 def write_json(obj, path):
     tmp = Path(str(path) + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1) + "\n")
@@ -533,7 +518,7 @@ def finetune(cfg, quiet=False):
     start, history, best = 0, [], None
     if cfg.resume and ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        differ = [k for k in SAME_ON_RESUME if ck["config"].get(k) != to_plain(cfg).get(k)]
+        differ = [k for k in SAME_ON_RESUME if ck["config"].get(k) != amma.to_plain(cfg).get(k)]
         if differ:
             raise SystemExit(f"error: {ckpt_path} was made with other settings ({', '.join(differ)}); "
                              f"use the same flags or another --out")
@@ -597,11 +582,11 @@ def finetune(cfg, quiet=False):
         if best is None or record["valid"]["fmax"] > best["valid"]["fmax"]:
             best = {k: record[k] for k in ("epoch", "valid", "test")}
             amma.atomic_save({"kind": "finetune-best", "model": model.state_dict(), "epoch": epoch,
-                              "config": to_plain(cfg), "model_config": amma.to_plain(mc), "terms": data["terms"]},
+                              "config": amma.to_plain(cfg), "model_config": amma.to_plain(mc), "terms": data["terms"]},
                              best_path)
         amma.atomic_save({"kind": "finetune", "model": model.state_dict(), "optimizer": opt.state_dict(),
                           "scheduler": sched.state_dict(), "rng": torch.get_rng_state(), "epoch": epoch,
-                          "history": history, "best": best, "config": to_plain(cfg),
+                          "history": history, "best": best, "config": amma.to_plain(cfg),
                           "model_config": amma.to_plain(mc)}, ckpt_path)
         v, t = record["valid"], record["test"]
         log(f"epoch {epoch + 1}/{cfg.epochs}  loss {record['train_loss']:.4f}  valid Fmax {100 * v['fmax']:.1f} "
@@ -632,7 +617,7 @@ def results_dict(cfg, mc, data, info, counts, history, best, baseline):
             "seed": cfg.seed, "features": cfg.features, "tiny": bool(info.get("tiny")),
             "synthetic": bool(info.get("synthetic")), "demo": cfg.demo, "encoders": info.get("encoders", {}),
             "labels_source": data.get("source", ""), "pretrained": cfg.ckpt or None,
-            "config": to_plain(cfg), "model_config": amma.to_plain(mc)}
+            "config": amma.to_plain(cfg), "model_config": amma.to_plain(mc)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -705,7 +690,10 @@ def main(argv=None):
     values.setdefault("features", default_features)
     values.setdefault("weight_decay", WEIGHT_DECAY[values["optimizer"]])
     cfg = FinetuneConfig(**values)
-    result = finetune(cfg)
+    try:
+        result = finetune(cfg)
+    except (ValueError, FileNotFoundError) as e:  # a truncated feature file, a bad label: one line
+        raise SystemExit(f"error: {e}") from None
     if result is not None and cfg.demo:
         ours, base = result["test"]["fmax"], result["baseline"]["test"]["fmax"]
         print(f"demo: test Fmax {100 * ours:.1f} (ours) vs {100 * base:.1f} (label-frequency baseline)")

@@ -282,7 +282,8 @@ class ProteinGraph:
 
 
 def protein_graph(residue_type, ca, chain_index=None):
-    """ProteinGraph of one protein from residue types [L] and C-alpha positions [L, 3]."""
+    """ProteinGraph of one protein from residue types [L] and C-alpha positions [L, 3], built on the CPU
+    (many small ops per protein: cheaper there); encode_structures moves the packed batch to the device."""
     residue_type = torch.as_tensor(residue_type, dtype=torch.long).cpu()
     ca = torch.as_tensor(ca, dtype=torch.float32).cpu()
     edge_list, edge_feature = build_graph(residue_type, ca, chain_index)

@@ -142,6 +142,25 @@ def test_loss_masked_option_uses_only_masked_positions():
     model.config.M = 1000
     _, loss, logs = model(batch, generator=torch.Generator().manual_seed(0))
     assert loss.item() == 0.0 and all(v != v for v in logs.values())          # NaN logs: no positions
+    loss.backward()                                                            # a zero loss still steps
+
+
+def test_contrastive_batch_of_one_still_steps():
+    model = amma.build_model(amma.AMMAConfig(**SMALL, variant="contrastive"))
+    _, loss, logs = model(batch_of([8], [4]))                                  # no pair to contrast
+    assert loss.item() == 0.0 and logs == {}
+    loss.backward()
+
+
+def test_checkpoint_errors_are_one_line(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        amma.load_pretrained(tmp_path / "missing.pt")
+    torch.save(torch.zeros(3, 2), tmp_path / "features.pt")
+    with pytest.raises(ValueError, match="is not an AMMA pretraining checkpoint"):
+        amma.load_pretrained(tmp_path / "features.pt")
+    (tmp_path / "broken.pt").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        amma.load_pretrained(tmp_path / "broken.pt")
 
 
 def test_unpaired_step_is_the_sum_of_the_two_batches_losses():

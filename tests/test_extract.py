@@ -2,6 +2,7 @@
 
 Everything runs offline on CPU with the tiny encoders and a handful of small proteins."""
 import gzip
+import io
 import json
 import os
 import urllib.error
@@ -286,6 +287,49 @@ def test_shards_cover_every_id_once(tmp_path):
     assert ef.main(["--out", str(out), "--merge"]) == 0 and len(amma.read_manifest(out)) == 5
 
 
+def test_float16_overflow_fails_the_protein(tmp_path, monkeypatch, capsys):
+    with pytest.raises(ef.InputError, match=r"max \|value\| 7e\+04"):
+        ef.save_tensor(torch.tensor([[1.0, -7e4]]), tmp_path / "x.pt")
+    assert not list(tmp_path.iterdir())                                     # nothing written
+    fasta = tmp_path / "x.fasta"
+    fasta.write_text(">big\nMKTAYIAK\n>ok\nMKVLAAGI\n")
+    real = ef.SeqEncoder.__call__
+
+    def scaled(self, seqs):  # the protein with 'T' at position 3 gets values beyond float16
+        return [r * 1e6 if s[2] == "T" else r for r, s in zip(real(self, seqs), seqs)]
+    monkeypatch.setattr(ef.SeqEncoder, "__call__", scaled)
+    rc, out, s = run(["--source", "fasta", "--fasta", str(fasta), "--modality", "seq"], tmp_path)
+    assert rc == 0 and list(s["failed"]) == ["big"] and "max |value|" in s["failed"]["big"]
+    assert [r["id"] for r in amma.read_manifest(out)] == ["ok"] and not (out / "seq" / "big.pt").exists()
+    assert [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: big: seq: a value")]
+
+
+def test_shard_info_covers_all_modalities_and_limit_keeps_manifest(tmp_path):
+    """Shard 0 has only a protein with text, shard 1 only one without: info.json of the set has both
+    modalities (also after --merge alone); a later --limit run does not shrink manifest.tsv."""
+    (tmp_path / "pd.tsv").write_text("Entry\tSequence\tProteinName\tFunction\tSubcellularLocation\tSimilarity\n"
+                                     "Q1\tMKTAYIAK\tName\t\t\t\nQ2\tMKVLAAGI\t\t\t\t\nQ3\tMSTNPKPQ\t\t\t\t\n")
+    base = ["--source", "protdescribe", "--protdescribe", str(tmp_path / "pd.tsv"), "--modality", "seq", "func"]
+    for args in (["--shard", "1/2"], ["--shard", "0/2"]):                 # Q2 alone, then Q1 + Q3
+        rc, out, _ = run(base + args, tmp_path)
+        assert rc == 0
+    info = json.loads((out / "info.json").read_text())
+    assert info["dims"] == {"seq": 64, "func": 48} and set(info["encoders"]) == {"seq", "func"}
+    assert info["tiny"] is True
+    lost = {**info, "dims": {"seq": 64}, "encoders": {"seq": info["encoders"]["seq"]}}
+    (out / "info.json").write_text(json.dumps(lost))
+    assert ef.main(["--out", str(out), "--merge"]) == 0                   # a lost update is repaired
+    assert json.loads((out / "info.json").read_text()) == info
+
+    rc, out, s = run(base, tmp_path, name="g")
+    assert rc == 0 and len(amma.read_manifest(out)) == 3
+    (out / "seq" / "Q3.pt").write_bytes(b"junk")                            # no longer valid: its row goes
+    rc, out, s = run(base + ["--limit", "1"], tmp_path, name="g")
+    assert rc == 0 and s["proteins"] == 1
+    assert [r["id"] for r in amma.read_manifest(out)] == ["Q1", "Q2"]
+    assert json.loads((out / "info.json").read_text())["dims"] == {"seq": 64, "func": 48}
+
+
 # ----------------------------------------------------------------------------- DeepFRI files
 
 def test_deepfri_ec_files():
@@ -339,7 +383,7 @@ def test_go_annotation_reader(tmp_path):
     assert labels["go-cc"] == {"1ABC-A": [0], "2DEF-B": [], "3GHI-C": []}
 
 
-def test_ec_torchdrug_archive(tmp_path, capsys):
+def test_ec_torchdrug_archive(tmp_path, capsys, monkeypatch):
     """torchdrug's layout: <Name>/nrPDB-EC_annot.tsv, nrPDB-EC_test.csv, {train,valid,test}.zip of
     <split>/<PDB>-<chain>_*.pdb; a wrong md5 on EnzymeCommission.zip stops the run."""
     build = tmp_path / "build"
@@ -372,6 +416,28 @@ def test_ec_torchdrug_archive(tmp_path, capsys):
     assert ef.main(["--source", "ec", "--data", str(tmp_path / "EnzymeCommission.zip"), "--encoders", "tiny",
                     "--out", str(tmp_path / "g")]) == 2
     assert "md5" in capsys.readouterr().err
+
+    class Response(io.BytesIO):  # --download with --data of another name: the download is md5-checked too
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+    monkeypatch.setattr(ef.urllib.request, "urlopen", lambda url, timeout: Response(b"not torchdrug's zip"))
+    assert ef.main(["--source", "ec", "--download", "--data", str(tmp_path / "other.zip"), "--data-dir",
+                    str(tmp_path / "dl"), "--encoders", "tiny", "--out", str(tmp_path / "h")]) == 2
+    err = capsys.readouterr().err
+    assert "md5" in err and "other.zip" in err
+
+
+def test_max_len_is_checked(tmp_path, capsys):
+    fasta = tmp_path / "x.fasta"
+    fasta.write_text(">a\nMKTAYIAK\n")
+    for bad in ("0", "1023"):
+        assert ef.main(["--source", "fasta", "--fasta", str(fasta), "--max-len", bad, "--encoders", "tiny",
+                        "--out", str(tmp_path / "f")]) == 2
+        err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error")]
+        assert len(err) == 1 and "--max-len" in err[0]
 
 
 # ----------------------------------------------------------------------------- other sources
@@ -408,16 +474,55 @@ def test_protdescribe_no_text_and_id_column(tmp_path):
     assert rc == 2                                                         # no known accession column
     rc, out, s = run(["--source", "protdescribe", "--protdescribe", str(tmp_path / "pd.tsv"), "--id-column", "Acc",
                       "--modality", "seq", "func"], tmp_path)
-    assert rc == 0 and list(s["failed"]) == ["Q2"] and "no text" in s["failed"]["Q2"]
-    assert [r["id"] for r in amma.read_manifest(out)] == ["Q1"]
+    assert rc == 0 and s["failed"] == {} and list(s["notes"]) == ["Q2"] and "no text" in s["notes"]["Q2"]
+    rows = {r["id"]: r for r in amma.read_manifest(out)}                  # no text = no func, seq still there
+    assert rows["Q1"]["modalities"] == ("seq", "func") and rows["Q2"]["modalities"] == ("seq",)
+    assert (out / "seq" / "Q2.pt").exists() and not (out / "func" / "Q2.pt").exists()
+
+
+def test_bad_inputs_fail_with_one_line(tmp_path, capsys):
+    """Missing paths, a TSV row with a wrong field count, non-UTF-8 text: exit 2 with one error line;
+    a truncated .pdb.gz fails only its protein (and the AlphaFold join lists it)."""
+    def errors():
+        return [x for x in capsys.readouterr().err.splitlines() if x.startswith("error")]
+    missing = str(tmp_path / "nope.fasta")
+    assert ef.main(["--source", "fasta", "--fasta", missing, "--encoders", "tiny", "--out", str(tmp_path / "a")]) == 2
+    err = errors()
+    assert len(err) == 1 and "nope.fasta" in err[0]
+    assert ef.main(["--source", "pdb-dir", "--pdb-dir", str(tmp_path / "nodir"), "--encoders", "tiny",
+                    "--out", str(tmp_path / "a")]) == 2
+    assert len(err := errors()) == 1 and "nodir" in err[0]
+    (tmp_path / "bad.fasta").write_bytes(b">a\nMK\xff\xfeA\n")
+    assert ef.main(["--source", "fasta", "--fasta", str(tmp_path / "bad.fasta"), "--encoders", "tiny",
+                    "--out", str(tmp_path / "a")]) == 2
+    assert len(err := errors()) == 1 and "bad.fasta" in err[0] and "UTF-8" in err[0]
+    (tmp_path / "pd.tsv").write_text("Entry\tSequence\tProteinName\tFunction\tSubcellularLocation\tSimilarity\n"
+                                     "Q1\tMKTAYIAK\tName\t\t\t\nQ2\tMKVLAAGI\tName\n")
+    assert ef.main(["--source", "protdescribe", "--protdescribe", str(tmp_path / "pd.tsv"), "--encoders", "tiny",
+                    "--out", str(tmp_path / "a")]) == 2
+    assert len(err := errors()) == 1 and "pd.tsv:3" in err[0] and "fields" in err[0]
+
+    good = write_ca_pdb(tmp_path / "af" / "AF-P11111-F1-model_v4.pdb.gz", "MKTAYIAKQR")
+    cut = tmp_path / "af" / "AF-P22222-F1-model_v4.pdb.gz"
+    cut.write_bytes(good.read_bytes()[:40])                                 # truncated gzip: EOFError
+    with pytest.raises(ef.InputError, match="unreadable structure"):
+        ef.read_structure(cut)
+    (tmp_path / "pd.tsv").write_text("Entry\tSequence\tProteinName\tFunction\tSubcellularLocation\tSimilarity\n"
+                                     "P11111\tMKTAYIAKQR\tA\t\t\t\nP22222\tMKTAYIAKQR\tB\t\t\t\n")
+    out = tmp_path / "p"
+    assert ef.main(["--source", "alphafold", "--af-dir", str(tmp_path / "af"), "--protdescribe",
+                    str(tmp_path / "pd.tsv"), "--modality", "seq", "--encoders", "tiny", "--out", str(out)]) == 0
+    assert "unreadable" in json.loads((out / "alphafold_mismatch.json").read_text())["P22222"]
+    rc, out, s = run(["--source", "pdb-dir", "--pdb-dir", str(tmp_path / "af"), "--modality", "seq"], tmp_path)
+    assert rc == 0 and list(s["failed"]) == ["AF-P22222-F1-model_v4"] and s["done"] == 1
 
 
 def test_real_encoders_fail_with_one_line(tmp_path, monkeypatch, capsys):
-    import esm
-
-    def offline():
+    def offline(url, dst, **kw):
+        assert url == ef.ESM1B_URL
         raise urllib.error.URLError("Name or service not known")
-    monkeypatch.setattr(esm.pretrained, "esm1b_t33_650M_UR50S", offline)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))    # nothing cached
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     fasta = tmp_path / "x.fasta"
     fasta.write_text(">a\nMKTAYIAK\n")
     assert ef.main(["--source", "fasta", "--fasta", str(fasta), "--modality", "seq", "--out", str(tmp_path / "f")]) == 2
@@ -429,11 +534,55 @@ def test_real_encoders_fail_with_one_line(tmp_path, monkeypatch, capsys):
     assert "--gearnet-ckpt" in capsys.readouterr().err
 
 
-def test_demo_end_to_end(tmp_path):
-    out = tmp_path / "features" / "demo"
-    # the docstring's demo command, made small and kept inside tmp_path
-    argv = ["--source", "demo", "--encoders", "tiny", "--demo-n", "6", "--data-dir", str(tmp_path / "data"),
-            "--out", str(out)]
+def test_esm1b_format_checkpoint_loads_safely(tmp_path, monkeypatch):
+    """--esm-weights and the hub-cache file go through load_esm1b: weights_only=True, an ESM-1b-format
+    checkpoint ({'args': Namespace(arch='roberta_large', ...), 'model': fairseq-named state_dict})."""
+    import argparse
+    import esm
+    args = argparse.Namespace(arch="roberta_large", layers=2, embed_dim=32, ffn_embed_dim=64,
+                              attention_heads=4, max_positions=1024, emb_layer_norm_before=True)
+    alphabet = esm.data.Alphabet.from_architecture("ESM-1b")
+    torch.manual_seed(0)
+    model = esm.model.esm1.ProteinBertModel(args, alphabet).eval()
+    state = {("encoder." if k.startswith("lm_head") else "encoder.sentence_encoder.") + k: v
+             for k, v in model.state_dict().items() if not k.startswith("contact_head")}
+    state["encoder.sentence_encoder.embed_tokens.weight"][alphabet.mask_idx] = 0   # as fair-esm loads it
+    model.embed_tokens.weight.data[alphabet.mask_idx] = 0
+    ckpt = tmp_path / "esm1b_tiny.pt"
+    torch.save({"args": args, "model": state}, ckpt)
+
+    monkeypatch.setattr(ef, "ESM1B_LAYER", 2)
+    fasta = tmp_path / "x.fasta"
+    fasta.write_text(">a\nMKTAYIAK\n")
+    out = tmp_path / "f"
+    assert ef.main(["--source", "fasta", "--fasta", str(fasta), "--modality", "seq", "--esm-weights", str(ckpt),
+                    "--device", "cpu", "--out", str(out)]) == 0
+    x = load(out / "seq" / "a.pt")
+    _, _, tokens = alphabet.get_batch_converter()([("a", "MKTAYIAK")])
+    with torch.no_grad():
+        ref = model(tokens, repr_layers=[2])["representations"][2][0, 1:9]
+    assert x.shape == (8, 32) and torch.allclose(x.float(), ref, atol=1e-2)
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))    # the default path: cached file
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "hub" / "checkpoints" / f"{ef.ESM1B_NAME}.pt").write_bytes(ckpt.read_bytes())
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("downloaded again"))
+    assert ef.esm1b_checkpoint() == tmp_path / "hub" / "checkpoints" / f"{ef.ESM1B_NAME}.pt"
+    assert isinstance(ef.load_esm1b(ef.esm1b_checkpoint())[0], esm.model.esm1.ProteinBertModel)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("true",))
+    torch.save({"args": args, "model": state, "x": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
+        ef.load_esm1b(tmp_path / "evil.pt")
+
+
+def test_demo_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "features" / "demo-tiny"                  # not features/demo: demo.py's synthetic set
+    # the docstring's demo command, made small; data/demo and features/ land in tmp_path
+    argv = ["--source", "demo", "--encoders", "tiny", "--demo-n", "6"]
     assert ef.main(argv) == 0
     rows = amma.read_manifest(out)
     assert len(rows) == 6 and all(r["modalities"] == ("seq", "str", "func") for r in rows)

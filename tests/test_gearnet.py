@@ -21,7 +21,7 @@ needs_shared = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def golden():
-    return torch.load(GOLDEN, weights_only=False)  # our own trusted reference file (has str/dict)
+    return torch.load(GOLDEN, weights_only=True)
 
 
 # ----------------------------------------------------------------------------- helpers
