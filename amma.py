@@ -723,6 +723,7 @@ def pretrain(mc, tc, quiet=False):
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         start_epoch, history = ckpt["epoch"] + 1, ckpt["history"]
+        torch.set_rng_state(ckpt["rng"])  # dropout draws from the global generator
         if main and not quiet:
             print(f"resuming from {ckpt_path} after epoch {ckpt['epoch'] + 1}")
     elif tc.init:
@@ -771,6 +772,7 @@ def pretrain(mc, tc, quiet=False):
             log.flush()
             atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                          "scheduler": sched.state_dict(), "epoch": epoch, "history": history,
+                         "rng": torch.get_rng_state(),
                          "config": to_plain(mc), "train_config": to_plain(tc)}, ckpt_path)
             if not quiet:
                 print(f"epoch {epoch + 1}/{tc.epochs}  loss {history[-1]:.4f}  "

@@ -353,7 +353,8 @@ class FunctionModel(nn.Module):
         else:
             z = self.enc(batch, mask=False, modalities=("seq", "str"))[0]     # [B, 1+N, D]
             h = z[:, 0]                                                        # [CLS]: [B, D]
-        return self.head(h)                                                    # [B, classes]
+        with torch.autocast(h.device.type, enabled=False):  # fp32 logits: bf16 would tie many scores
+            return self.head(h.float())                                        # [B, classes]
 
 
 def read_pretrained(path):

@@ -245,13 +245,12 @@ def test_pretraining_loss_goes_down_and_logs(tmp_path):
 
 
 def test_resume_equals_uninterrupted(tmp_path):
+    # dropout on: the resumed run must also continue the random stream, not only the weights
     root = write_features(tmp_path / "f", [8 + i % 5 for i in range(12)])
-    mc, tc = small_run(root, tmp_path / "straight", epochs=2)
-    amma.pretrain(mc, tc, quiet=True)
-    mc, tc = small_run(root, tmp_path / "resumed", epochs=1)
-    amma.pretrain(mc, tc, quiet=True)
-    mc, tc = small_run(root, tmp_path / "resumed", epochs=2, resume=True)
-    amma.pretrain(mc, tc, quiet=True)
+    for out, epochs, resume in [("straight", 2, False), ("resumed", 1, False), ("resumed", 2, True)]:
+        mc, tc = small_run(root, tmp_path / out, epochs=epochs, resume=resume)
+        mc.dropout = 0.1
+        amma.pretrain(mc, tc, quiet=True)
     a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
     b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
     assert a["history"] == b["history"]
