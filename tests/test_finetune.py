@@ -127,17 +127,50 @@ def test_contrastive_checkpoint_finetunes_sequence_latent(tmp_path):
     assert result["model_config"]["variant"] == "contrastive"
 
 
-def test_resume_continues_and_results_json(tmp_path):
+def test_resume_equals_uninterrupted_run(tmp_path):
+    """2 epochs straight vs 1 epoch, then --resume to 2 (same seed, CPU): the same weights, optimiser
+    state and per-epoch numbers. Learning rates are raised so that epoch 2 moves the weights visibly."""
     root, _ = feature_set(tmp_path / "f")
     ckpt = str(pretrain_tiny(root, tmp_path / "pre"))
-    first = run(tmp_path, "--ckpt", ckpt, "--epochs", "1")
-    again = run(tmp_path, "--ckpt", ckpt, "--epochs", "2", "--resume")
-    assert [e["epoch"] for e in again["epochs"]] == [1, 2] and again["epochs"][0] == first["epochs"][0]
-    saved = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert saved["n_proteins"]["train"] == 6 and saved["n_proteins"]["test"] == 2 and saved["seed"] == 0
-    assert saved["config"]["optimizer"] == "adam" and saved["config"]["weight_decay"] == 0.0   # GO-MF: Adam
+    fast = ("--ckpt", ckpt, "--lr", "1e-3", "--lr-head", "1e-2")
+    straight = run(tmp_path, *fast, "--out", str(tmp_path / "straight"), "--epochs", "2")
+    first = run(tmp_path, *fast, "--out", str(tmp_path / "split"), "--epochs", "1")
+    after_one = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)
+    resumed = run(tmp_path, *fast, "--out", str(tmp_path / "split"), "--epochs", "2", "--resume")
+    assert [e["epoch"] for e in first["epochs"]] == [1] and [e["epoch"] for e in resumed["epochs"]] == [1, 2]
+
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 1 and a["model"].keys() == b["model"].keys()
+    moved = [k for k, v in a["model"].items() if not torch.equal(v, after_one["model"][k])]
+    assert "head.0.weight" in moved and "enc.enc_multi.blocks.0.attn.qkv.weight" in moved   # epoch 2 trained
+    differ = {k: (v - b["model"][k]).abs().max().item() for k, v in a["model"].items()
+              if not torch.allclose(v, b["model"][k], rtol=0, atol=1e-6)}
+    assert not differ, f"resumed weights differ from the uninterrupted run's: {differ}"
+    for (k, s), s2 in zip(a["optimizer"]["state"].items(), b["optimizer"]["state"].values()):   # Adam moments, step
+        assert all(torch.allclose(s[n], s2[n], rtol=0, atol=1e-6) for n in s), k
+    assert a["scheduler"] == b["scheduler"]
+    best_a = torch.load(tmp_path / "straight" / "best.pt", weights_only=True)
+    best_b = torch.load(tmp_path / "split" / "best.pt", weights_only=True)
+    assert best_a["epoch"] == best_b["epoch"]
+    assert all(torch.allclose(v, best_b["model"][k], rtol=0, atol=1e-6) for k, v in best_a["model"].items())
+
+    saved = {name: json.loads((tmp_path / name / "results.json").read_text()) for name in ("straight", "split")}
+    assert saved["split"]["epochs"] == resumed["epochs"] and saved["straight"]["epochs"] == straight["epochs"]
+    for ea, eb in zip(saved["straight"]["epochs"], saved["split"]["epochs"], strict=True):
+        for key in ("epoch", "lr", "lr_head"):
+            assert ea[key] == eb[key]
+        assert ea["train_loss"] == pytest.approx(eb["train_loss"], abs=1e-6)
+        for split in ("valid", "test"):
+            assert ea[split] == pytest.approx(eb[split], abs=1e-6), (ea["epoch"], split)
+    assert saved["straight"]["selected_epoch"] == saved["split"]["selected_epoch"]
+    assert saved["straight"]["test"] == pytest.approx(saved["split"]["test"], abs=1e-6)
+
+    assert saved["split"]["n_proteins"]["train"] == 6 and saved["split"]["n_proteins"]["test"] == 2
+    assert saved["split"]["seed"] == 0
+    assert saved["split"]["config"]["optimizer"] == "adam" and saved["split"]["config"]["weight_decay"] == 0.0  # GO-MF
     with pytest.raises(SystemExit, match="other settings"):
-        run(tmp_path, "--ckpt", ckpt, "--epochs", "3", "--resume", "--lr", "1e-3")
+        run(tmp_path, *fast, "--out", str(tmp_path / "split"), "--epochs", "3", "--resume", "--lr", "2e-3")
 
 
 # ---- ESM in the loop ---------------------------------------------------------------------------
