@@ -94,6 +94,57 @@ def test_last_layer_attention_rows_sum_to_one(tiny):
     assert float(total.sum()) <= 1.0 + 1e-5                                      # a share of each row
 
 
+def steer_last_layer(model, key_token, func_tokens, c=20.0):
+    """Forward hook on the last Enc_multi layer's qkv: the queries of the token positions in
+    func_tokens become u, every other query -u, and the key of token position key_token becomes c u.
+    Positions count the [CLS] token (position 0). So the function tokens put almost all their
+    attention on key_token and no other query attends to it."""
+    attn = model.enc.enc_multi.blocks[-1].attn
+
+    def hook(module, inputs, out):
+        B, S, _ = out.shape
+        qkv = out.view(B, S, 3, attn.n_heads, -1).clone()                    # [B, S, q/k/v, nh, hs]
+        u = torch.ones(qkv.shape[-2:])
+        rows = torch.zeros(S, dtype=torch.bool)
+        rows[func_tokens] = True
+        qkv[:, rows, 0] = u
+        qkv[:, ~rows, 0] = -u
+        qkv[:, key_token, 1] = c * u
+        return qkv.view(B, S, -1)
+
+    return attn.qkv.register_forward_hook(hook)
+
+
+def test_function_attention_finds_a_steered_residue(tiny, tmp_path):
+    """Make one residue's seq slot (then another's str slot) take the function tokens' attention in the
+    last layer: analyze ranks that residue first, in function_attention and in the TSV. The token
+    positions are computed here (1 + slot, slots seq | str | func), not from analyze's layout."""
+    _, root, ckpts = tiny
+    model, _, _ = amma.load_pretrained(ckpts["asymmetric"])
+    model.eval()
+    pid, L, Lf = "P003", 11, 6                                                   # lengths of write_features
+    func_tokens = list(range(1 + 2 * L, 1 + 2 * L + Lf))
+    batch = amma.batch_to(amma.collate([amma.FeatureDataset(root, ids=[pid])[0]]), "cpu")
+    base, _, _, _ = analyze.function_attention(model, batch)
+    cfg = analyze.AnalyzeConfig()
+    for slot, r in (("seq", int(base.argmin())), ("str", (int(base.argmin()) + 4) % L)):
+        assert int(base.argmax()) != r                                           # not first without the hook
+        handle = steer_last_layer(model, 1 + r if slot == "seq" else 1 + L + r, func_tokens)
+        try:
+            total, a_seq, a_str, attn = analyze.function_attention(model, batch)
+            _, _, table = analyze.write_attention(cfg, model, root, pid, tmp_path, torch.device("cpu"))
+        finally:
+            handle.remove()
+        steered, other = (a_seq, a_str) if slot == "seq" else (a_str, a_seq)
+        assert int(total.argmax()) == r and int(steered.argmax()) == r, slot
+        assert steered[r] > 0.999 and other.max() < 1e-3 and total.sum() == pytest.approx(1.0, abs=1e-3)
+        assert attn[:, 1 + 2 * L:, 1 + r + (L if slot == "str" else 0)].min() > 0.999   # every head, func query
+        assert table[0][:2] == (1, r + 1) and table[0][3] == pytest.approx(float(total[r]))   # TSV: 1-based
+        rows = (tmp_path / f"attention_{pid}.tsv").read_text().splitlines()
+        assert rows[1].split("\t")[:2] == ["1", str(r + 1)]
+    assert torch.equal(analyze.function_attention(model, batch)[0], base)     # hook removed
+
+
 # ---- the whole analysis through amma.py --analyze ------------------------------------------
 
 def test_analysis_outputs(tiny, capsys):
@@ -151,6 +202,83 @@ def test_analysis_outputs(tiny, capsys):
         rid = f"A:{int(key[1:5])}{key[5].strip()}"
         if rid in by_pdb:
             assert bs.pop() == pytest.approx(100 * by_pdb[rid] / max(att), abs=0.006)
+
+
+def hand_table1(latents, batch_size):
+    """Table 1 (B.5) by hand: latents {m: [n, d]} in analyze's protein order, consecutive batches, a last
+    batch of one dropped; L2-normalise, z z^T, cosine of the flattened matrices; mean over batches."""
+    n = len(latents["seq"])
+    cos = {p: [] for p in ("seq-str", "seq-func", "str-func")}
+    for s in range(0, n, batch_size):
+        if min(n, s + batch_size) - s < 2:
+            continue
+        rel = {}
+        for m, z in latents.items():
+            z = z[s:s + batch_size].double()
+            z = z / z.norm(dim=1, keepdim=True)
+            rel[m] = (z @ z.T).flatten()
+        for p in cos:
+            a, b = rel[p.split("-")[0]], rel[p.split("-")[1]]
+            cos[p].append(float(a @ b / (a.norm() * b.norm())))
+    return {p: sum(v) / len(v) for p, v in cos.items()}
+
+
+def test_table1_initial_and_amma_columns_by_hand(tiny, tmp_path):
+    """Table 1's Initial column recomputed from the feature files, and the AMMA column from l0 of the
+    encoder run on each protein alone; zeroing l0 empties the AMMA latents, zeroing l1 changes nothing."""
+    _, root, ckpts = tiny
+    manifest = [line.split("\t")[0] for line in (root / "manifest.tsv").read_text().splitlines()[1:]]
+    order = [manifest[i] for i in torch.randperm(len(manifest), generator=torch.Generator().manual_seed(0))]
+    initial = {m: torch.stack([torch.load(root / m / f"{pid}.pt").float().mean(0) for pid in order])
+               for m in amma.MODALITIES}
+    model, _, ck = amma.load_pretrained(ckpts["asymmetric"])
+    model.eval()
+    lat = {m: [] for m in amma.MODALITIES}
+    with torch.no_grad():
+        for pid in order:
+            x = {m: torch.load(root / m / f"{pid}.pt").float() for m in amma.MODALITIES}
+            batch = {"ids": [pid], **{m: v[None] for m, v in x.items()},
+                     **{m + "_len": torch.tensor([len(v)]) for m, v in x.items()}}
+            z = model.enc(batch, mask=False)[0][0, 1:]                           # [CLS] dropped: [2L + L', D]
+            z0, L = model.l[0](z), len(x["seq"])
+            for m, part in zip(amma.MODALITIES, (z0[:L], z0[L:2 * L], z0[2 * L:])):
+                lat[m].append(part.mean(0))
+    lat = {m: torch.stack(v) for m, v in lat.items()}
+
+    def run_analyze(ckpt, out, batch_size):
+        analyze.main(["--ckpt", str(ckpt), "--features", str(root), "--out", str(tmp_path / out),
+                      "--tsne-n", "0", "--batch-size", str(batch_size)])
+        return json.loads((tmp_path / out / "table1.json").read_text())
+
+    tables = {}
+    for bs, n_batches in ((4, 4), (5, 3), (13, 1)):                              # 14 = 4+4+4+2 = 5+5+4 = 13+(1)
+        t1 = tables[bs] = run_analyze(ckpts["asymmetric"], f"bs{bs}", bs)
+        assert t1["n_batches"] == n_batches
+        assert t1["table1"]["initial"] == pytest.approx(hand_table1(initial, bs), abs=1e-5), bs
+        assert t1["table1"]["amma"] == pytest.approx(hand_table1(lat, bs), abs=1e-5), bs
+    # the batching matters for these numbers (so the check above sees analyze's order and cuts)
+    assert hand_table1(initial, 4) != pytest.approx(hand_table1(initial, 5), abs=1e-4)
+    assert hand_table1(initial, 4) != pytest.approx(hand_table1({m: z.flip(0) for m, z in initial.items()}, 4), abs=1e-4)
+
+    # AMMA latents are l0's: zero l0 and every latent is 0 (the column reads 0); zero l1 and nothing moves
+    zeroed = {}
+    for k in (0, 1):
+        state = {n: (torch.zeros_like(v) if n in (f"l.{k}.weight", f"l.{k}.bias") else v) for n, v in ck["model"].items()}
+        torch.save({**ck, "model": state}, tmp_path / f"l{k}.pt")
+        zeroed[k] = run_analyze(tmp_path / f"l{k}.pt", f"l{k}", 4)["table1"]
+        m2, _, _ = amma.load_pretrained(tmp_path / f"l{k}.pt")
+        ds = amma.FeatureDataset(root, ids=order[:5])
+        got = analyze.amma_latents(m2.eval(), amma.batch_to(amma.collate([ds[i] for i in range(5)]), "cpu"))
+        want = analyze.amma_latents(model, amma.batch_to(amma.collate([ds[i] for i in range(5)]), "cpu"))
+        for m in amma.MODALITIES:
+            if k == 0:
+                assert torch.equal(got[m], torch.zeros_like(got[m])), m
+            else:
+                assert torch.equal(got[m], want[m]), m
+    base = tables[4]["table1"]
+    assert zeroed[0]["amma"] == {"seq-str": 0.0, "seq-func": 0.0, "str-func": 0.0}
+    assert all(abs(v) > 0.1 for v in base["amma"].values())
+    assert zeroed[1]["amma"] == base["amma"] and zeroed[0]["initial"] == zeroed[1]["initial"] == base["initial"]
 
 
 def test_missing_features_fall_back_to_demo(tiny, monkeypatch, capsys):

@@ -35,8 +35,8 @@ def feature_set(root, n=10, dims=DIMS, info=None):
     return root, write_labels(root, [f"P{i:03d}" for i in range(n)])
 
 
-def pretrain_tiny(features, out, dims=DIMS, variant="asymmetric"):
-    mc = amma.AMMAConfig(d_seq=dims[0], d_str=dims[1], d_func=dims[2], variant=variant, **TINY)
+def pretrain_tiny(features, out, dims=DIMS, variant="asymmetric", **model):
+    mc = amma.AMMAConfig(d_seq=dims[0], d_str=dims[1], d_func=dims[2], variant=variant, **{**TINY, **model})
     tc = amma.TrainConfig(features=str(features), out=str(out), epochs=1, batch_size=4, num_workers=0)
     amma.pretrain(mc, tc, quiet=True)
     return Path(out) / "checkpoint.pt"
@@ -129,9 +129,10 @@ def test_contrastive_checkpoint_finetunes_sequence_latent(tmp_path):
 
 def test_resume_equals_uninterrupted_run(tmp_path):
     """2 epochs straight vs 1 epoch, then --resume to 2 (same seed, CPU): the same weights, optimiser
-    state and per-epoch numbers. Learning rates are raised so that epoch 2 moves the weights visibly."""
+    state and per-epoch numbers. Learning rates are raised so that epoch 2 moves the weights visibly, and
+    the encoder has dropout so that the random state must be carried over as well."""
     root, _ = feature_set(tmp_path / "f")
-    ckpt = str(pretrain_tiny(root, tmp_path / "pre"))
+    ckpt = str(pretrain_tiny(root, tmp_path / "pre", dropout=0.1))
     fast = ("--ckpt", ckpt, "--lr", "1e-3", "--lr-head", "1e-2")
     straight = run(tmp_path, *fast, "--out", str(tmp_path / "straight"), "--epochs", "2")
     first = run(tmp_path, *fast, "--out", str(tmp_path / "split"), "--epochs", "1")
@@ -147,6 +148,7 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     differ = {k: (v - b["model"][k]).abs().max().item() for k, v in a["model"].items()
               if not torch.allclose(v, b["model"][k], rtol=0, atol=1e-6)}
     assert not differ, f"resumed weights differ from the uninterrupted run's: {differ}"
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
     for (k, s), s2 in zip(a["optimizer"]["state"].items(), b["optimizer"]["state"].values()):   # Adam moments, step
         assert all(torch.allclose(s[n], s2[n], rtol=0, atol=1e-6) for n in s), k
     assert a["scheduler"] == b["scheduler"]
