@@ -213,9 +213,9 @@ def sample_keep(counts, M, alpha, generator=None):
     """Which tokens the encoder keeps, for a padded batch.
 
     counts: [B, 3] valid tokens of (seq, str, func) per protein (0 for an absent modality).
-    Returns key [B, 3, Lmax] random priorities in the per-modality padded layout: the tokens to
-    keep are those with key > 1 (budget), then the refill picks the highest keys in (0, 1).
-    Used through `keep_mask`, which turns them into a boolean mask per modality.
+    Returns (key, valid), both [B, 3, Lmax] in the per-modality padded layout: key is a random
+    priority, above 2 for each modality's budget of tokens, in [0, 1) for the other valid tokens
+    (the refill takes the highest), -1 for padding. `keep_mask` turns it into the boolean mask.
     """
     B = counts.shape[0]
     k = torch.minimum(budgets(dirichlet(alpha, B, generator), M), counts)       # [B, 3] primary
