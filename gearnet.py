@@ -47,6 +47,7 @@ index 20 and 'X' in the sequence.
 import gzip
 import math
 import re
+import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -194,10 +195,28 @@ def read_structure(path, chain=None):
 
 # ----------------------------------------------------------------------------- graph construction
 
-def _squared_distances(ca):
-    """[L, L] squared C-alpha distances, summed per coordinate as torch_cluster does."""
-    diff = ca[None, :, :] - ca[:, None, :]  # (L, L, 3): diff[q, n] = ca[n] - ca[q]
+def _squared_distances(ca, rows=slice(None)):
+    """[len(rows), L] squared C-alpha distances of query rows to all residues, summed per
+    coordinate as torch_cluster does (rows: a slice of query residues; all by default)."""
+    diff = ca[None, :, :] - ca[rows, None, :]  # (q, L, 3): diff[q, n] = ca[n] - ca[q]
     return (diff * diff).sum(-1)
+
+
+def _neighbour_pairs(ca, block_elements=2 ** 22):
+    """(radius pairs, knn pairs) as (neighbour, query) tensors, from blocks of query rows so that
+    memory is O(L * block) rather than O(L^2); results are identical to one [L, L] pass."""
+    num_residue = len(ca)
+    block = max(1, block_elements // max(num_residue, 1))
+    radius, knn = [], []
+    for start in range(0, num_residue, block):
+        rows = slice(start, min(start + block, num_residue))
+        dist2 = _squared_distances(ca, rows)  # (block, L)
+        neighbour, query = _radius_pairs(dist2)
+        radius.append((neighbour, query + start))
+        neighbour, query = _knn_pairs(dist2)
+        knn.append((neighbour, query + start))
+    return tuple((torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs]))
+                 for pairs in (radius, knn))
 
 
 def _sequential_edges(num_residue, chain_index):
@@ -221,11 +240,19 @@ def _radius_pairs(dist2):
 
 
 def _knn_pairs(dist2):
-    """(neighbour, query) pairs of torch_cluster.knn_graph(k=10)."""
-    num_residue = len(dist2)
-    k = min(KNN_K + 1, num_residue)
-    order = dist2.argsort(dim=1, stable=True)[:, :k]  # (L, k): ties go to the lower index
-    return order.flatten(), torch.arange(num_residue).repeat_interleave(k)
+    """(neighbour, query) pairs of torch_cluster.knn_graph(k=10); dist2 is [queries, L]."""
+    k = min(KNN_K + 1, dist2.shape[1])
+    # the k smallest per row, ties to the lower index (= dist2.argsort(dim=1, stable=True)[:, :k],
+    # without sorting whole rows): candidates are entries <= the row's k-th smallest value
+    kth = dist2.topk(k, dim=1, largest=False, sorted=True).values[:, -1:]  # (q, 1)
+    query, neighbour = (dist2 <= kth).nonzero(as_tuple=True)  # row-major: index order per row
+    order = dist2[query, neighbour].argsort(stable=True)
+    order = order[query[order].argsort(stable=True)]  # by (query, distance, index)
+    query, neighbour = query[order], neighbour[order]
+    count = torch.bincount(query, minlength=len(dist2))
+    rank = torch.arange(len(query)) - (count.cumsum(0) - count).repeat_interleave(count)
+    keep = rank < k
+    return neighbour[keep], query[keep]
 
 
 def _geometric_edges(neighbour, query, ca, relation):
@@ -259,11 +286,11 @@ def build_graph(residue_type, ca, chain_index=None):
     residue_type = torch.as_tensor(residue_type, dtype=torch.long).cpu()
     if chain_index is None:
         chain_index = torch.zeros(len(ca), dtype=torch.long)
-    dist2 = _squared_distances(ca)
+    radius_pairs, knn_pairs = _neighbour_pairs(ca)
     edge_list = torch.cat([
         _sequential_edges(len(ca), chain_index.cpu()),
-        _geometric_edges(*_radius_pairs(dist2), ca, relation=NUM_RELATION - 2),
-        _geometric_edges(*_knn_pairs(dist2), ca, relation=NUM_RELATION - 1),
+        _geometric_edges(*radius_pairs, ca, relation=NUM_RELATION - 2),
+        _geometric_edges(*knn_pairs, ca, relation=NUM_RELATION - 1),
     ])  # (E, 3)
     return edge_list, edge_features(residue_type, ca, edge_list)
 
@@ -333,18 +360,54 @@ def spatial_line_graph(edge_list, node_position, num_angle_bin):
 
 # ----------------------------------------------------------------------------- model
 
-def aggregate(x, edge_list, num_node, num_relation, per_edge=False, chunk_elements=2 ** 24):
-    """Sum of the edges' messages into slots (out, relation): [num_node, num_relation * d].
-    Edge e carries x[in_e] (node states), or x[e] with per_edge=True (one row of x per edge).
-    Edges go in chunks so that gathered messages stay under `chunk_elements` floats."""
-    dim = x.shape[-1]
-    update = x.new_zeros(num_node * num_relation, dim)
-    chunk = max(1, chunk_elements // max(dim, 1))
-    for start in range(0, len(edge_list), chunk):
-        node_in, node_out, relation = edge_list[start:start + chunk].unbind(-1)
-        message = x[start:start + chunk] if per_edge else x[node_in]  # (chunk, d)
-        update.index_add_(0, node_out * num_relation + relation, message)
-    return update.view(num_node, num_relation * dim)  # (N, R * d), relation-major
+def relational_adjacency(node_out, relation, source, num_node, num_relation, num_source,
+                         dtype=torch.float32):
+    """Sparse [num_node * num_relation, num_source] sum-aggregation matrix (CSR): entry
+    (out * R + relation, source) counts the edges carrying source's state into slot (out, relation),
+    so `adjacency @ x` viewed as [num_node, R * d] is the relation-major input of the relation
+    linear layer (torchdrug's message_and_aggregate). Built once, reused by every layer."""
+    row = node_out * num_relation + relation
+    order = row.argsort(stable=True)
+    counts = torch.bincount(row, minlength=num_node * num_relation)
+    crow = torch.zeros(num_node * num_relation + 1, dtype=torch.long, device=row.device)
+    crow[1:] = counts.cumsum(0)
+    values = torch.ones(len(row), dtype=dtype, device=row.device)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, source[order], values,
+                                       size=(num_node * num_relation, num_source),
+                                       check_invariants=False)
+
+
+def aggregate(x, adjacency, num_node, num_relation, buffer=None):
+    """Sum of the messages into slots (out, relation): [num_node, num_relation * d], relation-major.
+    `buffer` (optional, flat, CPU) is scratch memory for the result when no gradient is recorded:
+    reusing it across layers spares the allocator a fresh multi-MB block (and its page faults)."""
+    if adjacency.dtype != x.dtype:
+        adjacency = adjacency.to(x.dtype)
+    x = x.contiguous()
+    shape = (adjacency.shape[0], x.shape[-1])
+    if (buffer is not None and buffer.dtype == x.dtype and buffer.device == x.device
+            and buffer.numel() >= shape[0] * shape[1]
+            and not (torch.is_grad_enabled() and x.requires_grad)):
+        update = torch.mm(adjacency, x, out=buffer[:shape[0] * shape[1]].view(shape))
+    else:
+        update = torch.sparse.mm(adjacency, x)
+    return update.view(num_node, num_relation * x.shape[-1])
+
+
+def node_adjacency(edge_list, num_node, num_relation, dtype=torch.float32):
+    """Node states x[in] -> slot (out, relation)."""
+    node_in, node_out, relation = edge_list.unbind(-1)
+    return relational_adjacency(node_out, relation, node_in, num_node, num_relation, num_node, dtype)
+
+
+def edge_to_node_adjacency(edge_list, num_node, num_relation, dtype=torch.float32):
+    """Edge states x[e] -> slot (out_e, relation_e)."""
+    _, node_out, relation = edge_list.unbind(-1)
+    edge = torch.arange(len(edge_list), device=edge_list.device)
+    return relational_adjacency(node_out, relation, edge, num_node, num_relation, len(edge_list),
+                                dtype)
 
 
 class RelationalConv(nn.Module):
@@ -358,8 +421,12 @@ class RelationalConv(nn.Module):
         self.linear = nn.Linear(num_relation * input_dim, output_dim)
         self.batch_norm = nn.BatchNorm1d(output_dim) if batch_norm else None
 
-    def forward(self, x, edge_list):
-        update = aggregate(x, edge_list, len(x), self.num_relation)  # (N, R * d_in)
+    def forward(self, x, adjacency, buffer=None):
+        """adjacency: node_adjacency(edge_list, len(x), num_relation) (or an edge list, built here);
+        buffer: optional scratch memory for the aggregated messages (see `aggregate`)."""
+        if not adjacency.is_sparse_csr:
+            adjacency = node_adjacency(adjacency, len(x), self.num_relation, x.dtype)
+        update = aggregate(x, adjacency, len(x), self.num_relation, buffer)  # (N, R * d_in)
         output = self.linear(update) + self.self_loop(x)
         if self.batch_norm is not None:
             output = self.batch_norm(output)
@@ -428,20 +495,32 @@ class GearNetEdge(nn.Module):
         """node_feature [N, output_dim] and graph_feature [B, output_dim] of a ProteinGraph."""
         config = self.config
         x = graph.node_input.float()
+        num_node = len(x)
+        adjacency = node_adjacency(graph.edge_list, num_node, config.num_relation, x.dtype)
         if config.num_angle_bin:
             line_edges = spatial_line_graph(graph.edge_list, graph.node_position,
                                             config.num_angle_bin)  # (E_line, 3)
+            num_edge = len(graph.edge_list)
+            # line graph: edge state a -> slot (edge b, angle bin)
+            line_adjacency = relational_adjacency(line_edges[:, 1], line_edges[:, 2], line_edges[:, 0],
+                                                  num_edge, config.num_angle_bin, num_edge, x.dtype)
+            del line_edges
+            edge_adjacency = edge_to_node_adjacency(graph.edge_list, num_node, config.num_relation,
+                                                    x.dtype)
             edge_x = graph.edge_feature.float()
+            line_buffer = None
+            if x.device.type == "cpu" and not torch.is_grad_enabled():
+                width = max(config.edge_input_dim, *config.hidden_dims[:-1])
+                line_buffer = x.new_empty(num_edge * config.num_angle_bin * width)
         hiddens = []
         for i, layer in enumerate(self.layers):
-            hidden = layer(x, graph.edge_list)
+            hidden = layer(x, adjacency)
             if config.short_cut and hidden.shape == x.shape:
                 hidden = hidden + x
             if config.num_angle_bin:
-                edge_x = self.edge_layers[i](edge_x, line_edges)
+                edge_x = self.edge_layers[i](edge_x, line_adjacency, line_buffer)
                 # edge states flow to the `out` node of their edge, one slot per relation
-                update = aggregate(edge_x, graph.edge_list, len(x), config.num_relation,
-                                   per_edge=True)  # (N, R * d_edge)
+                update = aggregate(edge_x, edge_adjacency, num_node, config.num_relation)  # (N, R * d_edge)
                 hidden = hidden + F.relu(layer.linear(update))
             if config.batch_norm:
                 hidden = self.batch_norms[i](hidden)
