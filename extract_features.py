@@ -802,32 +802,31 @@ def encode_residues(encoder, jobs, cfg, save, fail, desc):
                 save(jobs[j][0], sums.pop(j) / counts.pop(j))
 
 
+def encode_batches(encode, proteins, lengths, budget, desc, save, fail):
+    """Length-sorted batches under a token budget through `encode(group) -> [features]`; a batch that
+    fails (e.g. out of memory) fails its proteins and the run goes on."""
+    for batch in tqdm(token_batches(lengths, budget), desc=desc):
+        group = [proteins[k] for k in batch]
+        try:
+            feats = encode(group)
+        except Exception as e:
+            for p in group:
+                fail(p, f"{desc}: {type(e).__name__}: {e}")
+            continue
+        for p, x in zip(group, feats):
+            save(p, x)
+
+
 def encode_structures(model, proteins, cfg, save, fail):
     """GearNet features; the graphs are built on the CPU (gearnet.protein_graph) and the packed batch
     moves to the model's device once (gearnet.encode_structures)."""
-    for batch in tqdm(token_batches([len(p.seq) for p in proteins], cfg.str_toks_per_batch), desc="str"):
-        group = [proteins[k] for k in batch]
-        try:
-            feats = gearnet.encode_structures(model, [p.graph_input for p in group])
-        except Exception as e:
-            for p in group:
-                fail(p, f"str: {type(e).__name__}: {e}")
-            continue
-        for p, x in zip(group, feats):
-            save(p, x)
+    encode_batches(lambda group: gearnet.encode_structures(model, [p.graph_input for p in group]), proteins,
+                   [len(p.seq) for p in proteins], cfg.str_toks_per_batch, "str", save, fail)
 
 
 def encode_texts(encoder, proteins, cfg, save, fail):
-    for batch in tqdm(token_batches([len(p.text_ids) for p in proteins], cfg.toks_per_batch), desc="func"):
-        group = [proteins[k] for k in batch]
-        try:
-            feats = encoder([p.text_ids for p in group])
-        except Exception as e:
-            for p in group:
-                fail(p, f"func: {type(e).__name__}: {e}")
-            continue
-        for p, x in zip(group, feats):
-            save(p, x)
+    encode_batches(lambda group: encoder([p.text_ids for p in group]), proteins,
+                   [len(p.text_ids) for p in proteins], cfg.toks_per_batch, "func", save, fail)
 
 
 def encoder_clash(out, names, modalities=MODALITIES):

@@ -255,17 +255,11 @@ def load_task(cfg):
     return data, sets, info, counts
 
 
-def feature_widths(sets, esm):
-    """seq/str widths the encoder will see: read from the first protein that has each (ESM's width in the loop)."""
-    dims = {"seq": esm.width} if esm is not None else {}
-    for ds in sets.values():
-        for k in range(len(ds)):
-            row = ds.rows[ds.ids[k]]
-            for m in ds.cached:
-                if m in row["modalities"] and m not in dims:
-                    dims[m] = amma.load_tensor(ds.root / m / f"{row['id']}.pt").shape[1]
-            if "seq" in dims and "str" in dims:
-                return dims
+def feature_widths(root, esm):
+    """seq/str widths the encoder will see: read from the feature files (ESM's width when it runs in the loop)."""
+    dims = {m: d for m, d in amma.feature_dims(root).items() if m in ("seq", "str")}
+    if esm is not None:
+        dims["seq"] = esm.width
     return dims
 
 
@@ -496,7 +490,7 @@ def finetune(cfg, quiet=False):
     # model: the pretrained encoder (or a fresh one) + head; ESM in the loop with --esm finetune
     mc, state = read_pretrained(cfg.ckpt) if cfg.ckpt else (None, None)
     esm = build_esm(info, cfg, device) if cfg.esm == "finetune" else None
-    dims = feature_widths(sets, esm)
+    dims = feature_widths(cfg.features, esm)
     if cfg.ckpt:
         check_widths(mc, dims, cfg.ckpt, cfg.features)
     else:
