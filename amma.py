@@ -22,11 +22,12 @@ Conventions, stated once:
 - Token layout of one protein: [seq (L) | str (L) | func (L')], padded per batch to [Ls | Ls | Lf].
 """
 import argparse
-import itertools
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
@@ -77,6 +78,8 @@ class AMMAConfig:
     variant: str = "asymmetric"      # asymmetric | symmetric | no-aux | contrastive
     loss_on: str = "all"             # all valid positions (eq. 4) | masked
     tau: float = 0.07                # InfoNCE temperature (contrastive variant; the paper gives none)
+    con_sim: str = "cosine"          # contrastive similarity: cosine (L2-normalised latents) | dot (eq. 16 as written)
+    target_norm: str = "none"        # reconstruction targets: none (eq. 4) | token (MAE's norm_pix_loss) | dim
 
     def dims(self):
         return {"seq": self.d_seq, "str": self.d_str, "func": self.d_func}
@@ -140,11 +143,15 @@ class FeatureDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.rows)
 
+    def counts(self):
+        """Tokens per protein and modality [N, 3] as __getitem__ returns them (cropped; 0 where absent)."""
+        return torch.tensor([[min(r["L_func"], self.max_text) if m == "func" else min(r["L"], self.max_len)
+                              if m in self.modalities and m in r["modalities"] else 0 for m in MODALITIES]
+                             for r in self.rows], dtype=torch.long).view(-1, 3)
+
     def lengths(self):
         """Tokens per protein in the full layout (2L + L'), for length bucketing."""
-        has = {m: m in self.modalities for m in MODALITIES}
-        return [min(r["L"], self.max_len) * (1 + (has["str"] and "str" in r["modalities"]))
-                + min(r["L_func"], self.max_text) * (has["func"] and "func" in r["modalities"]) for r in self.rows]
+        return self.counts().sum(1).tolist()
 
     def __getitem__(self, i):
         row = self.rows[i]
@@ -209,31 +216,55 @@ def budgets(lam, M):
     return b + (order < short).long()
 
 
-def sample_keep(counts, M, alpha, generator=None):
+def mix(*keys):
+    """A 62-bit seed from integer keys (splitmix64 steps): keys that differ anywhere give unrelated seeds."""
+    h = 0x9E3779B97F4A7C15
+    for k in keys:
+        h = ((h ^ (int(k) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        h = ((h ^ (h >> 31)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 29
+    return h >> 2
+
+
+def protein_seeds(n, *keys):
+    """One mask seed per protein of a global batch: mix(*keys, j) for positions j < n, as a [n] tensor."""
+    return torch.tensor([mix(*keys, j) for j in range(n)], dtype=torch.long)
+
+
+def sample_keep(counts, M, alpha, seeds):
     """Which tokens the encoder keeps, for a padded batch.
 
     counts: [B, 3] valid tokens of (seq, str, func) per protein (0 for an absent modality).
+    seeds: [B] one seed per protein: a protein's lambda and token priorities are drawn from its own
+    generator and depend on nothing else in the batch, so a global batch split over GPUs (or into
+    micro-batches) gets exactly the masks it gets in one piece.
     Returns (key, valid), both [B, 3, Lmax] in the per-modality padded layout: key is a random
     priority, above 2 for each modality's budget of tokens, in [0, 1) for the other valid tokens
     (the refill takes the highest), -1 for padding. `keep_mask` turns it into the boolean mask.
     """
     B = counts.shape[0]
-    k = torch.minimum(budgets(dirichlet(alpha, B, generator), M), counts)       # [B, 3] primary
     Lmax = max(int(counts.max()), 1)
+    lam, u = [], []
+    for b in range(B):                                                          # per protein, not per token
+        g = torch.Generator().manual_seed(int(seeds[b]))
+        n = max(int(counts[b].max()), 1)
+        lam.append(dirichlet(alpha, 1, g))                                      # [1, 3]
+        u.append(F.pad(torch.rand(2, 3, n, generator=g), (0, Lmax - n)))       # [2, 3, Lmax]
+    lam, u = torch.cat(lam), torch.stack(u)                                     # [B, 3], [B, 2, 3, Lmax]
+    k = torch.minimum(budgets(lam, M), counts)                                  # [B, 3] primary
     pos = torch.arange(Lmax).expand(B, 3, Lmax)                                 # [B, 3, Lmax]
     valid = pos < counts[..., None]
-    noise = torch.rand(B, 3, Lmax, generator=generator)
-    rank = noise.masked_fill(~valid, 2.0).argsort(-1).argsort(-1)               # random rank within modality
+    rank = u[:, 0].masked_fill(~valid, 2.0).argsort(-1).argsort(-1)             # random rank within modality
     primary = rank < k[..., None]
-    refill = torch.rand(B, 3, Lmax, generator=generator)                        # in [0, 1)
+    refill = u[:, 1]                                                            # in [0, 1)
     return torch.where(primary, 2.0 + refill, torch.where(valid, refill, -1.0)), valid
 
 
-def keep_mask(counts, M, alpha, generator=None):
+def keep_mask(counts, M, alpha, seeds):
     """Boolean keep mask [B, 3, Lmax]: exactly min(M, sum(counts)) True per protein, each modality's
     budget round(lambda_m * M) taken first (at random), shortfalls filled at random from the other
     modalities' remaining tokens; padding and absent modalities are never kept."""
-    key, valid = sample_keep(counts, M, alpha, generator)
+    key, valid = sample_keep(counts, M, alpha, seeds)
     B, _, Lmax = key.shape
     T = counts.sum(1).clamp(max=M)                                              # [B] tokens to keep
     order = key.view(B, -1).argsort(1, descending=True)                         # [B, 3*Lmax]
@@ -348,29 +379,46 @@ class AMMAEncoder(nn.Module):
             raise ValueError(f"batch has none of the modalities {modalities}")
         return torch.cat(parts, 1), torch.cat(valid, 1), layout                # [B, N, D], [B, N]
 
-    def keep_ids(self, batch, valid, layout, mask, generator):
+    def keep_ids(self, batch, valid, layout, mask, seeds):
         """Indices into the full layout of the tokens the encoder sees: ids [B, K] and their validity [B, K]."""
         B, N = valid.shape
         if not mask:
             return torch.arange(N, device=valid.device).expand(B, N), valid
-        counts = torch.stack([batch[m + "_len"] if layout[m][1] else torch.zeros(B, dtype=torch.long, device=valid.device)
-                              for m in MODALITIES], 1).cpu()                    # [B, 3]
-        keep3 = keep_mask(counts, self.config.M, self.config.alpha, generator)  # [B, 3, Lmax]
+        counts = token_counts(batch, layout).cpu()                             # [B, 3]
+        if seeds is None:                                                      # no seeds given: fresh draws
+            seeds = torch.randint(0, 2 ** 62, (B,))
+        keep3 = keep_mask(counts, self.config.M, self.config.alpha, seeds)     # [B, 3, Lmax]
         keep = torch.cat([keep3[:, i, : layout[m][1]] for i, m in enumerate(MODALITIES)], 1)  # [B, N]
         K = int(keep.sum(1).max())
         ids = keep.int().sort(dim=1, descending=True, stable=True).indices[:, :K]     # kept first: [B, K]
         return ids.to(valid.device), keep.gather(1, ids).to(valid.device)
 
-    def forward(self, batch, mask=True, generator=None, modalities=MODALITIES, return_attn=False):
+    def forward(self, batch, mask=True, seeds=None, modalities=MODALITIES, return_attn=False):
         """Enc_multi on [CLS] + the kept tokens. Returns z [B, 1+K, D], ids [B, K], keep [B, K],
-        valid [B, N], layout, and the last layer's attention [B, nh, 1+K, 1+K] if asked."""
+        valid [B, N], layout, and the last layer's attention [B, nh, 1+K, 1+K] if asked.
+        seeds: [B] per-protein mask seeds (protein_seeds); None draws them from torch's global RNG."""
         tokens, valid, layout = self.embed(batch, modalities)
-        ids, keep = self.keep_ids(batch, valid, layout, mask, generator)
+        ids, keep = self.keep_ids(batch, valid, layout, mask, seeds)
         x = tokens.gather(1, ids[..., None].expand(-1, -1, tokens.shape[-1]))  # [B, K, D]
         x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], 1)           # [B, 1+K, D]
         pad = torch.cat([torch.zeros_like(keep[:, :1]), ~keep], 1)             # [B, 1+K]
         z, attn = self.enc_multi(x, pad, return_attn)
         return z, ids, keep, valid, layout, attn
+
+
+def token_counts(batch, layout=None):
+    """Valid tokens per protein and modality [B, 3] (0 for a modality the batch or the protein lacks)."""
+    B = len(batch["ids"])
+    device = next((batch[m + "_len"].device for m in MODALITIES if m + "_len" in batch), "cpu")
+    return torch.stack([batch[m + "_len"] if m in batch and (layout is None or layout[m][1])
+                        else torch.zeros(B, dtype=torch.long, device=device) for m in MODALITIES], 1)
+
+
+def touch(modules):
+    """0 x one entry of every parameter of `modules`: added to a loss, it puts parameters that a batch
+    did not use (a decoder of an absent modality) into the graph with a zero gradient, so DDP needs
+    no find_unused_parameters (and prints no warning about it)."""
+    return sum(p.view(-1)[:1].sum() for mod in modules for p in mod.parameters() if p.requires_grad) * 0.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -400,6 +448,12 @@ class AMMA(nn.Module):
         self.dec_modality_embed = nn.Parameter(torch.zeros(len(MODALITIES), c.D))
         self.dec = nn.ModuleDict({m: Decoder(c, d) for m, d in c.dims().items()})
         nn.init.normal_(self.dec_modality_embed, std=0.02)
+        if c.target_norm not in ("none", "token", "dim"):
+            raise ValueError(f"target_norm must be none, token or dim, not {c.target_norm!r}")
+        if c.target_norm == "dim":  # per-dimension mean / std of the frozen features, set before step 1
+            for m, d in c.dims().items():
+                self.register_buffer(f"target_mean_{m}", torch.zeros(d))
+                self.register_buffer(f"target_std_{m}", torch.ones(d))
 
     def unmask(self, zk, ids, keep, N):
         """Scatter l_k outputs of the kept tokens back to the full layout, zeros at masked slots: [B, N, D]."""
@@ -427,43 +481,95 @@ class AMMA(nn.Module):
             recon[m] = self.dec[m](torch.cat(xs, 1), torch.cat(pads, 1), off, layout[m][1])  # [B, Lm, d_m]
         return recon
 
-    def forward_loss(self, batch, recon, ids, keep, valid, layout):
-        """Eq. 4 (and eq. 12 when the batch holds groups): per group and modality, the MSE over valid
-        positions (or masked ones only, with loss_on='masked'), summed. Returns loss and per-modality logs."""
+    def target(self, batch, m):
+        """The reconstruction target of modality m: the frozen features, normalised as target_norm says
+        (token: each token over its dims, MAE's norm_pix_loss; dim: each dimension by set statistics)."""
+        x = batch[m]
+        if self.config.target_norm == "token":
+            return (x - x.mean(-1, keepdim=True)) / (x.var(-1, keepdim=True) + 1e-6).sqrt()
+        if self.config.target_norm == "dim":
+            return (x - getattr(self, f"target_mean_{m}")) / getattr(self, f"target_std_{m}")
+        return x
+
+    def forward_loss(self, batch, recon, ids, keep, valid, layout, norm=None):
+        """Eq. 4 (and eq. 12 when the batch holds groups): per group and modality, the squared error
+        averaged over feature dimensions and over valid positions (or masked ones only, with
+        loss_on='masked'), summed. norm {(group, modality): positions} gives the positions of the
+        whole global batch (loss_counts): the loss is then this micro-batch's share of the global
+        batch's loss, and the shares of all processes and micro-batches add up to it exactly.
+        Returns the loss and {loss_<m>: its per-modality part}."""
         B, N = valid.shape
         seen = torch.zeros(B, N, dtype=torch.bool, device=valid.device).scatter(1, ids, keep)  # [B, N]
         group = batch.get("group", torch.zeros(B, dtype=torch.long)).to(valid.device)
         loss = sum(xhat.sum() for xhat in recon.values()) * 0.0  # keeps a graph when no term applies
-        logs = {}
+        parts = {}
         for m, xhat in recon.items():
             start, length = layout[m]
             use = valid[:, start:start + length]                                # [B, Lm]
             if self.config.loss_on == "masked":
                 use = use & ~seen[:, start:start + length]
-            err = (xhat.float() - batch[m]).pow(2).mean(-1)                     # [B, Lm]
-            for g in group.unique():
+            err = (xhat.float() - self.target(batch, m).float()).pow(2).mean(-1)  # [B, Lm]
+            for g in group.unique().tolist():
                 u = use & (group == g)[:, None]
-                if u.any():
-                    loss = loss + err[u].mean()
-            logs[f"loss_{m}"] = err[use].mean().item() if use.any() else float("nan")
-        return loss, logs
+                n = norm.get((g, m), 0) if norm is not None else int(u.sum())
+                if u.any() and n:
+                    term = err[u].sum() / n
+                    loss, parts[m] = loss + term, parts.get(m, 0.0) + term.detach()
+        return loss, {f"loss_{m}": float(v) for m, v in parts.items()}
 
-    def forward(self, batch, mask=True, generator=None):
-        """Returns (reconstructions, loss, logs) — nanoGPT style."""
-        z, ids, keep, valid, layout, _ = self.enc(batch, mask, generator)
-        recon = self.forward_decoder(z, ids, keep, valid, layout, targets=[m for m in MODALITIES if m in batch])
-        loss, logs = self.forward_loss(batch, recon, ids, keep, valid, layout)
-        return recon, loss, logs
+    def forward(self, batch, mask=True, seeds=None, norm=None):
+        """Returns (reconstructions, loss, logs) — nanoGPT style. seeds: per-protein mask seeds;
+        norm: positions per (group, modality) of the global batch (see forward_loss)."""
+        z, ids, keep, valid, layout, _ = self.enc(batch, mask, seeds)
+        present = [m for m in MODALITIES if layout[m][1]]
+        recon = self.forward_decoder(z, ids, keep, valid, layout, targets=present)
+        loss, logs = self.forward_loss(batch, recon, ids, keep, valid, layout, norm)
+        absent = [m for m in MODALITIES if m not in present]
+        unused = [mod for m in absent for mod in (self.enc.proj[m], self.dec[m], self.l[MODALITIES.index(m)])]
+        return recon, loss + touch(unused), logs
+
+
+def loss_counts(counts, groups, seeds, config):
+    """Positions entering each (group, modality) mean of eq. 4 / eq. 12 for a whole global batch,
+    from its token counts [B, 3], loss groups [B] and mask seeds [B] alone (no features needed): every
+    process computes the same numbers for the global batch before its own forward pass."""
+    n = counts.clone()
+    if config.loss_on == "masked":
+        n = n - keep_mask(counts, config.M, config.alpha, seeds).sum(-1)          # masked positions
+    return {(g, m): int(n[groups == g, i].sum()) for g in groups.unique().tolist() for i, m in enumerate(MODALITIES)}
 
 
 # ----------------------------------------------------------------------------------------------
 # AMMA-contrastive (B.9): length-averaged features, Proj, Enc_con on the sequence side, InfoNCE
 
-def info_nce(zp, zq, tau):
-    """Symmetric InfoNCE of eq. 16 on L2-normalised latents [N, D]."""
-    logits = F.normalize(zp, dim=-1) @ F.normalize(zq, dim=-1).T / tau          # [N, N]
+def info_nce(zp, zq, tau, sim="cosine"):
+    """Symmetric InfoNCE of eq. 16 on latents [N, D]: sim 'cosine' L2-normalises them first (as
+    ProtST and CLIP do with a temperature), 'dot' takes the plain dot product as eq. 16 writes it."""
+    if sim == "cosine":
+        zp, zq = F.normalize(zp, dim=-1), F.normalize(zq, dim=-1)
+    logits = zp @ zq.T / tau                                                    # [N, N]
     target = torch.arange(len(zp), device=zp.device)
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+def world_size():
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def gather_rows(x):
+    """x [n, ...] of every process concatenated in rank order (n may differ between processes), with
+    gradients flowing back to each process's own rows; x itself without DDP."""
+    world = world_size()
+    if world == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather                      # autograd-aware
+    n = torch.tensor([len(x)], device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    torch.distributed.all_gather(sizes, n)
+    pad = [0, 0] * (x.dim() - 1) + [0, int(max(sizes)) - len(x)]
+    parts = all_gather(F.pad(x, pad))                                           # world x [max n, ...]
+    return torch.cat([part[:int(size)] for part, size in zip(parts, sizes)])
 
 
 class AMMAContrastive(nn.Module):
@@ -489,14 +595,20 @@ class AMMAContrastive(nn.Module):
         z["seq"] = self.enc_con(z["seq"][:, None], one)[0][:, 0]                   # [B, D]
         return z, has
 
-    def forward(self, batch, mask=True, generator=None):
-        """Eq. 15 over the proteins that have both modalities of each pair: (latents, loss, logs)."""
+    def forward(self, batch, mask=True, seeds=None, norm=None):
+        """Eq. 15 over the proteins that have both modalities of each pair: (latents, loss, logs).
+        Under DDP the latents of every process are gathered, so the negatives are the whole global
+        batch, as on one GPU; each process returns 1 / world of the (identical) global loss."""
         z, has = self.latents(batch)
-        logs, loss = {}, sum(v.sum() for v in z.values()) * 0.0  # keeps a graph when no pair applies
+        unused = [self.proj[m] for m in MODALITIES if m not in z]
+        loss = sum(v.sum() for v in z.values()) * 0.0 + touch(unused)  # keeps a graph when no pair applies
+        z = {k: gather_rows(v) for k, v in z.items()}
+        has = {k: gather_rows(v.long()).bool() for k, v in has.items()}
+        logs, world = {}, world_size()
         for name, (p, q) in {"seq2str": ("seq", "str"), "seq2func": ("seq", "func"), "reg": ("seq", "seq'")}.items():
             both = has[p] & has[q] if q in z else None
             if both is not None and both.sum() > 1:
-                l_pq = info_nce(z[p][both], z[q][both], self.config.tau)
+                l_pq = info_nce(z[p][both], z[q][both], self.config.tau, self.config.con_sim) / world
                 loss, logs[f"loss_{name}"] = loss + l_pq, l_pq.item()
         return z, loss, logs
 
@@ -536,7 +648,7 @@ def load_pretrained(path, map_location="cpu"):
 
 
 # ----------------------------------------------------------------------------------------------
-# pretraining
+# pretraining: configuration
 
 @dataclass
 class TrainConfig:
@@ -545,18 +657,25 @@ class TrainConfig:
     unpaired_seqfunc: str = ""            # ... and a seq+func set, stepped together
     out: str = "runs/amma"
     epochs: int = 10
-    batch_size: int = 4
+    batch_size: int = 4                   # the GLOBAL batch: under DDP the processes split it
+    grad_accum: int = 1                   # micro-batches per process and step (same result, less memory)
     lr: float = 1e-4
     weight_decay: float = 0.05
     step_size: int = 3                    # StepLR step in epochs (the paper gives only gamma)
     gamma: float = 0.5
     seed: int = 0
     resume: bool = False                  # continue from <out>/checkpoint.pt
+    overwrite: bool = False               # start again in an --out that holds a run
     init: str = ""                        # start from this checkpoint's weights (fresh optimiser)
+    continue_from: str = ""               # continue another run's schedule (weights, optimiser, epoch) in --out
     max_len: int = 1022
     num_workers: int = 2
     log_every: int = 20
+    save_every_steps: int = 0             # step checkpoints (0 = off) ...
+    save_every_minutes: float = 30.0      # ... and/or every T minutes (0 = off); always at epoch ends
+    skip_bad: bool = False                # train without proteins whose feature files fail the check
     limit_steps: int = 0                  # stop each epoch after this many steps (smoke tests); 0 = all
+    amp: str = "auto"                     # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     device: str = ""                      # '' = cuda if available else cpu
 
 
@@ -572,36 +691,54 @@ HELP = {
     "variant": "asymmetric (AMMA) | symmetric (eq. 13) | no-aux (eq. 17) | contrastive (B.9)",
     "loss_on": "'all' valid positions (eq. 4) or only the 'masked' ones",
     "tau": "InfoNCE temperature of the contrastive variant",
+    "con_sim": "contrastive similarity: cosine of L2-normalised latents, or the plain dot product of eq. 16",
+    "target_norm": "reconstruction targets: none (eq. 4), token (each token standardised over its dims, "
+                   "MAE's norm_pix_loss) or dim (each feature dimension standardised by set statistics)",
     "features": "paired feature set written by extract_features.py; the built-in demo is used when "
                 "it does not exist; '' for none",
     "unpaired_seqstr": "seq+str feature set for the unpaired objective (eq. 12)",
     "unpaired_seqfunc": "seq+func feature set for the unpaired objective (eq. 12)",
     "out": "run directory: checkpoint.pt, log.jsonl",
-    "epochs": "epochs (paper: 10)",
-    "batch_size": "proteins per step and process (paper: 4)",
+    "epochs": "epochs in all (paper: 10; with --continue-from, the epoch to stop after)",
+    "batch_size": "GLOBAL proteins per step (paper: 4): under torchrun the processes split it",
+    "grad_accum": "micro-batches per process and step: the same global batch in smaller pieces",
     "lr": "AdamW learning rate (paper: 1e-4)",
     "weight_decay": "AdamW weight decay (paper: 0.05)",
     "step_size": "StepLR step size in epochs (the paper gives only gamma; we halve every 3 epochs)",
     "gamma": "StepLR gamma (paper: 0.5)",
-    "seed": "seed of the initialisation, batch order and masks",
+    "seed": "seed of the initialisation, batch order, masks and dropout",
     "resume": "continue from <out>/checkpoint.pt where it stopped (same result as an uninterrupted run)",
-    "init": "initialise the weights from this checkpoint (e.g. the 120k model before the unpaired phase)",
+    "overwrite": "start a new run in an --out that already holds one (its checkpoint and log are removed)",
+    "init": "initialise the weights from this checkpoint (fresh optimiser and schedule)",
+    "continue_from": "continue another run's finished checkpoint: weights, optimiser, StepLR and epoch count "
+                     "carry on (e.g. epochs 11-15 on unpaired data, Table 3); writes to --out",
     "max_len": "residues kept per protein (ESM-1b's 1022)",
     "num_workers": "DataLoader worker processes",
     "log_every": "steps between lines of log.jsonl",
+    "save_every_steps": "also write checkpoint.pt every N steps (0 = off)",
+    "save_every_minutes": "also write checkpoint.pt every T minutes (0 = off)",
+    "skip_bad": "train without the proteins whose feature files fail the check before step 1",
     "limit_steps": "cap on steps per epoch (smoke tests); 0 = all",
+    "amp": "auto: bf16 autocast on GPU, fp32 on CPU; bf16 or fp32 to force one",
     "device": "cpu | cuda | cuda:1 ...; default: cuda when available",
 }
 
+# --preset: the model sizes the paper can be read as. B.3 says 111M parameters; the layers it states
+# (D = 512, 8 heads assumed) give 51.0M, and only D = 768 with 12 heads (all else as stated) gives 110.7M.
+PRESETS = {"paper": {}, "111m": dict(D=768, n_heads=12)}
 # The demo model: small enough to learn the synthetic demo in a few CPU minutes.
 DEMO = dict(D=128, n_layers=3, n_heads=4, dec_layers=1, M=48, epochs=6, batch_size=8, lr=1e-3,
             step_size=4, num_workers=0, out="runs/demo")
+SAME_ON_RESUME = ("features", "unpaired_seqstr", "unpaired_seqfunc", "batch_size", "lr", "weight_decay",
+                  "step_size", "gamma", "seed", "max_len", "continue_from")
 
 
-def bucket_batches(lengths, batch_size, seed, epoch, rank=0, world=1):
-    """Length-bucketed batches: shuffle, sort by length inside chunks of 50 batches, cut into batches,
-    shuffle the batch order. Deterministic in (seed, epoch); rank r of `world` takes batches r::world,
-    all ranks the same number."""
+# ----------------------------------------------------------------------------------------------
+# pretraining: data plan (every random draw is a function of (seed, epoch, step, position))
+
+def bucket_batches(lengths, batch_size, seed, epoch):
+    """Length-bucketed global batches: shuffle, sort by length inside chunks of 50 batches, cut into
+    batches, shuffle the batch order. Deterministic in (seed, epoch)."""
     g = torch.Generator().manual_seed(seed * 1000 + epoch)
     perm = torch.randperm(len(lengths), generator=g).tolist()
     chunk = 50 * batch_size
@@ -609,49 +746,59 @@ def bucket_batches(lengths, batch_size, seed, epoch, rank=0, world=1):
     for i in range(0, len(perm), chunk):
         order += sorted(perm[i:i + chunk], key=lambda j: lengths[j])
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
-    n = len(batches) // world if world > 1 else len(batches)
-    return batches[rank::world][:n]
+    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
 
 
-def make_loader(dataset, batches, num_workers, pin, group=None):
-    if group is not None:
-        dataset = Grouped(dataset, group)
+class Sets(torch.utils.data.Dataset):
+    """Several feature sets behind one index: key (set name, index, loss group) -> item with its group."""
+
+    def __init__(self, sets):
+        self.sets = sets
+
+    def __getitem__(self, key):
+        name, i, group = key
+        return {**self.sets[name][i], "group": group}
+
+
+def epoch_plan(tc, sets, epoch):
+    """The global batches of one epoch as lists of (set, index, group) keys: the paired set's batches,
+    then (eq. 12) a seq+str batch and a seq+func batch stepped together as one, in two loss groups."""
+    plan = []
+    if "paired" in sets:
+        plan += [[("paired", i, 0) for i in b] for b in bucket_batches(sets["paired"].lengths(), tc.batch_size,
+                                                                        tc.seed, epoch)]
+    if "seqstr" in sets:
+        a = bucket_batches(sets["seqstr"].lengths(), tc.batch_size, tc.seed + 1, epoch)
+        b = bucket_batches(sets["seqfunc"].lengths(), tc.batch_size, tc.seed + 2, epoch)
+        plan += [[("seqstr", i, 0) for i in x] + [("seqfunc", j, 1) for j in y] for x, y in zip(a, b)]
+    return plan
+
+
+def check_batch_split(batch_size, world, accum, hint=""):
+    """The global batch must split evenly over `world` processes x `accum` micro-batches."""
+    if accum < 1:
+        raise SystemExit(f"error: --grad-accum {accum}: need 1 or more")
+    if batch_size % (world * accum):
+        fits = [w for w in range(1, batch_size + 1) if batch_size % (w * accum) == 0]
+        raise SystemExit(f"error: --batch-size {batch_size} is the global batch (the paper's number) and does not "
+                         f"split evenly over {world} processes x --grad-accum {accum}: use {' or '.join(map(str, fits))} "
+                         f"processes, or fewer processes with --grad-accum K (the same batch in K pieces){hint}")
+
+
+def rank_share(n, rank, world, accum):
+    """This process's micro-batches of a global batch of n: positions cut into world x accum contiguous
+    parts (equal for a full batch), process r taking parts r*accum ... r*accum + accum - 1. None for
+    a last, partial batch with fewer proteins than parts (it is skipped)."""
+    parts = world * accum
+    if n < parts:
+        return None
+    bounds = [n * p // parts for p in range(parts + 1)]
+    return [list(range(bounds[p], bounds[p + 1])) for p in range(rank * accum, (rank + 1) * accum)]
+
+
+def make_loader(dataset, batches, num_workers, pin):
     return torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
-                                       num_workers=num_workers, pin_memory=pin,
-                                       persistent_workers=False)
-
-
-class Grouped(torch.utils.data.Dataset):
-    """Tags each item with a group id (eq. 12 keeps the losses of the two unpaired batches apart)."""
-
-    def __init__(self, dataset, group):
-        self.dataset, self.group = dataset, group
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, i):
-        return {**self.dataset[i], "group": self.group}
-
-
-def epoch_batches(tc, paired, unpaired, epoch, rank, world, pin):
-    """The batches of one epoch and their number: the paired set's, then pairs of a seq+str and a
-    seq+func batch merged into one batch with two loss groups (eq. 12)."""
-    parts, n = [], 0
-    if paired is not None:
-        plan = bucket_batches(paired.lengths(), tc.batch_size, tc.seed, epoch, rank, world)
-        parts.append(make_loader(paired, plan, tc.num_workers, pin))
-        n += len(plan)
-    if unpaired is not None:
-        a, b = unpaired
-        plan_a = bucket_batches(a.lengths(), tc.batch_size, tc.seed + 1, epoch, rank, world)
-        plan_b = bucket_batches(b.lengths(), tc.batch_size, tc.seed + 2, epoch, rank, world)
-        k = min(len(plan_a), len(plan_b))
-        parts.append(map(collate_pair, make_loader(a, plan_a[:k], tc.num_workers, pin, group=0),
-                         make_loader(b, plan_b[:k], tc.num_workers, pin, group=1)))
-        n += k
-    return itertools.chain(*parts), n
+                                       num_workers=num_workers, pin_memory=pin, persistent_workers=False)
 
 
 def feature_dims(root):
@@ -666,22 +813,204 @@ def feature_dims(root):
     return dims
 
 
+# ----------------------------------------------------------------------------------------------
+# pretraining: the feature-set check before step 1
+
+def set_widths(root):
+    """The width of each modality of a feature set: info.json's dims, else the first file's."""
+    try:
+        dims = json.loads((Path(root) / "info.json").read_text())["dims"]
+        return {m: int(d) for m, d in dims.items() if m in MODALITIES}
+    except (OSError, ValueError, KeyError, TypeError):
+        return feature_dims(root)
+
+
+def _check_file(path, rows, width):
+    try:
+        x = load_tensor(path)
+    except FileNotFoundError:
+        return "missing"
+    except ValueError as e:
+        return str(e).replace(f"{path}: ", "")
+    if x.shape[0] != rows:
+        return f"{x.shape[0]} rows, the manifest says {rows}"
+    if width is not None and x.shape[1] != width:
+        return f"width {x.shape[1]}, the set's is {width}"
+    if not torch.isfinite(x).all():
+        return f"{int((~torch.isfinite(x)).sum())} values are nan or inf"
+    return None
+
+
+def check_feature_files(root, rows, modalities=MODALITIES, widths=None, workers=8):
+    """Every feature file of `rows` (manifest rows) for `modalities`: exists, loads, has the manifest's
+    rows (L, or L_func for func) and the set's width, and is finite. Returns {id: 'm: reason'} of the
+    bad proteins. Files are read by `workers` threads; a file that passed before with the same size,
+    modification time and expected shape is not read again (root/.checked.tsv, where writable)."""
+    from concurrent.futures import ThreadPoolExecutor
+    root = Path(root)
+    widths = set_widths(root) if widths is None else widths
+    cache_path = root / ".checked.tsv"
+    try:
+        cache = set(cache_path.read_text().splitlines())
+    except OSError:
+        cache = set()
+    jobs = []
+    for r in rows:
+        for m in r["modalities"]:
+            if m in modalities:
+                path = root / m / f"{r['id']}.pt"
+                try:
+                    st = path.stat()
+                    key = f"{m}/{r['id']}\t{st.st_size}\t{st.st_mtime_ns}\t{r['L_func' if m == 'func' else 'L']}\t{widths.get(m)}"
+                except OSError:
+                    key = None
+                if key not in cache:
+                    jobs.append((r["id"], m, path, r["L_func" if m == "func" else "L"], widths.get(m), key))
+    with ThreadPoolExecutor(workers) as pool:
+        results = list(pool.map(lambda j: _check_file(*j[2:5]), jobs))
+    bad = {}
+    for (pid, m, _, _, _, key), why in zip(jobs, results):
+        if why is None:
+            cache.add(key)
+        else:
+            bad.setdefault(pid, f"{m}: {why}")
+    if jobs:
+        try:
+            atomic_write_text(cache_path, "\n".join(sorted(k for k in cache if k)) + "\n")
+        except OSError:
+            pass                                                              # a read-only set is checked again next time
+    return bad
+
+
+def screen_sets(sets, tc, out, main, say):
+    """Check every set before step 1; bad proteins are an error that names them, or with --skip-bad
+    are left out (listed in <out>/bad_files.tsv). Under DDP rank 0 checks and tells the others."""
+    bad = {}
+    if main:
+        for name, ds in sets.items():
+            bad.update({(name, pid): why for pid, why in check_feature_files(ds.root, ds.rows, ds.modalities).items()})
+    if world_size() > 1:
+        box = [bad]
+        torch.distributed.broadcast_object_list(box, src=0)
+        bad = box[0]
+    if not bad:
+        return
+    listing = [f"{sets[name].root}/{why.split(':')[0]}/{pid}.pt: {why.split(': ', 1)[1]}" for (name, pid), why in bad.items()]
+    if main:
+        atomic_write_text(out / "bad_files.tsv", "\n".join(listing) + "\n")
+    if not tc.skip_bad:
+        shown = "\n  ".join(listing[:10]) + (f"\n  ... {len(listing) - 10} more" if len(listing) > 10 else "")
+        raise SystemExit(f"error: {len(bad)} proteins have bad feature files (all listed in {out}/bad_files.tsv):\n  "
+                         f"{shown}\nre-extract them (extract_features.py rewrites bad files), or --skip-bad to train "
+                         f"without them")
+    for name, ds in sets.items():
+        ds.rows = [r for r in ds.rows if (name, r["id"]) not in bad]
+    say(f"--skip-bad: {len(bad)} proteins with bad feature files left out (listed in {out}/bad_files.tsv)")
+
+
+# ----------------------------------------------------------------------------------------------
+# pretraining: processes, precision, run directory, interruption
+
 def setup_distributed(tc):
     """DDP only when launched by torchrun (RANK set): returns rank, world size, device."""
     if "RANK" not in os.environ:
         device = torch.device(tc.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         return 0, 1, device
     cuda = torch.cuda.is_available() and tc.device != "cpu"
-    torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return rank, world, torch.device(f"cuda:{torch.cuda.current_device()}" if cuda else "cpu")
 
 
+def amp_context(amp, device):
+    """One autocast context for the whole step: bf16 (default on GPU; forced on CPU by amp='bf16') or none."""
+    if amp not in ("auto", "bf16", "fp32"):
+        raise SystemExit(f"error: --amp {amp!r}: auto, bf16 or fp32")
+    if amp == "bf16" or (amp == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def progress(total, desc, disable=False, initial=0):
+    """tqdm that updates often on a terminal and once a minute in a redirected log."""
+    tty = sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, disable=disable, initial=initial, leave=False, dynamic_ncols=True,
+                mininterval=0.5 if tty else 60.0, maxinterval=10.0 if tty else 600.0)
+
+
+class Interrupt:
+    """SIGINT (Ctrl-C) and SIGTERM (cluster schedulers) only set `signum`: the training loop finishes
+    its step, writes a checkpoint and exits (status 130 / 143). A second signal stops at once."""
+
+    def __enter__(self):
+        self.signum, self.old = None, {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.old[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)
+
+    def exit(self, where, path, main):
+        """Leave after a checkpoint was written at `where`."""
+        if main:
+            print(f"\ninterrupted ({signal.Signals(self.signum).name}) at {where}: {path} written; continue with "
+                  f"the same command and --resume", file=sys.stderr, flush=True)
+        raise SystemExit(128 + self.signum)
+
+
+def all_sum(x):
+    """Sum a tensor over the processes (itself without DDP)."""
+    if world_size() > 1:
+        torch.distributed.all_reduce(x)
+    return x
+
+
+def prepare_out(out, resume, overwrite, main, say, files=("checkpoint.pt", "log.jsonl")):
+    """The run directory. Returns the checkpoint to resume or None. A new run never lands silently in a
+    directory that holds one: it needs --resume (continue it) or --overwrite (remove it, start again)."""
+    if resume and overwrite:
+        raise SystemExit("error: --resume and --overwrite exclude each other")
+    ckpt = out / "checkpoint.pt"
+    held = [f for f in files if (out / f).exists()]
+    if resume:
+        if ckpt.exists():
+            return ckpt
+        say(f"--resume: no checkpoint at {ckpt}: starting fresh")
+        return None
+    if held and not overwrite:
+        raise SystemExit(f"error: {out} already holds a run ({', '.join(held)}): --resume continues it, "
+                         "--overwrite starts it again, or choose another --out")
+    if held and main:
+        for f in held:
+            (out / f).unlink()
+        say(f"--overwrite: removed {', '.join(held)} from {out}")
+    return None
+
+
+def new_run_id():
+    return time.strftime("%Y%m%d-%H%M%S") + f"-{os.urandom(3).hex()}"
+
+
 def atomic_save(obj, path):
-    tmp = Path(str(path) + ".tmp")
+    tmp = Path(f"{path}.{os.getpid()}.tmp")
     torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path, text):
+    tmp = Path(f"{path}.{os.getpid()}.tmp")
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 
@@ -690,110 +1019,213 @@ def to_plain(config):
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
 
 
-def pretrain(mc, tc, quiet=False):
-    """The pretraining loop. Returns the list of per-epoch mean losses (rank 0) ."""
-    rank, world, device = setup_distributed(tc)
-    main = rank == 0
-    torch.manual_seed(tc.seed)
-    out = Path(tc.out)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
+# ----------------------------------------------------------------------------------------------
+# pretraining: the loop
 
-    # data: the paired set and/or the two unpaired sets stepped together (eq. 12)
-    paired = FeatureDataset(tc.features, max_len=tc.max_len) if tc.features else None
-    unpaired = None
+def load_sets(tc):
+    """{"paired": ..., "seqstr": ..., "seqfunc": ...}: the sets this run trains on; empty ones are errors."""
+    sets = {}
+    if tc.features:
+        sets["paired"] = FeatureDataset(tc.features, max_len=tc.max_len)
     if tc.unpaired_seqstr or tc.unpaired_seqfunc:
         if not (tc.unpaired_seqstr and tc.unpaired_seqfunc):
             raise SystemExit("error: --unpaired-seqstr and --unpaired-seqfunc go together (eq. 12)")
-        unpaired = (FeatureDataset(tc.unpaired_seqstr, modalities=("seq", "str"), max_len=tc.max_len),
-                    FeatureDataset(tc.unpaired_seqfunc, modalities=("seq", "func"), max_len=tc.max_len))
-    if paired is None and unpaired is None:
+        sets["seqstr"] = FeatureDataset(tc.unpaired_seqstr, modalities=("seq", "str"), max_len=tc.max_len)
+        sets["seqfunc"] = FeatureDataset(tc.unpaired_seqfunc, modalities=("seq", "func"), max_len=tc.max_len)
+    if not sets:
         raise SystemExit("error: no data: give --features and/or the two --unpaired-* sets")
+    for ds in sets.values():
+        if not ds.rows:
+            raise SystemExit(f"error: {ds.root}/manifest.tsv lists no proteins: its extraction produced none "
+                             f"(see {ds.root}/summary.json)")
+    return sets
 
+
+def target_statistics(model, sets, n=256, seed=0):
+    """target_norm='dim': per-dimension mean and std of each modality over up to n proteins per set."""
+    sums = {}
+    for ds in sets.values():
+        for i in torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].tolist():
+            for m, x in ds[i].items():
+                if m in MODALITIES and x is not None:
+                    x = x.double()
+                    s = sums.setdefault(m, [0, 0.0, 0.0])
+                    s[0], s[1], s[2] = s[0] + len(x), s[1] + x.sum(0), s[2] + x.pow(2).sum(0)
+    for m, (k, s1, s2) in sums.items():
+        mean = s1 / k
+        getattr(model, f"target_mean_{m}").copy_(mean.float())
+        getattr(model, f"target_std_{m}").copy_((s2 / k - mean ** 2).clamp_min(1e-12).sqrt().float())
+
+
+def pretrain(mc, tc, quiet=False):
+    """The pretraining loop. Returns the list of per-epoch mean losses."""
+    rank, world, device = setup_distributed(tc)
+    try:
+        return _pretrain(mc, tc, quiet, rank, world, device)
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
+
+
+def _pretrain(mc, tc, quiet, rank, world, device):
+    main = rank == 0
+    say = print if main and not quiet else (lambda *a, **k: None)
+    check_batch_split(tc.batch_size, world, tc.grad_accum)
+    if mc.variant == "contrastive" and tc.grad_accum > 1:
+        raise SystemExit("error: AMMA-contrastive takes its negatives from the whole batch: --grad-accum would "
+                         "shrink them to each micro-batch; use more processes or a GPU with more memory")
+    out = Path(tc.out)
+    resume_path = prepare_out(out, tc.resume, tc.overwrite, main, say)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    sets = load_sets(tc)
+    screen_sets(sets, tc, out, main, say)
+    counts = {name: ds.counts() for name, ds in sets.items()}                  # [N, 3] per set
+
+    torch.manual_seed(tc.seed)
     model = build_model(mc).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=tc.step_size, gamma=tc.gamma)
-    start_epoch, history = 0, []
-    ckpt_path = out / "checkpoint.pt"
-    if tc.resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-        if ckpt["config"] != to_plain(mc):
-            raise SystemExit(f"error: {ckpt_path} was trained with another model config; use another --out")
+    state = dict(next_epoch=0, next_step=0, history=[], epoch_loss=0.0, epoch_steps=0, steps_done=0)
+    source = None
+    if resume_path or tc.continue_from:
+        source = resume_path or Path(tc.continue_from)
+        config, ckpt = read_checkpoint(source, map_location=device)
+        if to_plain(config) != to_plain(mc):
+            differ = [k for k, v in to_plain(mc).items() if to_plain(config).get(k) != v]
+            raise SystemExit(f"error: {source} has another model config ({', '.join(differ)}) than this run")
+        if resume_path:
+            differ = [k for k in SAME_ON_RESUME if ckpt.get("train_config", {}).get(k) != getattr(tc, k)]
+            if differ:
+                raise SystemExit(f"error: {source} was made with other settings ({', '.join(differ)}); use the "
+                                 f"same flags to resume, or another --out")
+        elif ckpt.get("next_step", 0):
+            raise SystemExit(f"error: {source} stopped inside epoch {ckpt['next_epoch'] + 1}: finish it with "
+                             f"--resume first, then continue from it")
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
-        start_epoch, history = ckpt["epoch"] + 1, ckpt["history"]
-        torch.set_rng_state(ckpt["rng"])  # dropout draws from the global generator
-        if main and not quiet:
-            print(f"resuming from {ckpt_path} after epoch {ckpt['epoch'] + 1}")
+        state.update({k: ckpt[k] for k in state})
+        if not resume_path:
+            state.update(next_step=0, epoch_loss=0.0, epoch_steps=0)
+            if state["next_epoch"] >= tc.epochs:
+                raise SystemExit(f"error: {source} has {state['next_epoch']} epochs already: --epochs must be "
+                                 f"larger to continue it (the paper's Table 3: 15)")
     elif tc.init:
         init_model, init_config, _ = load_pretrained(tc.init)
         if to_plain(init_config) != to_plain(mc):
             raise SystemExit(f"error: {tc.init} has another model config than this run")
         model.load_state_dict(init_model.state_dict())
+    elif mc.variant != "contrastive" and mc.target_norm == "dim":
+        target_statistics(model, sets, seed=tc.seed)
 
+    if state["next_epoch"] >= tc.epochs:
+        say(f"{out}: all {tc.epochs} epochs are done already ({resume_path}); nothing to do")
+        return state["history"]
     ddp = world > 1
-    # find_unused_parameters: a batch without a modality (unpaired data, missing text) skips its decoder
-    net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if ddp else model
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    net = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
+    autocast = amp_context(tc.amp, device)
+    run = new_run_id()
+    data = Sets(sets)
+    say(f"AMMA {mc.variant}: {n_params / 1e6:.1f}M parameters, dims {mc.dims()}, D={mc.D}, heads {mc.n_heads}, "
+        f"M={mc.M}, alpha={mc.alpha}; data {', '.join(f'{k} {v.root} ({len(v)})' for k, v in sets.items())}; "
+        f"global batch {tc.batch_size} = {world} process(es) x {tc.grad_accum} micro-batch(es); {device}"
+        f"{', bf16' if isinstance(autocast, torch.autocast) else ''}; run {run}"
+        + (f"; from {source} at epoch {state['next_epoch'] + 1} step {state['next_step']}" if source else ""))
     log = open(out / "log.jsonl", "a") if main else None
+    if log:
+        log.write(json.dumps({"run": run, "event": "start", "from": [state["next_epoch"], state["next_step"]],
+                              "source": str(source or ""), "n_params": n_params, "world": world,
+                              "config": to_plain(mc), "train_config": to_plain(tc)}) + "\n")
+        log.flush()
 
-    for epoch in range(start_epoch, tc.epochs):
-        model.train()
-        batches, n_steps = epoch_batches(tc, paired, unpaired, epoch, rank, world, device.type == "cuda")
-        n_steps = min(n_steps, tc.limit_steps or n_steps)
-        bar = tqdm(total=n_steps, desc=f"epoch {epoch + 1}/{tc.epochs}", disable=not main or quiet, leave=False)
-        total, count, t0 = 0.0, 0, time.time()
-        for step, batch in enumerate(batches):
-            if step == n_steps:
-                break
-            batch = batch_to(batch, device)
-            gen = torch.Generator().manual_seed(((tc.seed * 1000 + epoch) * 1_000_003 + step) * 64 + rank)
-            with autocast:
-                _, loss, logs = net(batch, generator=gen)
-            if not torch.isfinite(loss):
-                raise SystemExit(f"error: loss is {loss.item()} at epoch {epoch + 1} step {step}; stopping")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total, count = total + loss.item(), count + 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            if main and (count % tc.log_every == 0 or count == n_steps):
-                log.write(json.dumps({"epoch": epoch + 1, "step": count, "loss": loss.item(), **logs,
-                                      "lr": opt.param_groups[0]["lr"]}) + "\n")
+    def save(next_epoch, next_step):
+        """Write checkpoint.pt (rank 0) at this position; a run that has not stepped yet writes none."""
+        state.update(next_epoch=next_epoch, next_step=next_step)
+        if main and state["steps_done"]:
+            atomic_save({"kind": "pretrain", "model": model.state_dict(), "optimizer": opt.state_dict(),
+                         "scheduler": sched.state_dict(), **state, "n_params": n_params, "run": run,
+                         "config": to_plain(mc), "train_config": to_plain(tc)}, out / "checkpoint.pt")
+
+    last_save = time.time()
+    with Interrupt() as stop:
+        for epoch in range(state["next_epoch"], tc.epochs):
+            if epoch != state["next_epoch"] or state["next_step"] == 0:
+                state.update(next_epoch=epoch, next_step=0, epoch_loss=0.0, epoch_steps=0)
+            plan = epoch_plan(tc, sets, epoch)
+            n_steps = min(len(plan), tc.limit_steps or len(plan))
+            shares = {s: rank_share(len(plan[s]), rank, world, tc.grad_accum) for s in range(n_steps)}
+            steps = [s for s in range(state["next_step"], n_steps) if shares[s] is not None]
+            if not any(v is not None for v in shares.values()):
+                raise SystemExit(f"error: 0 pretraining steps in epoch {epoch + 1}: {sum(map(len, sets.values()))} "
+                                 f"proteins, global batch {tc.batch_size}, {world} process(es) x --grad-accum "
+                                 f"{tc.grad_accum}")
+            micro = [[plan[s][j] for j in part] for s in steps for part in shares[s]]
+            loader = iter(make_loader(data, micro, tc.num_workers, device.type == "cuda"))
+            bar = progress(n_steps, f"epoch {epoch + 1}/{tc.epochs}", not main or quiet, state["next_step"])
+            t0 = time.time()
+            for s in steps:
+                keys = plan[s]
+                seeds = protein_seeds(len(keys), tc.seed, epoch, s)
+                groups = torch.tensor([g for _, _, g in keys])
+                norm = loss_counts(torch.stack([counts[name][i] for name, i, _ in keys]), groups, seeds, mc)
+                opt.zero_grad(set_to_none=True)
+                tally = torch.zeros(6, dtype=torch.float64)                  # loss, seq, str, func, bad, stop
+                for k, part in enumerate(shares[s]):
+                    try:
+                        batch = batch_to(next(loader), device)
+                    except (ValueError, FileNotFoundError, RuntimeError) as e:    # a file broke after the check
+                        save(epoch, s)
+                        saved = f"{out / 'checkpoint.pt'} written; " if state["steps_done"] else ""
+                        raise ValueError(f"{last_line(e)} (epoch {epoch + 1}, step {s + 1}: {saved}fix the file or "
+                                         f"use --skip-bad, then --resume)") from None
+                    torch.manual_seed(mix(tc.seed, epoch, s, rank * tc.grad_accum + k))   # dropout, per micro-batch
+                    with net.no_sync() if ddp and k + 1 < len(shares[s]) else nullcontext():
+                        with autocast:
+                            _, loss, logs = net(batch, seeds=seeds[part], norm=norm)
+                        (loss * world).backward()                              # DDP averages: undo it
+                    tally[0] += loss.item()
+                    tally[1:4] += torch.tensor([logs.get(f"loss_{m}", 0.0) for m in MODALITIES], dtype=torch.float64)
+                tally[4], tally[5] = float(not math.isfinite(tally[0])), float(stop.signum is not None)
+                tally = all_sum(tally.to(device)).cpu()
+                if tally[4]:
+                    raise SystemExit(f"error: the loss is not finite at epoch {epoch + 1} step {s + 1}; stopping "
+                                     f"(the last checkpoint is {out / 'checkpoint.pt'})")
+                opt.step()
+                state["epoch_loss"] += tally[0].item()
+                state.update(epoch_steps=state["epoch_steps"] + 1, steps_done=state["steps_done"] + 1)
+                bar.update(1)
+                bar.set_postfix(loss=f"{tally[0].item():.4f}")
+                if log and (state["epoch_steps"] % tc.log_every == 0 or s + 1 == n_steps):
+                    parts = {f"loss_{m}": tally[1 + i].item() for i, m in enumerate(MODALITIES)
+                             if any(norm.get((g, m)) for g in groups.unique().tolist())}
+                    shares_ = {f"share_{m[5:]}": v / tally[0].item() for m, v in parts.items() if tally[0]}
+                    log.write(json.dumps({"run": run, "epoch": epoch + 1, "step": s + 1, "loss": tally[0].item(),
+                                          **parts, **shares_, "lr": opt.param_groups[0]["lr"]}) + "\n")
+                    log.flush()
+                if tally[5]:
+                    bar.close()
+                    save(epoch, s + 1)
+                    stop.exit(f"epoch {epoch + 1}, step {s + 1} of {n_steps}", out / "checkpoint.pt", main)
+                due = tc.save_every_minutes and time.time() - last_save > 60 * tc.save_every_minutes
+                if s + 1 < n_steps and (due or (tc.save_every_steps and state["steps_done"] % tc.save_every_steps == 0)):
+                    save(epoch, s + 1)
+                    last_save = time.time()
+            bar.close()
+            sched.step()
+            state["history"].append(state["epoch_loss"] / max(state["epoch_steps"], 1))
+            save(epoch + 1, 0)
+            last_save = time.time()
+            if log:
+                log.write(json.dumps({"run": run, "epoch": epoch + 1, "epoch_loss": state["history"][-1],
+                                      "steps": state["epoch_steps"], "seconds": round(time.time() - t0, 1)}) + "\n")
                 log.flush()
-        bar.close()
-        sched.step()
-        history.append(total / max(count, 1))
-        if main:
-            log.write(json.dumps({"epoch": epoch + 1, "epoch_loss": history[-1], "steps": count,
-                                  "seconds": round(time.time() - t0, 1)}) + "\n")
-            log.flush()
-            atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                         "scheduler": sched.state_dict(), "epoch": epoch, "history": history,
-                         "rng": torch.get_rng_state(),
-                         "config": to_plain(mc), "train_config": to_plain(tc)}, ckpt_path)
-            if not quiet:
-                print(f"epoch {epoch + 1}/{tc.epochs}  loss {history[-1]:.4f}  "
-                      f"({count} steps, {time.time() - t0:.0f}s)  -> {ckpt_path}")
+            say(f"epoch {epoch + 1}/{tc.epochs}  loss {state['history'][-1]:.4f}  ({state['epoch_steps']} steps, "
+                f"{time.time() - t0:.0f}s)  -> {out / 'checkpoint.pt'}")
     if log:
         log.close()
-    if ddp:
-        torch.distributed.destroy_process_group()
-    return history
-
-
-def collate_pair(a, b):
-    """Merge a seq+str batch and a seq+func batch into one padded batch with two loss groups."""
-    items = []
-    for batch in (a, b):
-        for i, pid in enumerate(batch["ids"]):
-            item = {"id": pid, "group": int(batch["group"][i])}
-            for m in MODALITIES:
-                item[m] = batch[m][i, : batch[m + "_len"][i]] if m in batch and batch[m + "_len"][i] else None
-            items.append(item)
-    return collate(items)
+    return state["history"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -802,10 +1234,15 @@ def collate_pair(a, b):
 def build_parser():
     p = argparse.ArgumentParser(
         description="AMMA pretraining (and, with --analyze, the analyses of analyze.py).",
-        epilog="Defaults are the paper's. Feature widths are read from the files. The demo (used when "
-               "--features does not exist) shrinks the model and schedule unless you set those flags yourself.")
+        epilog="Defaults are the paper's (B.1). Feature widths are read from the files. --batch-size is the "
+               "global batch: torchrun's processes split it. The demo (used when --features does not exist) "
+               "shrinks the model and schedule unless you set those flags yourself. Exit status: 0 done, "
+               "1 or 2 an error (one line), 130 / 143 interrupted (a checkpoint was written: --resume).")
     p.add_argument("--pretrain", action="store_true", help="run pretraining")
     p.add_argument("--analyze", action="store_true", help="run analyze.py with the remaining arguments")
+    p.add_argument("--preset", choices=tuple(PRESETS), default=None,
+                   help="model size: paper (D 512, 8 heads: 51.0M parameters, the stated layers) or 111m "
+                        "(D 768, 12 heads: 110.7M, the count of B.3); flags given explicitly win")
     for dc in (AMMAConfig, TrainConfig):
         for f in fields(dc):
             if f.name in ("d_seq", "d_str", "d_func"):
@@ -817,22 +1254,26 @@ def build_parser():
                 p.add_argument(name, action="store_true", help=HELP[f.name])
             elif isinstance(f.default, tuple):
                 p.add_argument(name, type=float, nargs=3, **kw)
-            elif f.name == "variant":
-                p.add_argument(name, choices=VARIANTS, **kw)
-            elif f.name == "loss_on":
-                p.add_argument(name, choices=("all", "masked"), **kw)
+            elif f.name in CHOICES:
+                p.add_argument(name, choices=CHOICES[f.name], **kw)
             else:
                 p.add_argument(name, type=type(f.default), **kw)
     return p
 
 
+CHOICES = {"variant": VARIANTS, "loss_on": ("all", "masked"), "con_sim": ("cosine", "dot"),
+           "target_norm": ("none", "token", "dim"), "amp": ("auto", "bf16", "fp32")}
+
+
 def configs_from_args(args, overrides=None):
-    """Dataclass defaults, then `overrides` (the demo preset), then the flags given on the command line."""
+    """Dataclass defaults, then `overrides` (the demo preset), then --preset, then the flags given."""
     given = {k: v for k, v in vars(args).items() if v is not None and v is not False}
-    values = {**(overrides or {}), **given}
+    values = {**(overrides or {}), **PRESETS[getattr(args, "preset", None) or "paper"], **given}
     mc = AMMAConfig(**{f.name: values[f.name] for f in fields(AMMAConfig) if f.name in values})
     tc = TrainConfig(**{f.name: values[f.name] for f in fields(TrainConfig) if f.name in values})
     mc.alpha = tuple(float(a) for a in mc.alpha)
+    if mc.D % mc.n_heads:
+        raise SystemExit(f"error: --D {mc.D} is not divisible by --n-heads {mc.n_heads}")
     return mc, tc, given
 
 
@@ -845,32 +1286,41 @@ def main(argv=None):
     if not args.pretrain:
         build_parser().print_help()
         return None
+    main_proc = os.environ.get("RANK", "0") == "0"
     overrides = None
-    if args.features is not None and args.features and not (Path(args.features) / "manifest.tsv").exists():
-        raise SystemExit(f"error: {args.features}/manifest.tsv not found: extract features first "
-                         f"(extract_features.py), or leave out --features to run the built-in demo")
-    if args.features is None and not (Path(TrainConfig.features) / "manifest.tsv").exists():
+    for flag, path in (("--features", args.features), ("--unpaired-seqstr", args.unpaired_seqstr),
+                       ("--unpaired-seqfunc", args.unpaired_seqfunc)):
+        if path and not (Path(path) / "manifest.tsv").exists():
+            raise SystemExit(f"error: {flag} {path}: {path}/manifest.tsv not found: extract features first "
+                             f"(extract_features.py){', or leave out --features to run the built-in demo' if flag == '--features' else ''}")
+    if args.features is None and not args.unpaired_seqstr and not (Path(TrainConfig.features) / "manifest.tsv").exists():
         import demo  # the built-in demo corpus (demo.py); not needed with real features
-        print(f"no feature set at {TrainConfig.features}: pretraining on the built-in demo instead "
-              f"(synthetic or tiny-encoder features, not real ESM-1b/GearNet/PubMedBERT ones)")
+        if main_proc:
+            print(f"no feature set at {TrainConfig.features}: pretraining on the built-in demo instead "
+                  f"(synthetic features, not real ESM-1b/GearNet/PubMedBERT ones; the demo run resumes itself)")
         overrides = {**DEMO, "features": str(demo.ensure_demo_features("features/demo"))}
+        if not args.overwrite:
+            overrides["resume"] = True
     mc, tc, _ = configs_from_args(args, overrides)
-    if tc.features or tc.unpaired_seqstr:
-        dims = feature_dims(tc.features or tc.unpaired_seqstr)
-        if tc.unpaired_seqfunc:
-            dims.update({k: v for k, v in feature_dims(tc.unpaired_seqfunc).items() if k not in dims})
-        for m, d in dims.items():
-            setattr(mc, f"d_{m}", d)
-    n_params = sum(p.numel() for p in build_model(mc).parameters())
-    print(f"AMMA {mc.variant}: {n_params / 1e6:.1f}M parameters, dims {mc.dims()}, D={mc.D}, "
-          f"M={mc.M}, alpha={mc.alpha}; data {tc.features or ''} {tc.unpaired_seqstr} {tc.unpaired_seqfunc}")
     try:
+        if tc.features or tc.unpaired_seqstr:
+            dims = feature_dims(tc.features or tc.unpaired_seqstr)
+            if tc.unpaired_seqfunc:
+                dims.update({k: v for k, v in feature_dims(tc.unpaired_seqfunc).items() if k not in dims})
+            for m, d in dims.items():
+                setattr(mc, f"d_{m}", d)
         history = pretrain(mc, tc)
     except (ValueError, FileNotFoundError) as e:  # bad input files: one line, no traceback
-        raise SystemExit(f"error: {e}") from None
-    if history:
+        raise SystemExit(f"error: {last_line(e)}") from None
+    if history and main_proc:
         print(f"loss: first epoch {history[0]:.4f}, last epoch {history[-1]:.4f}; checkpoint in {tc.out}/checkpoint.pt")
     return history
+
+
+def last_line(e):
+    """The message of an error, without the worker traceback a DataLoader wraps around it."""
+    lines = [l for l in str(e).strip().splitlines() if l.strip()]
+    return lines[-1].strip() if lines else type(e).__name__
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ import argparse
 import contextlib
 import io
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field, fields
@@ -77,7 +78,7 @@ TABLE2 = {"ec": (88.7, 89.8), "go-mf": (67.3, 65.5), "go-cc": (49.8, 36.9), "go-
 WEIGHT_DECAY = {"adam": 0.0, "adamw": 0.01}   # torch's defaults; the paper gives none
 # The demo finetuning: the synthetic demo (168 train proteins) learns in well under a CPU minute.
 DEMO_FT = dict(epochs=6, batch_size=8, lr=2e-4, lr_head=2e-3, optimizer="adamw", num_workers=0, eval_batch_size=64)
-UNUSED_KEYS = ("l.", "dec.", "dec_modality_embed")   # pretraining-only parts of an AMMA checkpoint
+UNUSED_KEYS = ("l.", "dec.", "dec_modality_embed", "target_")   # pretraining-only parts of an AMMA checkpoint
 
 
 def _opt(default, help, **kw):
@@ -91,13 +92,22 @@ class FinetuneConfig:
     from_scratch: bool = _opt(False, "random-init encoder instead of --ckpt (a no-pretraining baseline)")
     features: str = _opt("", "feature set with labels_<task>.json (default features/ec for ec, features/go for go-*)")
     out: str = _opt("", "output folder (default runs/<checkpoint folder>/<task>, runs/scratch/<task>)")
-    esm: str = _opt("frozen", "frozen: cached sequence features; finetune: ESM in the loop on the "
-                    "manifest's sequences (the paper's protocol; GPU)", choices=("frozen", "finetune"))
-    esm_weights: str = _opt("", "local esm1b_t33_650M_UR50S.pt for --esm finetune (default: fair-esm's cache/download)")
+    esm: str = _opt("auto", "finetune: ESM in the loop on the manifest's sequences, trained with the rest (the "
+                    "paper's B.2 protocol); frozen: the cached sequence features, ESM not updated (faster); auto: "
+                    "finetune when info.json says the features came from a real ESM model, else frozen",
+                    choices=("auto", "finetune", "frozen"))
+    esm_weights: str = _opt("", "local weights of the feature set's ESM model for --esm finetune (default: the "
+                            "path in info.json, else fair-esm's cache/download)")
+    esm_checkpointing: bool = _opt(False, "activation checkpointing of the ESM layers (--esm finetune): much "
+                                   "less memory for about a third more time")
+    readout: str = _opt("cls", "protein vector for the head: cls (the [CLS] output, B.2) or mean (mean of the "
+                        "sequence tokens' outputs; [CLS] gets no gradient in pretraining)", choices=("cls", "mean"))
     cutoff: int = _opt(95, "test-set sequence identity cutoff (%%): keep chains with test_identity[id][cutoff] == 1",
                        choices=CUTOFFS)
     epochs: int = _opt(None, "epochs (paper: 100 EC, 50 GO)")
-    batch_size: int = _opt(None, "proteins per step (paper: 1 EC/GO-MF/GO-CC, 4 GO-BP)")
+    batch_size: int = _opt(None, "GLOBAL proteins per step (paper: 1 EC/GO-MF/GO-CC, 4 GO-BP): torchrun's "
+                           "processes split it")
+    grad_accum: int = _opt(1, "micro-batches per process and step (the same global batch in smaller pieces)")
     optimizer: str = _opt(None, "paper: adamw for EC and GO-BP, adam for GO-MF and GO-CC", choices=("adam", "adamw"))
     lr: float = _opt(1e-5, "lr of every pretrained parameter (Proj, embeddings, [CLS], Enc_multi, ESM)")
     lr_head: float = _opt(1e-4, "lr of the two-layer head")
@@ -105,10 +115,16 @@ class FinetuneConfig:
     gamma: float = _opt(0.95, "ExponentialLR decay per epoch")
     eval_batch_size: int = _opt(16, "proteins per evaluation batch (sorted by length)")
     max_len: int = _opt(1022, "residues per protein (the first max_len are kept)")
-    seed: int = _opt(0, "random seed (head init, batch order)")
-    resume: bool = _opt(False, "continue from <out>/checkpoint.pt")
+    seed: int = _opt(0, "random seed (head init, batch order, dropout)")
+    resume: bool = _opt(False, "continue from <out>/checkpoint.pt (mid-epoch too: same result as uninterrupted)")
+    overwrite: bool = _opt(False, "start again in an --out that holds a run")
+    save_every_steps: int = _opt(0, "also write checkpoint.pt every N steps (0 = off)")
+    save_every_minutes: float = _opt(30.0, "also write checkpoint.pt every T minutes (0 = off)")
+    skip_bad: bool = _opt(False, "leave out proteins whose feature files fail the check before step 1")
     num_workers: int = _opt(2, "data loader workers")
     limit_steps: int = _opt(0, "cap on training steps per epoch (smoke tests); 0 = all")
+    amp: str = _opt("auto", "auto: bf16 autocast on GPU, fp32 on CPU; bf16 or fp32 to force one",
+                    choices=("auto", "bf16", "fp32"))
     device: str = _opt("", "'' = cuda if available else cpu")
     demo: bool = _opt(False, "use the built-in demo (automatic when the feature set does not exist)")
 
@@ -268,65 +284,84 @@ def feature_widths(root, esm):
 
 class SeqInLoop(nn.Module):
     """A fair-esm model run on residue strings: per-residue features of one layer, BOS/EOS dropped,
-    padded to [B, L, d] with zeros and lengths [B]. train=False freezes it (no grad, eval mode)."""
+    padded to [B, L, d] with zeros and lengths [B]. Its heads (lm_head, contact_head) are frozen: the
+    representation does not use them. checkpointing=True recomputes each layer's activations in the
+    backward pass instead of storing them (memory of one layer instead of 33)."""
 
-    def __init__(self, model, alphabet, layer, train=True):
+    def __init__(self, model, alphabet, layer, checkpointing=False):
         super().__init__()
-        self.model, self.layer, self.trainable = model, layer, train
+        self.model, self.layer = model, layer
         self.converter = alphabet.get_batch_converter()
         self.bos = int(alphabet.prepend_bos)
         self.width = model.embed_tokens.embedding_dim
-        if train:  # heads the representation does not use: frozen (DDP needs every trainable param used)
-            tied = {id(p) for p in model.embed_tokens.parameters()}
-            for head in (model.lm_head, model.contact_head):
-                for p in head.parameters():
-                    if id(p) not in tied:
-                        p.requires_grad_(False)
-        else:
-            model.requires_grad_(False)
-        self.train(train)
-
-    def train(self, mode=True):
-        return super().train(mode and self.trainable)
+        tied = {id(p) for p in model.embed_tokens.parameters()}
+        for head in (model.lm_head, getattr(model, "contact_head", None)):
+            for p in head.parameters() if head is not None else ():
+                if id(p) not in tied:
+                    p.requires_grad_(False)
+        if checkpointing:
+            model.layers = nn.ModuleList(Checkpointed(layer) for layer in model.layers)
 
     def forward(self, sequences):
         device = self.model.embed_tokens.weight.device
         _, _, tokens = self.converter([(str(k), s) for k, s in enumerate(sequences)])   # [B, 1 + L + 1]
-        with contextlib.nullcontext() if self.trainable else torch.no_grad():
-            rep = self.model(tokens.to(device), repr_layers=[self.layer])["representations"][self.layer]  # [B, T, d]
+        rep = self.model(tokens.to(device), repr_layers=[self.layer])["representations"][self.layer]  # [B, T, d]
         lengths = torch.tensor([len(s) for s in sequences], device=device)
         x = rep[:, self.bos:self.bos + int(lengths.max())]                             # [B, L, d]
         valid = torch.arange(x.shape[1], device=device)[None, :] < lengths[:, None]   # [B, L]
         return {"seq": x * valid[..., None], "seq_len": lengths}
 
 
-def build_esm(info, cfg, device):
-    """The sequence encoder of the feature set, for --esm finetune: ESM-1b, or the tiny ESM-2 when
-    info.json says tiny (extract_features.py's builders)."""
+class Checkpointed(nn.Module):
+    """A layer whose activations are recomputed in the backward pass (torch.utils.checkpoint)."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, *args, **kwargs):
+        if not (self.training and torch.is_grad_enabled()):
+            return self.layer(*args, **kwargs)
+        return torch.utils.checkpoint.checkpoint(self.layer, *args, use_reentrant=False, **kwargs)
+
+
+def esm_protocol(cfg, info):
+    """'finetune' (ESM in the loop, the paper's B.2) or 'frozen' (cached features), resolving --esm auto
+    from info.json: finetune when the features came from a real fair-esm model."""
     import extract_features as ef
-    seq_encoder = str(info.get("encoders", {}).get("seq", ""))
-    if info.get("synthetic") or not seq_encoder:
+    if cfg.esm != "auto":
+        return cfg.esm
+    real = ef.is_real_esm(info) if hasattr(ef, "is_real_esm") else not (info.get("tiny") or info.get("synthetic"))  # SHIM-REMOVE
+    return "finetune" if real and info.get("encoders", {}).get("seq") else "frozen"
+
+
+def build_esm(info, cfg, device):
+    """The sequence encoder that made the feature set (info.json), for ESM in the loop: the model named
+    there from --esm-weights, the weights path in info.json or fair-esm's cache; the tiny ESM-2 for
+    tiny sets."""
+    import extract_features as ef
+    if info.get("synthetic") or not info.get("encoders", {}).get("seq"):
         raise SystemExit(f"error: --esm finetune needs features made by ESM, but {cfg.features} has "
-                         f"{'synthetic' if info.get('synthetic') else 'no info.json'} sequence features; "
+                         f"{'synthetic' if info.get('synthetic') else 'no info.json with'} sequence features; "
                          "use --esm frozen")
-    tiny = bool(info.get("tiny"))
     try:
-        enc = ef.load_encoder("seq", ef.ExtractConfig(encoders="tiny" if tiny else "real",
-                                                      esm_weights=cfg.esm_weights or None), device)
+        if not hasattr(ef, "load_sequence_encoder"):  # SHIM-REMOVE
+            enc = ef.load_encoder("seq", ef.ExtractConfig(encoders="tiny" if info.get("tiny") else "real", esm_weights=cfg.esm_weights or None), "cpu")  # SHIM-REMOVE
+            ef.load_sequence_encoder = lambda *a: (enc.model, enc.alphabet, enc.layer, "shim")  # SHIM-REMOVE
+        model, alphabet, layer, label = ef.load_sequence_encoder(info, cfg.esm_weights or None, "cpu")
     except ef.FatalError as e:
         raise SystemExit(f"error: {e}") from None
-    name = "tiny random-init ESM-2 (tiny feature set)" if tiny else ef.ESM1B_NAME
-    print(f"ESM in the loop: {name}, layer {enc.layer}")
-    return SeqInLoop(enc.model, enc.alphabet, enc.layer, train=True)
+    return SeqInLoop(model, alphabet, layer, cfg.esm_checkpointing), label
 
 
 class FunctionModel(nn.Module):
-    """The pretrained encoder, its protein vector ([CLS] output of Enc_multi; the sequence latent for
-    AMMA-contrastive) and two fully connected layers giving one logit per class."""
+    """The pretrained encoder, its protein vector (readout 'cls': the [CLS] output of Enc_multi, B.2;
+    'mean': the mean of its sequence tokens' outputs; AMMA-contrastive: the sequence latent) and two
+    fully connected layers giving one logit per class."""
 
-    def __init__(self, mc, n_classes, esm=None):
+    def __init__(self, mc, n_classes, esm=None, readout="cls"):
         super().__init__()
-        self.contrastive = mc.variant == "contrastive"
+        self.contrastive, self.readout = mc.variant == "contrastive", readout
         if self.contrastive:
             self.con = amma.AMMAContrastive(mc)
             unused = [self.con.proj["str"], self.con.proj["func"]]
@@ -343,21 +378,29 @@ class FunctionModel(nn.Module):
             batch = {**batch, **self.esm(batch["sequence"])}
         if self.contrastive:
             z, _ = self.con.latents({"ids": batch["ids"], "seq": batch["seq"], "seq_len": batch["seq_len"]})
-            h = z["seq"]                                                       # [B, D]
+            h, idle = z["seq"], []                                             # [B, D]
         else:
-            z = self.enc(batch, mask=False, modalities=("seq", "str"))[0]     # [B, 1+N, D]
-            h = z[:, 0]                                                        # [CLS]: [B, D]
+            z = self.enc(batch, mask=False, modalities=("seq", "str"))[0]     # [B, 1+N, D], seq slots first
+            if self.readout == "cls":
+                h = z[:, 0]                                                    # [CLS]: [B, D]
+            else:
+                n = batch["seq_len"]
+                valid = torch.arange(batch["seq"].shape[1], device=z.device)[None, :] < n[:, None]   # [B, Ls]
+                h = (z[:, 1:1 + valid.shape[1]] * valid[..., None]).sum(1) / n[:, None]             # [B, D]
+            idle = [] if "str" in batch else [self.enc.proj["str"]]            # a batch without structure
         with torch.autocast(h.device.type, enabled=False):  # fp32 logits: bf16 would tie many scores
-            return self.head(h.float())                                        # [B, classes]
+            return self.head(h.float()) + amma.touch(idle)                     # [B, classes]
 
 
 def read_pretrained(path):
-    """An AMMA pretraining checkpoint: (AMMAConfig, state_dict); one-line SystemExit otherwise."""
+    """An AMMA pretraining checkpoint: (AMMAConfig, checkpoint); one-line SystemExit otherwise."""
     try:
         mc, ckpt = amma.read_checkpoint(path)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
-    return mc, ckpt["model"]
+    if ckpt.get("steps_done", 1) == 0:
+        raise SystemExit(f"error: {path} holds an untrained model (its run did 0 steps)")
+    return mc, ckpt
 
 
 def check_widths(mc, dims, ckpt, features):
@@ -445,9 +488,9 @@ def table(task, result):
     """Table 2's layout: Fmax / AUPR in percent, the paper's AMMA row and ours for this task."""
     def cell(f, a):
         return f"{f:5.1f} / {a:5.1f}"
-    rows = [("AMMA (paper, Table 2)", {t: cell(*TABLE2[t]) for t in TASKS})]
+    rows = [("AMMA (paper, Table 2: ESM-1b finetuned)", {t: cell(*TABLE2[t]) for t in TASKS})]
     what = "demo, synthetic" if result["synthetic"] else "tiny encoders" if result["tiny"] else result["features"]
-    rows.append((f"ours ({what}, epoch {result['selected_epoch']})",
+    rows.append((f"ours ({what}; {PROTOCOLS[result['protocol']]}; epoch {result['selected_epoch']})",
                  {task: cell(100 * result["test"]["fmax"], 100 * result["test"]["aupr"])}))
     base = result["baseline"]["test"]
     rows.append(("label frequency baseline", {task: cell(100 * base["fmax"], 100 * base["aupr"])}))
@@ -457,6 +500,9 @@ def table(task, result):
     return "\n".join(lines)
 
 
+PROTOCOLS = {"esm-finetune": "ESM finetuned in the loop (B.2)", "esm-frozen": "ESM frozen, cached features"}
+
+
 def default_out(cfg):
     if cfg.out:
         return Path(cfg.out)
@@ -464,32 +510,88 @@ def default_out(cfg):
 
 
 def write_json(obj, path):
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+    amma.atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
 
 
-SAME_ON_RESUME = ("task", "ckpt", "from_scratch", "features", "esm", "cutoff", "batch_size", "optimizer",
+SAME_ON_RESUME = ("task", "ckpt", "from_scratch", "features", "esm", "readout", "cutoff", "batch_size", "optimizer",
                   "lr", "lr_head", "weight_decay", "gamma", "max_len", "seed")
 
 
 # ----------------------------------------------------------------------------------------------
 # the finetuning loop
 
+def read_info(root):
+    try:
+        return json.loads((Path(root) / "info.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def screen_task(sets, cfg, out, main, say):
+    """The feature files of every split, checked before step 1 (amma.check_feature_files): bad ones are
+    an error that names them, or left out with --skip-bad (loudly for the test split: its metric changes)."""
+    bad = {}
+    if main:
+        root = sets["train"].root
+        rows = [sets["train"].rows[x] for x in {x for ds in sets.values() for x in ds.ids}]
+        bad = amma.check_feature_files(root, rows, sets["train"].cached)
+    if amma.world_size() > 1:
+        box = [bad]
+        torch.distributed.broadcast_object_list(box, src=0)
+        bad = box[0]
+    if not bad:
+        return sets
+    root = sets["train"].root
+    listing = [f"{root}/{why.split(':')[0]}/{pid}.pt: {why.split(': ', 1)[1]}" for pid, why in sorted(bad.items())]
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        amma.atomic_write_text(out / "bad_files.tsv", "\n".join(listing) + "\n")
+    if not cfg.skip_bad:
+        shown = "\n  ".join(listing[:10]) + (f"\n  ... {len(listing) - 10} more" if len(listing) > 10 else "")
+        raise SystemExit(f"error: {len(bad)} proteins have bad feature files (all listed in {out}/bad_files.tsv):\n  "
+                         f"{shown}\nre-extract them (extract_features.py rewrites bad files), or --skip-bad to leave "
+                         f"them out")
+    for name, ds in list(sets.items()):
+        keep = [k for k, x in enumerate(ds.ids) if x not in bad]
+        if len(keep) < len(ds):
+            say(f"--skip-bad: {len(ds) - len(keep)} {name} proteins left out (bad feature files, {out}/bad_files.tsv)"
+                + ("; the TEST SET IS SMALLER than the benchmark's, so its numbers are not comparable" if name == "test" else ""))
+        sets[name] = TaskSet(ds.root, ds.rows, [ds.ids[k] for k in keep], ds.targets[keep], ds.esm_in_loop, ds.max_len)
+        if not len(sets[name]):
+            raise SystemExit(f"error: no {name} protein is left after --skip-bad")
+    return sets
+
+
 def finetune(cfg, quiet=False):
     """Train, evaluate every epoch, select by validation Fmax; returns the results dict (rank 0)."""
-    from tqdm import tqdm
-
     rank, world, device = amma.setup_distributed(cfg)
+    try:
+        return _finetune(cfg, quiet, rank, world, device)
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
+
+
+def _finetune(cfg, quiet, rank, world, device):
     main_proc = rank == 0
-    log = print if main_proc and not quiet else (lambda *a, **k: None)
-    torch.manual_seed(cfg.seed)
+    say = print if main_proc and not quiet else (lambda *a, **k: None)
+    amma.check_batch_split(cfg.batch_size, world, cfg.grad_accum, hint="; a batch-1 task (EC, GO-MF, GO-CC in "
+                           "the paper) uses several GPUs best as independent runs side by side, one per GPU "
+                           "(GPUS=\"0 1 2 3\" bash ablations.sh)")
+    out = default_out(cfg)
+    resume_path = amma.prepare_out(out, cfg.resume, cfg.overwrite, main_proc, say,
+                                   files=("checkpoint.pt", "best.pt", "results.json"))
+    info = read_info(cfg.features)
+    cfg.esm = esm_protocol(cfg, info)
     data, sets, info, counts = load_task(cfg)
+    sets = screen_task(sets, cfg, out, main_proc, say)
+    counts.update({s: len(ds) for s, ds in sets.items()})
     n_classes = len(data["terms"])
 
     # model: the pretrained encoder (or a fresh one) + head; ESM in the loop with --esm finetune
-    mc, state = read_pretrained(cfg.ckpt) if cfg.ckpt else (None, None)
-    esm = build_esm(info, cfg, device) if cfg.esm == "finetune" else None
+    torch.manual_seed(cfg.seed)
+    mc, pre = read_pretrained(cfg.ckpt) if cfg.ckpt else (None, None)
+    esm, esm_name = build_esm(info, cfg, device) if cfg.esm == "finetune" else (None, "")
     dims = feature_widths(cfg.features, esm)
     if cfg.ckpt:
         check_widths(mc, dims, cfg.ckpt, cfg.features)
@@ -497,119 +599,154 @@ def finetune(cfg, quiet=False):
         model_fields = {f.name for f in fields(amma.AMMAConfig)}
         size = {k: v for k, v in amma.DEMO.items() if k in model_fields} if cfg.demo else {}   # demo: demo model
         mc = amma.AMMAConfig(**size, **{f"d_{m}": d for m, d in dims.items()})
-    model = FunctionModel(mc, n_classes, esm)
+    model = FunctionModel(mc, n_classes, esm, cfg.readout)
     if cfg.ckpt:
-        load_backbone(model, state)
+        load_backbone(model, pre["model"])
     if "str" not in dims and not model.contrastive:   # no structure in the whole set (e.g. sequences only)
         model.enc.proj["str"].requires_grad_(False)
     model.to(device)
     opt = build_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=cfg.gamma)
 
-    out = default_out(cfg)
-    ckpt_path, best_path = out / "checkpoint.pt", out / "best.pt"
-    if main_proc:
-        out.mkdir(parents=True, exist_ok=True)
-    start, history, best = 0, [], None
-    if cfg.resume and ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    state = dict(next_epoch=0, next_step=0, history=[], best=None, epoch_loss=0.0, epoch_steps=0, steps_done=0)
+    if resume_path:
+        ck = torch.load(resume_path, map_location="cpu", weights_only=True)
         differ = [k for k in SAME_ON_RESUME if ck["config"].get(k) != amma.to_plain(cfg).get(k)]
         if differ:
-            raise SystemExit(f"error: {ckpt_path} was made with other settings ({', '.join(differ)}); "
+            raise SystemExit(f"error: {resume_path} was made with other settings ({', '.join(differ)}); "
                              f"use the same flags or another --out")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
-        torch.set_rng_state(ck["rng"])
-        start, history, best = ck["epoch"] + 1, ck["history"], ck["best"]
-        log(f"resuming from {ckpt_path} after epoch {start}")
-    elif cfg.resume:
-        log(f"no checkpoint at {ckpt_path}: starting from epoch 1")
+        state.update({k: ck[k] for k in state})
+        say(f"resuming from {resume_path} at epoch {state['next_epoch'] + 1}, step {state['next_step']}")
 
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log(f"finetuning {'from scratch' if not cfg.ckpt else cfg.ckpt} ({mc.variant}, D={mc.D}, {n_params / 1e6:.1f}M "
+    protocol = f"esm-{cfg.esm}"
+    autocast = amma.amp_context(cfg.amp, device)
+    say(f"finetuning {'from scratch' if not cfg.ckpt else cfg.ckpt} ({mc.variant}, D={mc.D}, {n_params / 1e6:.1f}M "
         f"trainable) on {cfg.task}: {n_classes} classes, train/valid/test {counts['train']}/{counts['valid']}/"
         f"{counts['test']} (test at <{cfg.cutoff}% identity, of {counts['test_before_cutoff']}); {cfg.optimizer}, "
-        f"batch {cfg.batch_size}, {cfg.epochs} epochs, lr {cfg.lr:g} / head {cfg.lr_head:g}, wd {cfg.weight_decay:g}"
-        f"{'; ESM in the loop' if esm else ''}; {device}{f' x {world}' if world > 1 else ''}")
+        f"global batch {cfg.batch_size} = {world} process(es) x {cfg.grad_accum}, {cfg.epochs} epochs, lr {cfg.lr:g} / "
+        f"head {cfg.lr_head:g}, wd {cfg.weight_decay:g}; readout {cfg.readout}; {device}"
+        f"{', bf16' if isinstance(autocast, torch.autocast) else ''}")
+    say(f"protocol: {PROTOCOLS[protocol]}" + (f" ({esm_name}, layer {esm.layer}"
+                                             f"{', activation checkpointing' if cfg.esm_checkpointing else ''})" if esm else
+                                             " (--esm finetune runs ESM in the loop, the paper's B.2)"))
     if info.get("tiny") or info.get("synthetic"):
-        log(f"note: {cfg.features} holds {'synthetic' if info.get('synthetic') else 'tiny random-init encoder'} "
+        say(f"note: {cfg.features} holds {'synthetic' if info.get('synthetic') else 'tiny random-init encoder'} "
             f"features: the numbers say nothing about real proteins")
+    if state["next_epoch"] >= cfg.epochs and state["best"] is not None:
+        say(f"{out}: all {cfg.epochs} epochs are done already; its results:")
 
     ddp = world > 1
-    # a batch without any structure leaves Proj_str out of the graph: DDP must then look for unused parameters
-    seq_only = any("str" not in ds.rows[x]["modalities"] for ds in sets.values() for x in ds.ids)
-    net = nn.parallel.DistributedDataParallel(model, find_unused_parameters=seq_only) if ddp else model
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    net = nn.parallel.DistributedDataParallel(model) if ddp else model
     train, baseline = sets["train"], frequency_baseline(sets)
-    result = None
-    for epoch in range(start, cfg.epochs):
-        t0 = time.time()
-        net.train()
-        plan = amma.bucket_batches(train.lengths, cfg.batch_size, cfg.seed, epoch, rank, world)
-        plan = plan[: cfg.limit_steps or len(plan)]
-        loader = torch.utils.data.DataLoader(train, batch_sampler=plan, collate_fn=collate_task,
-                                             num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
-        total = 0.0
-        bar = tqdm(loader, total=len(plan), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not main_proc or quiet,
-                   leave=False)
-        for step, batch in enumerate(bar):
-            target = train.targets[batch["index"]].to(device)                   # [B, C]
-            with autocast:
-                logits = net(amma.batch_to(batch, device))                      # [B, C]
-            loss = F.binary_cross_entropy_with_logits(logits.float(), target)
-            if not torch.isfinite(loss):
-                raise SystemExit(f"error: loss is {loss.item()} at epoch {epoch + 1} step {step}; stopping")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item()
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-        lr, lr_head = opt.param_groups[0]["lr"], opt.param_groups[1]["lr"]
-        sched.step()
-        pred = {s: predict(model, sets[s], cfg, device, rank, world, autocast) for s in ("valid", "test")}
-        if not main_proc:
-            continue
-        record = {"epoch": epoch + 1, "train_loss": total / max(len(plan), 1), "lr": lr, "lr_head": lr_head,
-                  **{s: scores(pred[s], sets[s].targets) for s in ("valid", "test")},
-                  "seconds": round(time.time() - t0, 1)}
-        history.append(record)
-        if best is None or record["valid"]["fmax"] > best["valid"]["fmax"]:
-            best = {k: record[k] for k in ("epoch", "valid", "test")}
-            amma.atomic_save({"kind": "finetune-best", "model": model.state_dict(), "epoch": epoch,
-                              "config": amma.to_plain(cfg), "model_config": amma.to_plain(mc), "terms": data["terms"]},
-                             best_path)
-        amma.atomic_save({"kind": "finetune", "model": model.state_dict(), "optimizer": opt.state_dict(),
-                          "scheduler": sched.state_dict(), "rng": torch.get_rng_state(), "epoch": epoch,
-                          "history": history, "best": best, "config": amma.to_plain(cfg),
-                          "model_config": amma.to_plain(mc)}, ckpt_path)
-        v, t = record["valid"], record["test"]
-        log(f"epoch {epoch + 1}/{cfg.epochs}  loss {record['train_loss']:.4f}  valid Fmax {100 * v['fmax']:.1f} "
-            f"AUPR {100 * v['aupr']:.1f}  test Fmax {100 * t['fmax']:.1f} AUPR {100 * t['aupr']:.1f}  "
-            f"({record['seconds']:.0f}s){'  *' if best['epoch'] == epoch + 1 else ''}")
-        result = results_dict(cfg, mc, data, info, counts, history, best, baseline)
-        write_json(result, out / "results.json")
-    if ddp:
-        torch.distributed.destroy_process_group()
+    ckpt_path, best_path = out / "checkpoint.pt", out / "best.pt"
+    if main_proc:
+        out.mkdir(parents=True, exist_ok=True)
+
+    def save(next_epoch, next_step):
+        state.update(next_epoch=next_epoch, next_step=next_step)
+        if main_proc and state["steps_done"]:
+            amma.atomic_save({"kind": "finetune", "model": model.state_dict(), "optimizer": opt.state_dict(),
+                              "scheduler": sched.state_dict(), **state, "config": amma.to_plain(cfg),
+                              "model_config": amma.to_plain(mc)}, ckpt_path)
+
+    result, last_save = None, time.time()
+    with amma.Interrupt() as stop:
+        for epoch in range(state["next_epoch"], cfg.epochs):
+            if epoch != state["next_epoch"] or state["next_step"] == 0:
+                state.update(next_epoch=epoch, next_step=0, epoch_loss=0.0, epoch_steps=0)
+            t0 = time.time()
+            net.train()
+            plan = amma.bucket_batches(train.lengths, cfg.batch_size, cfg.seed, epoch)
+            n_steps = min(len(plan), cfg.limit_steps or len(plan))
+            shares = {s: amma.rank_share(len(plan[s]), rank, world, cfg.grad_accum) for s in range(n_steps)}
+            steps = [s for s in range(state["next_step"], n_steps) if shares[s] is not None]
+            micro = [[plan[s][j] for j in part] for s in steps for part in shares[s]]
+            loader = iter(torch.utils.data.DataLoader(train, batch_sampler=micro, collate_fn=collate_task,
+                                                      num_workers=cfg.num_workers, pin_memory=device.type == "cuda"))
+            bar = amma.progress(n_steps, f"epoch {epoch + 1}/{cfg.epochs}", not main_proc or quiet, state["next_step"])
+            for s in steps:
+                norm = len(plan[s]) * n_classes                                 # BCE: mean over the global batch
+                opt.zero_grad(set_to_none=True)
+                tally = torch.zeros(3, dtype=torch.float64)                    # loss, not finite, stop
+                for k, part in enumerate(shares[s]):
+                    batch = next(loader)
+                    target = train.targets[batch["index"]].to(device)           # [b, C]
+                    torch.manual_seed(amma.mix(cfg.seed, epoch, s, rank * cfg.grad_accum + k))   # dropout
+                    with net.no_sync() if ddp and k + 1 < len(shares[s]) else contextlib.nullcontext():
+                        with autocast:
+                            logits = net(amma.batch_to(batch, device))          # [b, C]
+                        loss = F.binary_cross_entropy_with_logits(logits.float(), target, reduction="sum") / norm
+                        (loss * world).backward()                              # DDP averages: undo it
+                    tally[0] += loss.item()
+                tally[1], tally[2] = float(not math.isfinite(tally[0])), float(stop.signum is not None)
+                tally = amma.all_sum(tally.to(device)).cpu()
+                if tally[1]:
+                    raise SystemExit(f"error: the loss is not finite at epoch {epoch + 1} step {s + 1}; stopping")
+                opt.step()
+                state["epoch_loss"] += tally[0].item()
+                state.update(epoch_steps=state["epoch_steps"] + 1, steps_done=state["steps_done"] + 1)
+                bar.update(1)
+                bar.set_postfix(loss=f"{tally[0].item():.4f}")
+                if tally[2]:
+                    bar.close()
+                    save(epoch, s + 1)
+                    stop.exit(f"epoch {epoch + 1}, step {s + 1} of {n_steps}", ckpt_path, main_proc)
+                due = cfg.save_every_minutes and time.time() - last_save > 60 * cfg.save_every_minutes
+                if s + 1 < n_steps and (due or (cfg.save_every_steps and state["steps_done"] % cfg.save_every_steps == 0)):
+                    save(epoch, s + 1)
+                    last_save = time.time()
+            bar.close()
+            lr, lr_head = opt.param_groups[0]["lr"], opt.param_groups[1]["lr"]
+            sched.step()
+            pred = {sp: predict(model, sets[sp], cfg, device, rank, world, autocast) for sp in ("valid", "test")}
+            record = {"epoch": epoch + 1, "train_loss": state["epoch_loss"] / max(state["epoch_steps"], 1), "lr": lr,
+                      "lr_head": lr_head, **{sp: scores(pred[sp], sets[sp].targets) for sp in ("valid", "test")},
+                      "seconds": round(time.time() - t0, 1)}
+            state["history"].append(record)
+            best = state["best"]
+            if best is None or record["valid"]["fmax"] > best["valid"]["fmax"]:
+                state["best"] = best = {k: record[k] for k in ("epoch", "valid", "test")}
+                if main_proc:
+                    amma.atomic_save({"kind": "finetune-best", "model": model.state_dict(), "epoch": epoch,
+                                      "config": amma.to_plain(cfg), "model_config": amma.to_plain(mc),
+                                      "terms": data["terms"]}, best_path)
+            save(epoch + 1, 0)
+            last_save = time.time()
+            v, t = record["valid"], record["test"]
+            say(f"epoch {epoch + 1}/{cfg.epochs}  loss {record['train_loss']:.4f}  valid Fmax {100 * v['fmax']:.1f} "
+                f"AUPR {100 * v['aupr']:.1f}  test Fmax {100 * t['fmax']:.1f} AUPR {100 * t['aupr']:.1f}  "
+                f"({record['seconds']:.0f}s){'  *' if best['epoch'] == epoch + 1 else ''}")
+            if main_proc:
+                result = results_dict(cfg, mc, data, info, counts, state, baseline, world, n_params)
+                write_json(result, out / "results.json")
     if not main_proc:
         return None
+    if state["best"] is None:
+        raise SystemExit(f"error: no epoch was trained (--epochs {cfg.epochs})")
     if result is None:   # nothing left to train (a finished run resumed)
-        if best is None:
-            raise SystemExit("error: no epoch was trained (--epochs 0?)")
-        result = results_dict(cfg, mc, data, info, counts, history, best, baseline)
+        result = results_dict(cfg, mc, data, info, counts, state, baseline, world, n_params)
         write_json(result, out / "results.json")
-    log(f"selected epoch {best['epoch']} (best validation Fmax {100 * best['valid']['fmax']:.1f}); "
+    best = state["best"]
+    say(f"selected epoch {best['epoch']} (best validation Fmax {100 * best['valid']['fmax']:.1f}); "
         f"results in {out / 'results.json'}")
-    log(table(cfg.task, result))
+    say(table(cfg.task, result))
     return result
 
 
-def results_dict(cfg, mc, data, info, counts, history, best, baseline):
-    return {"task": cfg.task, "selected_epoch": best["epoch"], "valid": best["valid"], "test": best["test"],
+def results_dict(cfg, mc, data, info, counts, state, baseline, world, n_params):
+    best = state["best"]
+    return {"task": cfg.task, "protocol": f"esm-{cfg.esm}", "readout": cfg.readout,
+            "selected_epoch": best["epoch"], "valid": best["valid"], "test": best["test"],
             "baseline": {"name": "label frequency (train-set frequency of each term)", **baseline},
             "paper": dict(zip(("fmax", "aupr"), (v / 100 for v in TABLE2[cfg.task]))),
-            "epochs": history, "n_proteins": counts, "n_classes": len(data["terms"]), "cutoff": cfg.cutoff,
-            "seed": cfg.seed, "features": cfg.features, "tiny": bool(info.get("tiny")),
+            "epochs": state["history"], "epochs_planned": cfg.epochs, "n_proteins": counts,
+            "n_classes": len(data["terms"]), "cutoff": cfg.cutoff, "seed": cfg.seed,
+            "global_batch": cfg.batch_size, "processes": world, "grad_accum": cfg.grad_accum,
+            "trainable_parameters": n_params, "features": cfg.features, "tiny": bool(info.get("tiny")),
             "synthetic": bool(info.get("synthetic")), "demo": cfg.demo, "encoders": info.get("encoders", {}),
             "labels_source": data.get("source", ""), "pretrained": cfg.ckpt or None,
             "config": amma.to_plain(cfg), "model_config": amma.to_plain(mc)}
@@ -623,7 +760,7 @@ def ensure_demo_pretrain(features, out="runs/demo"):
     path = Path(out) / "checkpoint.pt"
     if path.exists():
         ck = torch.load(path, map_location="cpu", weights_only=True)
-        if ck.get("epoch", -1) + 1 >= amma.DEMO["epochs"]:
+        if ck.get("next_epoch", 0) >= amma.DEMO["epochs"]:
             print(f"demo pretraining: using {path}")
             return path
     print(f"demo pretraining: {'finishing' if path.exists() else 'running'} amma.py's demo pretraining "
@@ -679,6 +816,8 @@ def main(argv=None):
             if not args.ckpt and not args.from_scratch:
                 values["ckpt"] = str(ensure_demo_pretrain(root))
         values.update(DEMO_FT, features=root, demo=True)
+        if not args.overwrite:
+            values["resume"] = True      # the demo continues (or shows) its own run: the command can be repeated
     elif not args.ckpt and not args.from_scratch:
         raise SystemExit("error: give --ckpt runs/<name>/checkpoint.pt (an AMMA pretraining) or --from-scratch")
     values.update(given)
@@ -688,7 +827,7 @@ def main(argv=None):
     try:
         result = finetune(cfg)
     except (ValueError, FileNotFoundError) as e:  # a truncated feature file, a bad label: one line
-        raise SystemExit(f"error: {e}") from None
+        raise SystemExit(f"error: {amma.last_line(e)}") from None
     if result is not None and cfg.demo:
         ours, base = result["test"]["fmax"], result["baseline"]["test"]["fmax"]
         print(f"demo: test Fmax {100 * ours:.1f} (ours) vs {100 * base:.1f} (label-frequency baseline)")

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import amma
 import extract_features as ef
 import finetune as ft
-from conftest import need_shared, write_features
+from conftest import assert_same_training, need_shared, torchrun, write_features
 
 DIMS = (12, 20, 8)
 TINY = dict(D=16, n_layers=1, n_heads=2, dec_layers=1, M=12)
@@ -95,7 +95,8 @@ def test_bad_labels_give_one_line_errors(tmp_path, capsys):
 def test_pretrained_checkpoint_loads_encoder_only(tmp_path):
     root, _ = feature_set(tmp_path / "f")
     ckpt = pretrain_tiny(root, tmp_path / "pre")
-    mc, state = ft.read_pretrained(ckpt)
+    mc, pre = ft.read_pretrained(ckpt)
+    state = pre["model"]
     model = ft.FunctionModel(mc, 5)
     missing, unexpected = ft.load_backbone(model, state)
     assert sorted(missing) == sorted(f"head.{k}" for k in model.head.state_dict())
@@ -119,9 +120,9 @@ def test_pretrained_checkpoint_loads_encoder_only(tmp_path):
 def test_contrastive_checkpoint_finetunes_sequence_latent(tmp_path):
     root, _ = feature_set(tmp_path / "f")
     ckpt = pretrain_tiny(root, tmp_path / "pre", variant="contrastive")
-    mc, state = ft.read_pretrained(ckpt)
+    mc, pre = ft.read_pretrained(ckpt)
     model = ft.FunctionModel(mc, 5)
-    missing, unexpected = ft.load_backbone(model, state)
+    missing, unexpected = ft.load_backbone(model, pre["model"])
     assert all(k.startswith("head.") for k in missing) and not unexpected
     result = run(tmp_path, "--ckpt", str(ckpt), "--limit-steps", "2")
     assert result["model_config"]["variant"] == "contrastive"
@@ -142,7 +143,7 @@ def test_resume_equals_uninterrupted_run(tmp_path):
 
     a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
     b = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)
-    assert a["epoch"] == b["epoch"] == 1 and a["model"].keys() == b["model"].keys()
+    assert a["next_epoch"] == b["next_epoch"] == 2 and a["model"].keys() == b["model"].keys()
     moved = [k for k, v in a["model"].items() if not torch.equal(v, after_one["model"][k])]
     assert "head.0.weight" in moved and "enc.enc_multi.blocks.0.attn.qkv.weight" in moved   # epoch 2 trained
     differ = {k: (v - b["model"][k]).abs().max().item() for k, v in a["model"].items()
@@ -177,17 +178,20 @@ def test_resume_equals_uninterrupted_run(tmp_path):
 
 # ---- ESM in the loop ---------------------------------------------------------------------------
 
-def esm_step(train):
-    """One optimiser step of a finetuning model with the tiny ESM-2 in the loop; ESM weights before/after."""
+def esm_step(checkpointing):
+    """One optimiser step of a finetuning model with the tiny ESM-2 in the loop: the loop module, its
+    weights before the step, the gradients and the optimiser's parameter ids."""
     esm = ef.load_encoder("seq", ef.ExtractConfig(encoders="tiny"), torch.device("cpu"))
-    loop = ft.SeqInLoop(esm.model, esm.alphabet, esm.layer, train=train)
+    loop = ft.SeqInLoop(esm.model, esm.alphabet, esm.layer, checkpointing)
     mc = amma.AMMAConfig(d_seq=loop.width, d_str=20, d_func=8, **TINY)
+    torch.manual_seed(0)
     model = ft.FunctionModel(mc, 3, loop)
     cfg = ft.FinetuneConfig(optimizer="adamw", weight_decay=0.01)
     opt = ft.build_optimizer(model, cfg)
     seqs = ["MKTAYIAKQR", "GSHMLE"]
+    g = torch.Generator().manual_seed(0)
     items = [{"id": f"p{i}", "index": i, "seq": None, "func": None, "sequence": s,
-              "str": torch.randn(len(s), 20)} for i, s in enumerate(seqs)]
+              "str": torch.randn(len(s), 20, generator=g)} for i, s in enumerate(seqs)]
     batch = ft.collate_task(items)
     before = {k: v.clone() for k, v in loop.state_dict().items()}
     enc_before = model.enc.enc_multi.blocks[0].attn.qkv.weight.clone()
@@ -195,23 +199,25 @@ def esm_step(train):
     loss = F.binary_cross_entropy_with_logits(model(batch), torch.tensor([[1.0, 0, 1], [0, 1, 0]]))
     opt.zero_grad()
     loss.backward()
+    grads = {n: p.grad.clone() for n, p in loop.named_parameters() if p.grad is not None}
     opt.step()
     in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
     assert not torch.equal(enc_before, model.enc.enc_multi.blocks[0].attn.qkv.weight)
-    return loop, before, in_opt
+    return loop, before, grads, in_opt
 
 
-def test_esm_finetune_updates_esm_frozen_stays_identical():
-    loop, before, in_opt = esm_step(train=True)
+def test_esm_finetune_updates_esm_and_checkpointing_changes_nothing():
+    loop, before, grads, in_opt = esm_step(checkpointing=False)
     after = loop.state_dict()
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert "model.layers.0.self_attn.q_proj.weight" in changed and "model.embed_tokens.weight" in changed
     assert all(id(p) in in_opt for p in loop.parameters() if p.requires_grad)
-
-    loop, before, in_opt = esm_step(train=False)
-    assert not any(p.requires_grad for p in loop.parameters()) and not loop.training
-    assert not any(id(p) in in_opt for p in loop.parameters())
-    assert all(torch.equal(before[k], v) for k, v in loop.state_dict().items())
+    assert not any(p.requires_grad for p in loop.model.contact_head.parameters())   # unused head: frozen
+    ckpt_loop, _, ckpt_grads, _ = esm_step(checkpointing=True)
+    assert isinstance(ckpt_loop.model.layers[0], ft.Checkpointed)
+    renamed = {k.replace(".layer.", ".", 1) if k.startswith("model.layers.") else k: v for k, v in ckpt_grads.items()}
+    assert renamed.keys() == grads.keys()
+    assert all(torch.allclose(grads[k], renamed[k], atol=1e-6) for k in grads)   # same gradients, less memory
 
 
 def test_esm_finetune_from_the_command_line(tmp_path):
@@ -220,10 +226,12 @@ def test_esm_finetune_from_the_command_line(tmp_path):
     root, _ = feature_set(tmp_path / "f", dims=(64, 20, 8), info=info)
     ckpt = str(pretrain_tiny(root, tmp_path / "pre", dims=(64, 20, 8)))
     result = run(tmp_path, "--ckpt", ckpt, "--esm", "finetune", "--limit-steps", "2")
-    assert result["tiny"] and result["config"]["esm"] == "finetune"
+    assert result["tiny"] and result["config"]["esm"] == "finetune" and result["protocol"] == "esm-finetune"
+    auto = run(tmp_path, "--ckpt", ckpt, "--limit-steps", "2", "--out", str(tmp_path / "auto"))
+    assert auto["protocol"] == "esm-frozen"                                      # tiny features: the fast protocol
     (tmp_path / "f" / "info.json").write_text(json.dumps({**info, "tiny": False, "synthetic": True}))
     with pytest.raises(SystemExit, match="needs features made by ESM"):
-        run(tmp_path, "--ckpt", ckpt, "--esm", "finetune")
+        run(tmp_path, "--ckpt", ckpt, "--esm", "finetune", "--overwrite")
 
 
 # ---- evaluation gathering ----------------------------------------------------------------------
@@ -265,3 +273,96 @@ def test_demo_beats_label_frequency_baseline(tmp_path, monkeypatch, capsys):
     print(f"demo (reduced): test Fmax {ours:.3f} vs label-frequency baseline {base:.3f}")
     assert result["synthetic"] and result["demo"] and ours > base + 0.2
     assert (tmp_path / "runs" / "small" / "go-mf" / "results.json").exists()
+
+
+# ---- global batch, DDP, interruption, precision, readout, bad input -----------------------------
+
+def test_ddp_two_processes_equal_one_process(tmp_path):
+    # GO-BP's protocol: global batch 4 split over 2 gloo processes == one process with the batch of 4
+    root, _ = feature_set(tmp_path / "f", n=20)
+    ckpt = pretrain_tiny(root, tmp_path / "pre")
+    flags = ["--task", "go-mf", "--features", root, "--ckpt", ckpt, "--epochs", 2, "--batch-size", 4,
+             "--num-workers", 0, "--lr", "1e-3", "--lr-head", "1e-2", "--device", "cpu"]
+    ddp = torchrun("finetune.py", *flags, "--out", tmp_path / "ddp")
+    assert ddp.returncode == 0, ddp.stderr
+    assert ddp.stdout.count("finetuning ") == 1 and ddp.stdout.count("selected epoch") == 1, ddp.stdout
+    assert "arning" not in ddp.stderr, ddp.stderr
+    one = ft.main([str(x) for x in flags] + ["--out", str(tmp_path / "one")])
+    assert_same_training(tmp_path / "ddp" / "checkpoint.pt", tmp_path / "one" / "checkpoint.pt")
+    two = json.loads((tmp_path / "ddp" / "results.json").read_text())
+    assert two["processes"] == 2 and one["processes"] == 1
+    for ea, eb in zip(two["epochs"], one["epochs"], strict=True):
+        assert ea["train_loss"] == pytest.approx(eb["train_loss"], rel=1e-5)
+        assert ea["test"] == pytest.approx(eb["test"], abs=1e-5)
+    bad = torchrun("finetune.py", *flags, "--batch-size", 1, "--out", tmp_path / "b1")
+    assert bad.returncode != 0 and "--batch-size 1 is the global batch" in bad.stderr
+    assert "independent runs side by side" in bad.stderr
+
+
+def test_sigterm_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    from conftest import ROOT
+    root, _ = feature_set(tmp_path / "f", n=150)
+    ckpt = pretrain_tiny(root, tmp_path / "pre")
+    flags = ["--task", "go-mf", "--features", root, "--ckpt", ckpt, "--epochs", 2, "--batch-size", 1,
+             "--num-workers", 0, "--lr", "1e-3", "--lr-head", "1e-2"]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+
+    def cli(*extra):
+        return subprocess.Popen([sys.executable, str(ROOT / "finetune.py"), *map(str, flags + list(extra))],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    cut = cli("--out", tmp_path / "cut", "--save-every-steps", 1)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (tmp_path / "cut" / "checkpoint.pt").exists():
+        time.sleep(0.02)
+    time.sleep(0.1)
+    cut.send_signal(signal.SIGTERM)
+    _, err = cut.communicate(timeout=120)
+    assert cut.returncode == 128 + signal.SIGTERM and "interrupted (SIGTERM)" in err and "Traceback" not in err, err
+    state = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    assert 0 < state["next_step"] or state["next_epoch"] == 1
+    resumed = cli("--out", tmp_path / "cut", "--save-every-steps", 1, "--resume")
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    straight = cli("--out", tmp_path / "straight")
+    assert straight.wait(timeout=300) == 0, straight.stderr.read()
+    a = json.loads((tmp_path / "cut" / "results.json").read_text())
+    b = json.loads((tmp_path / "straight" / "results.json").read_text())
+    for ea, eb in zip(a["epochs"], b["epochs"], strict=True):
+        assert ea["train_loss"] == pytest.approx(eb["train_loss"], rel=1e-9)
+        assert ea["valid"] == eb["valid"] and ea["test"] == eb["test"]
+    wa = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["model"]
+    wb = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_bf16_autocast_and_mean_readout_on_cpu(tmp_path):
+    root, _ = feature_set(tmp_path / "f")
+    ckpt = str(pretrain_tiny(root, tmp_path / "pre"))
+    bf16 = run(tmp_path, "--ckpt", ckpt, "--amp", "bf16", "--out", str(tmp_path / "bf16"))
+    assert bf16["config"]["amp"] == "bf16" and 0 <= bf16["test"]["fmax"] <= 1
+    cls = run(tmp_path, "--ckpt", ckpt, "--out", str(tmp_path / "cls"))
+    mean = run(tmp_path, "--ckpt", ckpt, "--readout", "mean", "--out", str(tmp_path / "mean"))
+    assert mean["readout"] == "mean" and cls["readout"] == "cls"
+    assert mean["epochs"][0]["train_loss"] != cls["epochs"][0]["train_loss"]
+
+
+def test_bad_feature_files_and_empty_splits_are_named_before_step_1(tmp_path):
+    root, _ = feature_set(tmp_path / "f")
+    ckpt = str(pretrain_tiny(root, tmp_path / "pre"))
+    x = torch.load(root / "str" / "P003.pt", weights_only=True)
+    x[0, 0] = float("inf")
+    torch.save(x, root / "str" / "P003.pt")
+    with pytest.raises(SystemExit, match=r"(?s)1 proteins have bad feature files.*str/P003.pt: 1 values are nan or inf"):
+        run(tmp_path, "--ckpt", ckpt)
+    assert not (tmp_path / "out" / "checkpoint.pt").exists()
+    result = run(tmp_path, "--ckpt", ckpt, "--skip-bad", "--out", str(tmp_path / "skip"))
+    assert result["n_proteins"]["train"] == 5
+    data = json.loads((root / "labels_go-mf.json").read_text())
+    data["splits"]["valid"] = ["NOPE"]
+    data["labels"]["NOPE"] = [0]
+    (root / "labels_go-mf.json").write_text(json.dumps(data))
+    with pytest.raises(SystemExit, match="no valid protein of labels_go-mf.json has features"):
+        run(tmp_path, "--ckpt", ckpt, "--out", str(tmp_path / "empty"))
