@@ -111,9 +111,17 @@ def _cif_tokens(line):
     return [t[1:-1] if t[0] in "'\"" else t for t in _CIF_TOKEN.findall(line)]
 
 
+# _atom_site columns the reader needs: any one name of each group
+CIF_REQUIRED = (("Cartn_x",), ("Cartn_y",), ("Cartn_z",), ("auth_atom_id", "label_atom_id"),
+                ("auth_comp_id", "label_comp_id"), ("auth_asym_id", "label_asym_id"),
+                ("auth_seq_id", "label_seq_id"))
+
+
 def _cif_atoms(lines):
     """Atom records of the first model of an mmCIF file (the _atom_site loop), same tuples as
-    `_pdb_atoms`. Author chain/number/name fields are preferred, as in PDB files."""
+    `_pdb_atoms`. Author chain/number/name fields are preferred, as in PDB files. A loop without
+    the columns of CIF_REQUIRED, or whose values do not fill whole rows (a file cut mid-row), is a
+    StructureError (the caller adds the file name)."""
     columns, rows, in_loop = [], [], False
     for line in lines:
         if line.startswith("_atom_site."):
@@ -126,6 +134,12 @@ def _cif_atoms(lines):
     if not columns:
         return
     col = {name: i for i, name in enumerate(columns)}
+    missing = [" or ".join(names) for names in CIF_REQUIRED if not any(n in col for n in names)]
+    if missing:
+        raise StructureError(f"the _atom_site loop has no {', '.join(missing)} column")
+    if len(rows) % len(columns):
+        raise StructureError(f"the _atom_site loop ends mid-row ({len(rows) % len(columns)} of "
+                             f"{len(columns)} values in its last row): the file is cut short")
 
     def pick(row, *names):
         for name in names:
@@ -134,7 +148,7 @@ def _cif_atoms(lines):
         return ""
 
     first_model = None
-    for start in range(0, len(rows) - len(columns) + 1, len(columns)):
+    for start in range(0, len(rows), len(columns)):
         row = rows[start:start + len(columns)]
         model = pick(row, "pdbx_PDB_model_num")
         first_model = model if first_model is None else first_model
@@ -152,16 +166,19 @@ def _is_cif(path, first_line):
     return name.endswith((".cif", ".mmcif")) or first_line.startswith("data_")
 
 
-def read_structure(path, chain=None):
-    """Read the C-alpha trace of a PDB or mmCIF file (optionally .gz).
+def read_structure(path, chain=None, text=None):
+    """Read the C-alpha trace of a PDB or mmCIF file (optionally .gz); `text` is the file's content
+    when the caller has already read it (`path` then only names it in messages and tells the format).
 
     Returns dict(sequence=str, residue_type=[L] long (index 20 = unknown), ca=[L, 3] float32,
     residue_ids=["A:12", "A:12B", ...], chain="A" (several chains: "A,B"), chain_index=[L] long).
     First model, first alternate location, protein residues with a C-alpha atom only; `chain`
     keeps one chain. Raises StructureError naming the file when nothing is left.
     """
-    with _open_text(path) as handle:
-        lines = handle.read().splitlines()
+    if text is None:
+        with _open_text(path) as handle:
+            text = handle.read()
+    lines = text.splitlines()
     atoms = _cif_atoms(lines) if _is_cif(path, lines[0] if lines else "") else _pdb_atoms(lines)
     residues = {}  # (chain, number, insertion code) -> (residue name, C-alpha xyz), file order
     try:
@@ -174,6 +191,8 @@ def read_structure(path, chain=None):
                 name = MODIFIED_RESIDUES[name]
             # the first C-alpha seen wins: other alternate locations of it are skipped
             residues.setdefault((chain_id, number, icode), (name, (x, y, z)))
+    except StructureError as error:
+        raise StructureError(f"{path}: {error}") from None
     except (ValueError, IndexError) as error:
         raise StructureError(f"{path}: unreadable atom record ({error})") from None
     if not residues:

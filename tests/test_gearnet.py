@@ -185,6 +185,42 @@ def test_read_structure_edge_cases(tmp_path, name):
     assert structure["chain_index"].tolist() == [0, 0, 0, 0, 0, 1]
 
 
+@pytest.mark.parametrize("drop", ["_atom_site.Cartn_x", "_atom_site.auth_atom_id"])
+def test_mmcif_without_a_needed_column_is_a_structure_error(tmp_path, drop):
+    """A loop without a coordinate column used to escape as KeyError; without both atom-name columns it
+    silently gave no residue. Now: a StructureError naming the file and the column."""
+    lines = pdb_to_mmcif(chain_text()).splitlines()
+    if drop == "_atom_site.auth_atom_id":
+        lines = [x for x in lines if x != "_atom_site.label_atom_id"]
+        lines = [x if x.startswith(("_", "#", "data", "loop")) else " ".join(x.split()[:3] + x.split()[4:])
+                 for x in lines]
+    path = tmp_path / "x.cif"
+    path.write_text("\n".join(x for x in lines if x != drop) + "\n")
+    with pytest.raises(gearnet.StructureError, match=f"x.cif: the _atom_site loop has no .*{drop.split('.')[1]}"):
+        gearnet.read_structure(path)
+
+
+def test_mmcif_cut_mid_row_is_a_structure_error(tmp_path):
+    """A file cut inside a row of the atom loop used to give a silently shorter chain."""
+    text = pdb_to_mmcif(chain_text())
+    path = tmp_path / "cut.cif"
+    path.write_text(text[: text.index("\nHETATM 21 ") + 12])
+    with pytest.raises(gearnet.StructureError, match="cut.cif: the _atom_site loop ends mid-row"):
+        gearnet.read_structure(path)
+    rows = [x for x in text.splitlines() if x.startswith(("ATOM", "HETATM"))]
+    whole = text[: text.index(rows[4]) + len(rows[4])]                          # cut after a whole row: read
+    path.write_text(whole)
+    assert gearnet.read_structure(path)["sequence"] == "MS"
+
+
+def test_read_structure_from_text(tmp_path):
+    """text= (the caller already read the file, e.g. from a tar archive) gives what the file gives."""
+    path = write(tmp_path / "chain.cif", chain_text())
+    from_file = gearnet.read_structure(path)
+    from_text = gearnet.read_structure("archive.tar::chain.cif", text=path.read_text())
+    assert from_text["sequence"] == from_file["sequence"] and torch.equal(from_text["ca"], from_file["ca"])
+
+
 def test_read_structure_chain_selection(tmp_path):
     path = write(tmp_path / "chain.pdb", chain_text())
     assert gearnet.read_structure(path, chain="B")["sequence"] == "W"
