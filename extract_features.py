@@ -1,31 +1,44 @@
 """Extract the frozen uni-modal features AMMA learns from: one float16 .pt per protein and modality.
 
-    features/<set>/seq/<id>.pt    [L, d_seq]   ESM-1b layer 33, BOS/EOS rows dropped
+    features/<set>/seq/<id>.pt    [L, d_seq]   ESM-1b (or another fair-esm model): its last layer, BOS/EOS dropped
     features/<set>/str/<id>.pt    [L, d_str]   GearNet-Edge node features (row i = same residue as seq)
     features/<set>/func/<id>.pt   [L', d_func] PubMedBERT-abs last hidden state of the joined text
-    features/<set>/manifest.tsv   id, L, L_func, modalities, sequence, L_full, structure, chain
-    features/<set>/info.json      encoders, dims, tiny, source, max_len, ...
+    features/<set>/manifest.tsv   id, L, L_func, modalities, sequence, L_full, structure, chain, and what each
+                                  file was computed from: sha_seq / sha_str / sha_func (checksums of the
+                                  sequence, the structure file, the text fields) and enc_seq / enc_str / enc_func
+    features/<set>/info.json      encoders, dims, tiny, synthetic, esm_model, esm_weights, esm_layer, source, ...
     features/<set>/labels_<task>.json   ec / go / demo: task, terms, labels, splits, test_identity, source
-    features/<set>/summary.json   done / skipped / failed (with reasons) of the last run
+    features/<set>/summary.json   done / skipped / recomputed / failed (with reasons) of the last run
 
-Commands (tests/test_extract.py runs the first, with --demo-n 6):
+Commands (tests/test_extract.py runs the first, with --demo-n 6; --source is inferred from the input flags):
 
     python extract_features.py --source demo --encoders tiny                  # -> features/demo-tiny, offline
-    python extract_features.py --source fasta --fasta prot.fasta --pdb-dir pdb/ --out features/mine
-    python extract_features.py --source pdb-dir --pdb-dir ../shared/data/pdb --modality seq str \\
-        --out features/pdb
-    python extract_features.py --source protdescribe --protdescribe uniprot_sprot_filtered.tsv \\
-        --modality seq func --out features/protdescribe
-    python extract_features.py --source alphafold --af-dir afdb/ --protdescribe uniprot_sprot_filtered.tsv \\
-        --gearnet-ckpt mc_gearnet_edge.pth --unpaired --out features/pretrain
-        # paired triplets -> features/pretrain; with --unpaired also features/seqstr, features/seqfunc
+    python extract_features.py --fasta prot.fasta --pdb-dir pdb/ --out features/mine
+    python extract_features.py --pdb-dir ../shared/data/pdb --modality seq str --out features/pdb
+    python extract_features.py --protdescribe uniprot_sprot_filtered.tsv --modality seq func --out features/pd
+    python extract_features.py --af-dir swissprot_pdb_v2.tar --protdescribe uniprot_sprot_filtered.tsv \\
+        --gearnet-ckpt mc_gearnet_edge.pth --pick 120000 25000 25000 --seed 0 --out features/pretrain
+        # the paper's pretraining data: 120k paired triplets -> features/pretrain, 25k seq+str -> features/seqstr,
+        # 25k seq+func -> features/seqfunc, disjoint and seeded; the chosen ids in features/pretrain/picks.json
     python extract_features.py --source ec --download --modality seq str --gearnet-ckpt mc_gearnet_edge.pth \\
         --out features/ec                                   # torchdrug's EnzymeCommission.zip (md5-checked)
     python extract_features.py --source go --data data/GeneOntology.zip --modality seq str --out features/go
+    python extract_features.py --source ec --data ~/scratch/protein-datasets/EnzymeCommission ...
+        # the directory torchdrug itself extracted (EnzymeCommission/EnzymeCommission/train/train/*.pdb, ...)
     python extract_features.py --source ec --data ../shared/data/deepfri --modality seq --out features/ec
         # DeepFRI's own file set: labels for every chain, features for chains with a sequence (test FASTA)
     python extract_features.py --source ec ... --shard 0/4     # four jobs: --shard 0/4 .. 3/4, then
     python extract_features.py --out features/ec --merge       # (or nothing: the last shard merges)
+
+Encoders: real by default -- fair-esm's esm1b_t33_650M_UR50S (--esm-model names another fair-esm model,
+e.g. esm2_t33_650M_UR50D; features are its last layer), GearNet-Edge from --gearnet-ckpt, PubMedBERT-abs
+through transformers (--text-model: a Hugging Face name or a local directory). Offline machines: pass
+--esm-weights PATH (the fair-esm .pt) and --text-model DIR (config.json, vocab.txt, weights); nothing is
+downloaded then. Checkpoints are read by an unpickler that imports and calls nothing outside a short
+allowlist (tensor rebuilding, OrderedDict, argparse.Namespace, ...): anything else in the file (optimizer
+state, numpy scalars, classes of the training code) becomes an inert placeholder, so only 'args'/'cfg'
+and 'model' matter and a file from elsewhere cannot run code. --encoders tiny: small random-init models of
+the same architectures, offline, for tests and the demo only (labelled as such everywhere).
 
 Choices made here:
 - Sequence letters: the 20 standard residues plus X B Z U O, which fair-esm's ESM-1b alphabet holds as
@@ -43,22 +56,35 @@ Choices made here:
   has no trailing [SEP]); empty fields are left out, no inner padding (so features do not depend on the
   batch), at most 512 tokens (the last field is trimmed). A protein whose four fields are all empty
   has no func modality (a note in the summary, not a failure).
+- ProtDescribe (ProtST's uniprot_sprot_filtered.tsv) is read as ProtST's UniProtSeqText reads it: csv
+  with tab delimiter, the header row names the fields, a row with more fields than the header keeps the
+  first ones (a row with fewer gets empty fields; both are counted and reported). ProtST's code names no
+  id column; the first of Entry / Accession / ... / EntryName in the header is used (--id-column to name
+  it), else the proteins are named row000001, ... by position.
+- AlphaFold DB x ProtDescribe (--source alphafold): --af-dir is a directory of AF-<acc>-F1-model_v<k>
+  files (newest k per accession) or the tar archive itself (swissprot_pdb_v2.tar, read member by member,
+  never extracted). --join auto pairs by accession when the id column holds UniProt accessions (P00698),
+  otherwise (no id column, or entry names such as LYSC_CHICK) by exact sequence, as the paper did with
+  torchdrug's AlphaFold sequences; pairs whose sequences differ are left out of every set and listed in
+  alphafold_mismatch.json. A join that pairs nothing stops the run.
 - Labels: every chain of the DeepFRI splits is in labels_<task>.json (GO chains without a term of a
   branch get [] there, as in torchdrug); test_identity holds the test CSV's <30%..<95% columns, and the
-  cutoff is applied by finetune.py, not here.
-- Resuming: finished files that load are skipped (--overwrite redoes them); a truncated one is reported
-  by id and rewritten. Manifest rows of earlier runs whose files are still valid are kept, so a partial
-  re-run (--limit) does not shrink manifest.tsv. --shard i/n (i = 0..n-1) takes the ids at positions
-  i, i+n, ... of the sorted id list; each shard writes manifest.shard-i-of-n.tsv and the one that
-  finds all n present merges them (info.json then lists the dims of every modality of the set).
-- ProtDescribe: ProtST reads the columns Sequence, ProteinName, Function, SubcellularLocation,
-  Similarity by name; its code names no accession column, so the first of Entry / Accession / ... in
-  the header is used (--id-column to name it). AlphaFold files join on it; pairs whose sequences differ
-  are left out of every set and listed in alphafold_mismatch.json.
-- Exit status: 0 when the run finished (per-protein failures are listed in the summary), 2 when it
-  could not start (bad arguments, missing or unreadable input files, encoders that cannot be loaded,
-  mixed encoders in one set); --merge
-  gives 1 while some shard has not finished.
+  cutoff is applied by finetune.py, not here. torchdrug's archives are extracted the way torchdrug's
+  utils.extract does it (X.zip -> X/, train.zip -> train/train/*.pdb), so torchdrug's own extracted
+  directory and ours are the same layout, and either can be passed as --data.
+- Resuming: a finished file is skipped when its manifest row records the same input checksum and encoder
+  (and the file loads); a changed input (one residue, a new structure file, other text) is recomputed and
+  listed under "recomputed"; a truncated file is reported by id and rewritten; --overwrite redoes all.
+  The manifest is rewritten after every chunk of proteins, so a killed run loses at most one chunk.
+  Manifest rows of earlier runs whose files are still valid are kept, so a partial re-run (--limit)
+  does not shrink manifest.tsv. --shard i/n (i = 0..n-1) takes the ids at positions i, i+n, ... of the
+  sorted id list; each shard writes manifest.shard-i-of-n.tsv and the one that finds all n present
+  merges them (info.json then lists the dims of every modality of the set).
+- Exit status: 0 when everything requested was done (or was already up to date); 3 when the run finished
+  but some proteins failed (each listed with its reason in summary.json); 2 when the run could not start
+  or found nothing to do (bad arguments, missing or unreadable inputs, no usable protein, a join or split
+  that is empty, encoders that cannot be loaded, mixed encoders in one set); 1 from --merge while some
+  shard has not finished.
 """
 import argparse
 import csv
@@ -66,15 +92,19 @@ import gzip
 import hashlib
 import json
 import os
+import pickle
+import random
 import re
 import shutil
 import sys
+import tarfile
 import tempfile
+import types
 import urllib.request
 import warnings
 import zipfile
 import zlib
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -87,15 +117,21 @@ MODALITIES = ("seq", "str", "func")
 SOURCES = ("fasta", "pdb-dir", "protdescribe", "alphafold", "ec", "go", "demo")
 TEXT_FIELDS = ("ProteinName", "Function", "SubcellularLocation", "Similarity")  # ProtST's order
 SEQUENCE_FIELD = "Sequence"
-ID_COLUMNS = ("Entry", "Accession", "accession", "EntryID", "Entry ID", "id", "ID")  # first found wins
+# candidate id columns of a ProtDescribe TSV, first found wins (ProtST's code names none)
+ID_COLUMNS = ("Entry", "Accession", "accession", "Entry ID", "EntryID", "Entry Name", "EntryName", "entry_name",
+              "id", "ID")
+UNIPROT_ACCESSION = re.compile(r"^([OPQ][0-9][A-Z0-9]{3}[0-9]|[A-NR-Z][0-9]([A-Z][A-Z0-9]{2}[0-9]){1,2})(-\d+)?$")
 STANDARD_RESIDUES = "ACDEFGHIKLMNPQRSTVWY"
 EXTRA_RESIDUES = "XBZUO"  # tokens of their own in fair-esm's ESM-1b alphabet
 STRUCTURE_SUFFIXES = (".pdb", ".ent", ".cif", ".mmcif")
-ESM1B_NAME, ESM1B_LAYER = "esm1b_t33_650M_UR50S", 33
-ESM1B_URL = f"https://dl.fbaipublicfiles.com/fair-esm/models/{ESM1B_NAME}.pt"  # fair-esm's esm/pretrained.py
+ESM1B_NAME = "esm1b_t33_650M_UR50S"
+ESM_URL = "https://dl.fbaipublicfiles.com/fair-esm/models/{}.pt"  # fair-esm's esm/pretrained.py
+ESM1B_URL = ESM_URL.format(ESM1B_NAME)
+ESM_NAME = re.compile(r"^(esm1b|esm1v|esm1|esm2)_t(\d+)_")  # fair-esm models with ESM-1b's interface
 PUBMEDBERT = "microsoft/BiomedNLP-PubMedBERT-base-uncased-abstract"
 TINY_NAMES = {"seq": "tiny:esm2_t6 (random init)", "str": "tiny:gearnet_edge [32]*6 (random init)",
               "func": "tiny:bert_2layer (random init)"}
+TINY_ESM_LAYER = 6
 # torchdrug's archives of the DeepFRI sets (torchdrug/datasets/enzyme_commission.py, gene_ontology.py)
 TORCHDRUG_ZIPS = {
     "ec": ("EnzymeCommission", "https://zenodo.org/record/6622158/files/EnzymeCommission.zip",
@@ -105,7 +141,12 @@ TORCHDRUG_ZIPS = {
 }
 GO_BRANCHES = {"molecular_function": "go-mf", "biological_process": "go-bp", "cellular_component": "go-cc"}
 CUTOFF_COLUMNS = {"<30%": "30", "<40%": "40", "<50%": "50", "<70%": "70", "<95%": "95"}
+SPLITS = ("train", "valid", "test")
 CHUNK = 2000  # proteins read and encoded together; bounds memory on large sets
+EXIT_OK, EXIT_INCOMPLETE, EXIT_FATAL, EXIT_PARTIAL = 0, 1, 2, 3
+EXIT_CODES = ("exit status: 0 everything requested was done; 3 finished, but some proteins failed (listed in "
+              "summary.json); 2 could not start or nothing to do; 1 --merge while a shard is unfinished")
+TINY_HINT = " (--encoders tiny runs small random-init encoders instead: for tests only, the features mean nothing)"
 
 
 def _opt(default, help, **kw):
@@ -114,32 +155,50 @@ def _opt(default, help, **kw):
 
 @dataclass
 class ExtractConfig:
-    source: str = _opt("fasta", "where the proteins come from", choices=SOURCES)
+    source: str = _opt(None, "where the proteins come from (default: inferred from the one input flag given: "
+                       "--fasta, --pdb-dir, --protdescribe, --af-dir with --protdescribe, --data with "
+                       "EnzymeCommission / GeneOntology in its name)", choices=SOURCES)
     out: str = _opt(None, "feature set directory (default features/<source>; the demo: "
                     "features/demo-tiny, or demo-real; alphafold: the paired set)")
     modality: tuple = _opt(MODALITIES, "modalities to extract (those a protein lacks input for are left out)",
                            nargs="+", choices=MODALITIES)
-    encoders: str = _opt("real", "real: ESM-1b, GearNet-Edge, PubMedBERT-abs; tiny: small random-init "
-                         "models of the same architectures, offline, for tests and the demo only",
+    encoders: str = _opt("real", "real: ESM-1b (or --esm-model), GearNet-Edge, PubMedBERT-abs; tiny: small "
+                         "random-init models of the same architectures, offline, for tests and the demo only",
                          choices=("real", "tiny"))
     fasta: str = _opt(None, "FASTA file (--source fasta)")
     pdb_dir: str = _opt(None, "directory of structures <id>.pdb|.cif[.gz] (pdb-dir; optional for fasta, "
                         "protdescribe, ec/go with DeepFRI files)")
     protdescribe: str = _opt(None, "ProtST's uniprot_sprot_filtered.tsv (protdescribe, alphafold; gives "
                              "the text of matching ids for fasta / pdb-dir)")
-    id_column: str = _opt(None, f"accession column of --protdescribe (default: first of {', '.join(ID_COLUMNS)})")
-    af_dir: str = _opt(None, "directory of AlphaFold DB files AF-<accession>-F1-model_v*.pdb[.gz] (alphafold)")
+    id_column: str = _opt(None, f"id column of --protdescribe (default: the first of {', '.join(ID_COLUMNS)} "
+                          "in its header; none: rows are named row000001, ...)")
+    af_dir: str = _opt(None, "AlphaFold DB files AF-<accession>-F1-model_v<k>.pdb[.gz]: a directory, or the "
+                       "tar archive itself (e.g. swissprot_pdb_v2.tar; read in place)")
+    join: str = _opt("auto", "alphafold: pair AF files with ProtDescribe rows by accession (needs an id column "
+                     "of UniProt accessions) or by exact sequence; auto: accession when the id column holds "
+                     "accessions, else sequence", choices=("auto", "accession", "sequence"))
     unpaired: bool = _opt(False, "alphafold: also write the unpaired sets seqstr (AF only) and seqfunc "
                           "(ProtDescribe only) next to --out")
-    data: str = _opt(None, "ec/go: torchdrug's EnzymeCommission.zip / GeneOntology.zip, its extracted "
-                     "directory, or a directory of DeepFRI's files (nrPDB-EC_*_annot.tsv, *_train.txt, ...)")
+    pick: tuple = _opt(None, "alphafold: pretraining subsets as in the paper (120000 25000 25000): a seeded "
+                       "random choice of PAIRED triplets (-> --out), SEQSTR AF-only-used and SEQFUNC "
+                       "ProtDescribe-only-used proteins (-> seqstr/, seqfunc/ next to --out), the three "
+                       "disjoint by id and sequence; the chosen ids go to <out>/picks.json",
+                       nargs=3, type=int, metavar=("PAIRED", "SEQSTR", "SEQFUNC"))
+    seed: int = _opt(0, "random seed of --pick", type=int)
+    data: str = _opt(None, "ec/go: torchdrug's EnzymeCommission.zip / GeneOntology.zip, the directory torchdrug "
+                     "or this script extracted it to, or a directory of DeepFRI's files "
+                     "(nrPDB-EC_*_annot.tsv, *_train.txt, ...)")
     download: bool = _opt(False, "ec/go: download torchdrug's archive into --data-dir (md5-checked)")
     data_dir: str = _opt("data", "where downloads are stored and archives extracted (also the demo's raw files)")
     demo_n: int = _opt(None, "demo: number of synthetic proteins (default: demo.py's)", type=int)
-    gearnet_ckpt: str = _opt(None, "torchdrug GearNet-Edge state_dict, e.g. mc_gearnet_edge.pth (needed "
-                             "for real str features; solver checkpoints {'model': ...} work too)")
-    esm_weights: str = _opt(None, "local esm1b_t33_650M_UR50S.pt (default: fair-esm's file, downloaded once "
-                            "into the torch hub cache; either is loaded with weights_only=True)")
+    esm_model: str = _opt(None, "fair-esm model whose last layer gives the seq features, e.g. "
+                          f"{ESM1B_NAME} (the paper's), esm2_t33_650M_UR50D (default: the --esm-weights "
+                          f"file's name, as fair-esm names local files, else {ESM1B_NAME})")
+    esm_weights: str = _opt(None, "local fair-esm checkpoint (.pt), e.g. esm1b_t33_650M_UR50S.pt: nothing is "
+                            "downloaded (default: fair-esm's file, downloaded once into the torch hub cache)")
+    gearnet_ckpt: str = _opt(None, "GearNet-Edge weights, e.g. mc_gearnet_edge.pth (needed for real str "
+                             "features): a plain state_dict, a torchdrug solver checkpoint {'model': ...} or a "
+                             "DDP one ('module.' keys)")
     text_model: str = _opt(PUBMEDBERT, "Hugging Face name or local directory of the text model")
     toks_per_batch: int = _opt(4096, "token budget per ESM / text batch, sorted by length (fair-esm's extract.py)",
                                type=int)
@@ -163,11 +222,23 @@ class InputError(ValueError):
 
 
 class FatalError(Exception):
-    """The run cannot start: one line, exit status 2."""
+    """The run cannot start or has nothing to do: one line, exit status 2."""
 
 
 def log(msg, err=False):
     tqdm.write(msg, file=sys.stderr if err else sys.stdout)
+
+
+def progress(iterable, desc, total=None):
+    """tqdm bar; when stderr is not a terminal (a log file, a batch job) it updates once a minute at
+    most, so redirected logs do not fill with bar updates."""
+    tty = sys.stderr.isatty()
+    return tqdm(iterable, desc=desc, total=total, mininterval=0.1 if tty else 60, maxinterval=10 if tty else 60)
+
+
+def digest(data):
+    """Short checksum (16 hex digits) of bytes or text, for the manifest's provenance columns."""
+    return hashlib.blake2b(data.encode() if isinstance(data, str) else data, digest_size=8).hexdigest()
 
 
 # ----------------------------------------------------------------------------- readers (pure)
@@ -197,14 +268,34 @@ def read_fasta(path):
     return records
 
 
+@dataclass
+class ProtDescribe:
+    """A ProtDescribe TSV as read by read_protdescribe."""
+    path: str
+    id_column: str          # None: no id column, rows are named row000001, ... by position
+    rows: list              # dict(id, sequence, fields={ProteinName, ...}, line)
+    longer: int = 0         # rows with more fields than the header (the first ones kept, as ProtST does)
+    shorter: int = 0        # rows with fewer fields than the header (the missing ones empty)
+
+    def ids_are_accessions(self):
+        """True when most ids look like UniProt accessions (P00698), not entry names (LYSC_CHICK)."""
+        if self.id_column is None or not self.rows:
+            return False
+        sample = self.rows[:1000]
+        return sum(bool(UNIPROT_ACCESSION.match(r["id"])) for r in sample) >= 0.9 * len(sample)
+
+
 def read_protdescribe(path, id_column=None):
-    """ProtST's uniprot_sprot_filtered.tsv (header row, tab-separated, read as ProtST reads it).
-    Returns (id column, [dict(id, sequence, fields={ProteinName, Function, SubcellularLocation,
-    Similarity})]). A row with another number of fields than the header is a FatalError."""
+    """ProtST's uniprot_sprot_filtered.tsv, read as ProtST's UniProtSeqText.load_tsv reads it: csv with tab
+    delimiter, the first row names the fields, and a row with more fields than the header keeps the first
+    ones. Fields Sequence, ProteinName, Function, SubcellularLocation, Similarity by name; the id column is
+    `id_column`, else the first of ID_COLUMNS in the header, else none (ids row000001, ...)."""
     try:
         return _read_protdescribe(path, id_column)
     except UnicodeDecodeError as e:
         raise FatalError(f"{path}: not UTF-8 text ({e})") from None
+    except csv.Error as e:
+        raise FatalError(f"{path}: not a tab-separated table ({e})") from None
 
 
 def _read_protdescribe(path, id_column):
@@ -214,21 +305,32 @@ def _read_protdescribe(path, id_column):
         header = next(reader, [])
         if id_column is None:
             id_column = next((c for c in ID_COLUMNS if c in header), None)
-        missing = [c for c in (id_column, SEQUENCE_FIELD) if c not in header]
-        if missing:
-            raise FatalError(f"{path}: no column {' / '.join(str(m) for m in missing)} in the header "
-                             f"({', '.join(header)}); name the accession column with --id-column")
-        rows = []
+        elif id_column not in header:
+            raise FatalError(f"{path}: --id-column {id_column!r} is not in the header ({', '.join(header)})")
+        if SEQUENCE_FIELD not in header:
+            raise FatalError(f"{path}: no column {SEQUENCE_FIELD} in the header ({', '.join(header)}): not "
+                             "ProtST's uniprot_sprot_filtered.tsv?")
+        table = ProtDescribe(str(path), id_column, [])
         for values in reader:
             if not values:
                 continue
-            if len(values) != len(header):
-                raise FatalError(f"{path}:{reader.line_num}: {len(values)} tab-separated fields, the header "
-                                 f"has {len(header)} (a tab or newline inside a field?)")
-            row = dict(zip(header, values))
-            rows.append({"id": row[id_column].strip(), "sequence": row[SEQUENCE_FIELD].strip(),
-                         "fields": {k: row.get(k, "") for k in TEXT_FIELDS}})
-    return id_column, rows
+            table.longer += len(values) > len(header)
+            table.shorter += len(values) < len(header)
+            row = dict(zip(header, values[:len(header)]))  # ProtST: "to handle rows with unexpected columns"
+            pid = row.get(id_column, "").strip() if id_column else f"row{len(table.rows) + 1:06d}"
+            table.rows.append({"id": pid, "sequence": row.get(SEQUENCE_FIELD, "").strip(),
+                               "fields": {k: row.get(k, "") for k in TEXT_FIELDS}, "line": reader.line_num})
+    if not table.rows:
+        raise FatalError(f"{path}: no data rows under the header")
+    notes = []
+    if table.longer:
+        notes.append(f"{table.longer} rows have more fields than the header (the first {len(header)} kept, "
+                     "as ProtST does)")
+    if table.shorter:
+        notes.append(f"{table.shorter} rows have fewer fields than the header (the missing ones are empty)")
+    what = f"id column {id_column}" if id_column else "no id column (rows named row000001, ...)"
+    log(f"protdescribe: {path}: {len(table.rows)} rows, {what}" + (f"; {'; '.join(notes)}" if notes else ""))
+    return table
 
 
 def read_deepfri_annot(path):
@@ -447,11 +549,97 @@ def tiny_vocab():
     return list(dict.fromkeys(vocab))  # a token listed twice would get two ids
 
 
-class SeqEncoder:
-    """A fair-esm model; __call__(sequences) -> per-residue [L_i, d] float32 (BOS/EOS rows dropped)."""
+# Checkpoints from elsewhere (fair-esm's .pt, GearNet's .pth) are unpickled by SafeUnpickler: every global
+# the pickle names is looked up in SAFE_GLOBALS (torch's own weights_only allowlist -- tensor and storage
+# rebuilding, dtypes, OrderedDict, ... -- plus argparse.Namespace, which fair-esm's 'args'/'cfg' are); any
+# other global becomes an Unloaded placeholder class: nothing is imported, nothing is called. So a file
+# with optimizer state, numpy scalars or classes of someone's training code loads, and a file built to run
+# code (os.system in a __reduce__) runs none. torch.load takes it as pickle_module (which requires
+# weights_only=False: the allowlist here is the stricter one about code).
 
-    def __init__(self, model, alphabet, layer, device):
+class Unloaded:
+    """Stands in for an object of a pickled class or function outside SAFE_GLOBALS: whatever the pickle
+    passes to it (arguments, state, items) is kept as data, nothing is executed."""
+    qualname = "?"
+
+    def __new__(cls, *args, **kwargs):
+        self = object.__new__(cls)
+        self.args, self.kwargs, self.state, self.items = args, kwargs, None, {}
+        return self
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __setitem__(self, key, value):
+        self.items[key] = value
+
+    def append(self, value):
+        self.items[len(self.items)] = value
+
+    def extend(self, values):
+        for value in values:
+            self.append(value)
+
+    def __repr__(self):
+        return f"<not loaded: {self.qualname}>"
+
+
+_UNLOADED = {}
+
+
+def _safe_globals():
+    allowed = {"argparse.Namespace": argparse.Namespace, "collections.OrderedDict": OrderedDict,
+               "torch._utils._rebuild_tensor_v2": torch._utils._rebuild_tensor_v2,
+               "torch._utils._rebuild_parameter": torch._utils._rebuild_parameter,
+               "torch.Size": torch.Size, "torch.device": torch.device}
+    allowed.update({str(t): t for t in (torch.float16, torch.float32, torch.float64, torch.bfloat16,
+                                        torch.int64, torch.int32, torch.uint8, torch.bool)})
+    try:  # torch's weights_only allowlist (private, present since torch 2.0)
+        from torch import _weights_only_unpickler
+        allowed.update(_weights_only_unpickler._get_allowed_globals())
+    except (ImportError, AttributeError):
+        pass
+    return allowed
+
+
+class SafeUnpickler(pickle.Unpickler):
+    safe_globals = None
+
+    def find_class(self, module, name):
+        key = f"{module}.{name}"
+        if SafeUnpickler.safe_globals is None:
+            SafeUnpickler.safe_globals = _safe_globals()
+        if key in SafeUnpickler.safe_globals:
+            return SafeUnpickler.safe_globals[key]
+        if key not in _UNLOADED:
+            _UNLOADED[key] = type(f"Unloaded[{key}]", (Unloaded,), {"qualname": key})
+        return _UNLOADED[key]
+
+
+SAFE_PICKLE = types.ModuleType("safe_pickle", "pickle_module for torch.load: SafeUnpickler")
+SAFE_PICKLE.Unpickler = SafeUnpickler
+SAFE_PICKLE.load = lambda file, **kw: SafeUnpickler(file, **kw).load()
+
+
+def safe_load(path):
+    """torch.load of a checkpoint file through SafeUnpickler, on the CPU."""
+    return torch.load(path, map_location="cpu", weights_only=False, pickle_module=SAFE_PICKLE)
+
+
+def _describe(x):
+    return f"a {type(x).__name__}" + (f" with keys {sorted(map(str, x))[:8]}" if isinstance(x, dict) else "")
+
+
+class SeqEncoder:
+    """A fair-esm model; __call__(sequences) -> per-residue [L_i, d] float32 (BOS/EOS rows dropped).
+    name / weights: the fair-esm name and the local file it came from ("" for the hub cache)."""
+
+    def __init__(self, model, alphabet, layer, device, name="", weights=""):
         self.model, self.alphabet, self.layer, self.device = model.to(device).eval(), alphabet, layer, device
+        self.name, self.weights = name, weights
         self.batch_converter = alphabet.get_batch_converter()
         self.offset = int(alphabet.prepend_bos)
 
@@ -487,103 +675,327 @@ class TextEncoder:
 
 
 def gearnet_state_dict(path):
-    """A torchdrug GearNet state_dict from a plain state_dict file or a solver checkpoint
-    ({'model': {'model.layers.0...', 'mlp...'}}): the GearNet keys with their prefix stripped."""
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    """The GearNet keys, prefix stripped, of a GearNet-Edge checkpoint as GearNet's scripts and torchdrug
+    save them: a plain state_dict (script/pretrain.py: torch.save(model.state_dict())), an Engine.save
+    solver checkpoint {'model': task state_dict ('model.layers...', 'mlp...'), 'optimizer': ...}, or either
+    with DDP's 'module.' prefix. Read with safe_load."""
+    sd = safe_load(path)
     if isinstance(sd, dict) and isinstance(sd.get("model"), dict):
         sd = sd["model"]
+    if not isinstance(sd, dict):
+        raise ValueError(f"expected a state_dict (dict of tensors), found {_describe(sd)}")
     prefixes = {m.group(1) or "" for k in sd
-                if (m := re.match(r"^(.*\.)?layers\.0\.self_loop\.weight$", k))}
+                if (m := re.match(r"^(.*\.)?layers\.0\.self_loop\.weight$", str(k)))}
     if len(prefixes) != 1:
-        raise FatalError(f"{path}: expected one GearNet in the state_dict, found "
-                         f"{len(prefixes)} ('layers.0.self_loop.weight' under {sorted(prefixes) or 'no prefix'})")
+        raise ValueError(f"expected one GearNet in the state_dict, found {len(prefixes)} "
+                         f"('layers.0.self_loop.weight' under {sorted(prefixes) or 'no prefix'})")
     prefix = prefixes.pop()
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
-def esm1b_checkpoint():
-    """Path of ESM-1b's checkpoint in the torch hub cache, downloaded from fair-esm's URL when not there
-    yet (download_url_to_file writes a temporary file and renames it, so a broken download leaves none)."""
-    path = Path(torch.hub.get_dir()) / "checkpoints" / f"{ESM1B_NAME}.pt"
+# ----------------------------------------------------------------------------- fair-esm models
+
+def esm_model_name(cfg):
+    """--esm-model; by default the --esm-weights file's stem (fair-esm's load_model_and_alphabet_local
+    names a local model by it), else ESM-1b."""
+    if cfg.esm_model:
+        return cfg.esm_model
+    return Path(cfg.esm_weights).stem if cfg.esm_weights else ESM1B_NAME
+
+
+def esm_checkpoint(name):
+    """Path of fair-esm's checkpoint <name>.pt in the torch hub cache (where fair-esm's own hub loader keeps
+    it), downloaded from fair-esm's URL when not there yet (download_url_to_file writes a temporary file and
+    renames it, so a broken download leaves none)."""
+    if not ESM_NAME.match(name):
+        raise FatalError(f"--esm-model {name!r} is not a fair-esm ESM-1b / ESM-1v / ESM-2 name (e.g. {ESM1B_NAME}, "
+                         "esm2_t33_650M_UR50D); a local checkpoint goes to --esm-weights PATH")
+    path = Path(torch.hub.get_dir()) / "checkpoints" / f"{name}.pt"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        log(f"download {ESM1B_URL} -> {path}")
-        torch.hub.download_url_to_file(ESM1B_URL, str(path), progress=True)
+        log(f"download {ESM_URL.format(name)} -> {path}")
+        torch.hub.download_url_to_file(ESM_URL.format(name), str(path), progress=True)
     return path
 
 
-def load_esm1b(path):
-    """(model, alphabet) of an ESM-1b-format checkpoint {'args': Namespace, 'model': state_dict} loaded
-    with weights_only=True (a file from elsewhere cannot run code; only argparse.Namespace is allowed
-    besides tensors). The contact-regression weights are not loaded: only representations are used."""
+def load_esm(path, name=ESM1B_NAME):
+    """(model, alphabet, layer) of a fair-esm checkpoint file, read with safe_load: only 'args' (ESM-1,
+    ESM-1b, ESM-1v: fairseq's Namespace, 'encoder.sentence_encoder.' keys) or 'cfg' (ESM-2: cfg['model'] a
+    Namespace) and 'model' are used, whatever else the file holds; built by fair-esm's
+    load_model_and_alphabet_core (the format, not the name, picks ESM-2's code). layer = the model's
+    last layer. The contact-regression weights are not needed (representations only)."""
     import esm
-    with torch.serialization.safe_globals([argparse.Namespace]):  # ESM checkpoints hold their args
-        data = torch.load(path, map_location="cpu", weights_only=True)
+    data = safe_load(path)
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict) or not ("args" in data or "cfg" in data):
+        raise ValueError(f"not a fair-esm checkpoint: expected a dict with 'model' and 'args' (ESM-1b) or 'cfg' "
+                         f"(ESM-2), found {_describe(data)}")
+    if "cfg" in data:
+        cfg = data["cfg"]
+        model_cfg = cfg.get("model") if isinstance(cfg, dict) else getattr(cfg, "model", None)
+        if not isinstance(model_cfg, argparse.Namespace):
+            raise ValueError(f"cfg['model'] is {_describe(model_cfg)}, expected an argparse.Namespace (ESM-2 format)")
+        payload, core = {"cfg": {"model": model_cfg}, "model": data["model"]}, "esm2"
+    else:
+        if not isinstance(data["args"], argparse.Namespace):
+            raise ValueError(f"'args' is {_describe(data['args'])}, expected an argparse.Namespace (ESM-1b format)")
+        payload, core = {"args": data["args"], "model": data["model"]}, name.replace("esm2", "esm1b")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Regression weights not found")
-        return esm.pretrained.load_model_and_alphabet_core(ESM1B_NAME, data, None)
+        model, alphabet = esm.pretrained.load_model_and_alphabet_core(core, payload, None)
+    return model.eval(), alphabet, len(model.layers)
+
+
+def tiny_esm():
+    """(model, alphabet, layer) of the tiny encoder set: an ESM-2 of 6 layers, width 64, seed 0."""
+    import esm
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        alphabet = esm.data.Alphabet.from_architecture("ESM-1b")
+        model = esm.model.esm2.ESM2(num_layers=TINY_ESM_LAYER, embed_dim=64, attention_heads=4, alphabet=alphabet)
+    return model.eval(), alphabet, TINY_ESM_LAYER
+
+
+def esm_fix(name, weights):
+    """The flag that fixes a failed ESM load."""
+    if weights:
+        return (f"check --esm-weights {weights}: a fair-esm checkpoint (.pt with 'model' and 'args' or 'cfg'), "
+                f"e.g. {ESM_URL.format(name if ESM_NAME.match(name) else ESM1B_NAME)}")
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / f"{name}.pt"
+    if cached.exists():
+        return f"the cached {cached} may be damaged: delete it, or pass --esm-weights PATH"
+    return (f"no network here? download {ESM_URL.format(name)} elsewhere and pass --esm-weights PATH "
+            f"(or put it at {cached})")
+
+
+def resolve_esm(name, weights=None):
+    """(model, alphabet, layer, weights path or "") of a real fair-esm model: from `weights` when given,
+    else fair-esm's file in the torch hub cache (downloaded once). FatalError with the full reason and the
+    flag that fixes it when it cannot be loaded."""
+    try:
+        if weights:
+            path = Path(weights).resolve()
+            model, alphabet, layer = load_esm(path, name)
+            m = ESM_NAME.match(name)
+            if m and int(m.group(2)) != layer:
+                log(f"warning: --esm-weights {weights} holds a {layer}-layer model, the name {name} says "
+                    f"{m.group(2)}; its last layer, {layer}, gives the features", err=True)
+            return model, alphabet, layer, str(path)
+        model, alphabet, layer = load_esm(esm_checkpoint(name), name)
+        return model, alphabet, layer, ""
+    except FatalError:
+        raise
+    except Exception as e:  # no network, missing or corrupt file, wrong format: all end the run the same way
+        raise FatalError(f"could not load ESM model {name}{f' from {weights}' if weights else ''}: "
+                         f"{type(e).__name__}: {full_reason(e)} -- fix: {esm_fix(name, weights)}{TINY_HINT}") from None
+
+
+def full_reason(e):
+    """The whole message of an exception on one line (multi-line messages of transformers / torch joined)."""
+    return " ".join(str(e).split()) or "(no message)"
+
+
+def legacy_esm_name(info):
+    """The fair-esm name of an info.json written before esm_model existed (always ESM-1b then)."""
+    name = str(info.get("encoders", {}).get("seq", ""))
+    return name if ESM_NAME.match(name) else ESM1B_NAME
+
+
+def is_real_esm(info):
+    """True when the feature set's sequence features came from a real fair-esm model (not tiny, not
+    demo.py's synthetic features)."""
+    return (not info.get("tiny") and not info.get("synthetic")
+            and bool(info.get("esm_model") or info.get("encoders", {}).get("seq")))
+
+
+def load_sequence_encoder(info, esm_weights=None, device="cpu"):
+    """(model, alphabet, layer, label): the sequence encoder a feature set's seq features came from, rebuilt
+    from its info.json for ESM in the loop (finetune.py --esm finetune). Tiny sets get the tiny ESM-2
+    exactly as the tiny extraction builds it; real ones the fair-esm model info["esm_model"] from
+    `esm_weights`, else info["esm_weights"], else fair-esm's hub cache / download. FatalError (full reason,
+    flag that fixes it) when it cannot be had or does not match the features (layer count, width)."""
+    if info.get("synthetic"):
+        raise FatalError("the feature set's sequence features are synthetic (demo.py): no sequence encoder made "
+                         "them; use --esm frozen, or extract real features")
+    if info.get("tiny"):
+        model, alphabet, layer = tiny_esm()
+        label = TINY_NAMES["seq"]
+    else:
+        name = info.get("esm_model") or legacy_esm_name(info)
+        weights = esm_weights or info.get("esm_weights") or None
+        if weights and not Path(weights).exists():
+            raise FatalError(f"ESM weights {weights} (from {'--esm-weights' if esm_weights else 'info.json'}) not "
+                             f"found: pass --esm-weights PATH of the {name} checkpoint the features were made with")
+        model, alphabet, layer, used = resolve_esm(name, weights)
+        label = name + (f" ({used})" if used else "")
+        want_layer, want_dim = info.get("esm_layer"), info.get("dims", {}).get("seq")
+        dim = model.embed_tokens.embedding_dim
+        if (want_layer is not None and want_layer != layer) or (want_dim is not None and want_dim != dim):
+            raise FatalError(f"{label} has {layer} layers of width {dim}, the features came from layer "
+                             f"{want_layer} of width {want_dim}: pass --esm-weights PATH of the model the "
+                             "features were made with")
+    return model.to(device).eval(), alphabet, layer, label
+
+
+# ----------------------------------------------------------------------------- loading the encoders
+
+def text_model_name(cfg):
+    """--text-model as recorded: a local directory by its absolute path, a hub name as given."""
+    path = Path(cfg.text_model).expanduser()
+    return str(path.resolve()) if path.is_dir() else cfg.text_model
 
 
 def encoder_names(cfg):
     if cfg.encoders == "tiny":
         return dict(TINY_NAMES)
     ckpt = Path(cfg.gearnet_ckpt).name if cfg.gearnet_ckpt else "?"
-    return {"seq": ESM1B_NAME, "str": f"gearnet_edge:{ckpt}", "func": cfg.text_model}
+    return {"seq": esm_model_name(cfg), "str": f"gearnet_edge:{ckpt}", "func": text_model_name(cfg)}
+
+
+def text_fix(cfg):
+    path = Path(cfg.text_model).expanduser()
+    if path.is_dir():
+        return (f"check --text-model {cfg.text_model}: a directory with config.json, vocab.txt (or tokenizer.json) "
+                "and the weights (pytorch_model.bin or model.safetensors)")
+    if cfg.text_model.startswith(("/", ".", "~")) or cfg.text_model.count("/") > 1:
+        return (f"--text-model {cfg.text_model}: no such directory; pass --text-model DIR of a local copy of "
+                f"{PUBMEDBERT} (config.json, vocab.txt, weights)")
+    return (f"no network here (or HF_HUB_OFFLINE=1)? download {cfg.text_model} elsewhere (e.g. `hf download "
+            f"{cfg.text_model} --local-dir DIR`) and pass --text-model DIR")
+
+
+def load_text_model(name):
+    """(tokenizer, model) of a Hugging Face BERT-style model; the pooler, unused, is not built for BERT."""
+    import transformers
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # "weights not used: cls.predictions..." is expected
+    try:
+        config = AutoConfig.from_pretrained(name)
+        extra = {"add_pooling_layer": False} if config.model_type == "bert" else {}
+        return AutoTokenizer.from_pretrained(name), AutoModel.from_pretrained(name, **extra)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
 
 
 def load_encoder(modality, cfg, device):
-    """The encoder of one modality, loaded on first need. Real weights that cannot be had (offline, no
-    --gearnet-ckpt) raise FatalError with one line that suggests --encoders tiny."""
+    """The encoder of one modality, loaded on first need. Weights that cannot be had raise FatalError
+    with the full reason and the flag that fixes it (--esm-weights, --text-model, --gearnet-ckpt)."""
     tiny = cfg.encoders == "tiny"
-    try:
-        if modality == "seq":
-            import esm
-            if tiny:
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(0)
-                    alphabet = esm.data.Alphabet.from_architecture("ESM-1b")
-                    model = esm.model.esm2.ESM2(num_layers=6, embed_dim=64, attention_heads=4, alphabet=alphabet)
-                return SeqEncoder(model, alphabet, 6, device)
-            model, alphabet = load_esm1b(cfg.esm_weights or esm1b_checkpoint())
-            return SeqEncoder(model, alphabet, ESM1B_LAYER, device)
-        if modality == "str":
-            if tiny:
-                model = gearnet.tiny_gearnet(seed=0)
-            elif not cfg.gearnet_ckpt:
-                raise FatalError("real structure features need --gearnet-ckpt PATH (a torchdrug GearNet-Edge "
-                                 "state_dict such as mc_gearnet_edge.pth); or run with --encoders tiny")
-            else:
-                model = gearnet.GearNetEdge.from_state_dict(gearnet_state_dict(cfg.gearnet_ckpt))
-            return model.to(device).eval()
-        from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, BertTokenizerFast
+    if modality == "seq":
         if tiny:
-            with tempfile.TemporaryDirectory() as tmp:
-                Path(tmp, "vocab.txt").write_text("\n".join(tiny_vocab()) + "\n")
-                tokenizer = BertTokenizerFast.from_pretrained(tmp, do_lower_case=True)
-            config = BertConfig(vocab_size=len(tokenizer), hidden_size=48, num_hidden_layers=2,
-                                num_attention_heads=4, intermediate_size=96, max_position_embeddings=512)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)
-                model = BertModel(config, add_pooling_layer=False)
-            return TextEncoder(tokenizer, model, device)
-        return TextEncoder(AutoTokenizer.from_pretrained(cfg.text_model), AutoModel.from_pretrained(cfg.text_model),
-                           device)
-    except FatalError:
-        raise
+            model, alphabet, layer = tiny_esm()
+            return SeqEncoder(model, alphabet, layer, device, TINY_NAMES["seq"])
+        name = esm_model_name(cfg)
+        model, alphabet, layer, weights = resolve_esm(name, cfg.esm_weights)
+        log(f"sequence encoder: {name}{f' from {weights}' if weights else ''}, layer {layer} of {layer}")
+        return SeqEncoder(model, alphabet, layer, device, name, weights)
+    if modality == "str":
+        if tiny:
+            return gearnet.tiny_gearnet(seed=0).to(device).eval()
+        if not cfg.gearnet_ckpt:
+            raise FatalError("real structure features need --gearnet-ckpt PATH (GearNet-Edge weights such as "
+                             "mc_gearnet_edge.pth from the GearNet repository)" + TINY_HINT)
+        try:
+            model = gearnet.GearNetEdge.from_state_dict(gearnet_state_dict(cfg.gearnet_ckpt))
+        except Exception as e:
+            raise FatalError(f"could not load GearNet-Edge from {cfg.gearnet_ckpt}: {type(e).__name__}: "
+                             f"{full_reason(e)} -- fix: pass --gearnet-ckpt PATH of a GearNet-Edge state_dict "
+                             "(plain, torchdrug solver {'model': ...} or DDP)" + TINY_HINT) from None
+        return model.to(device).eval()
+    if tiny:
+        from transformers import BertConfig, BertModel, BertTokenizerFast
+        with tempfile.TemporaryDirectory() as tmp:
+            Path(tmp, "vocab.txt").write_text("\n".join(tiny_vocab()) + "\n")
+            tokenizer = BertTokenizerFast.from_pretrained(tmp, do_lower_case=True)
+        config = BertConfig(vocab_size=len(tokenizer), hidden_size=48, num_hidden_layers=2,
+                            num_attention_heads=4, intermediate_size=96, max_position_embeddings=512)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = BertModel(config, add_pooling_layer=False)
+        return TextEncoder(tokenizer, model, device)
+    try:
+        tokenizer, model = load_text_model(cfg.text_model)
     except Exception as e:  # no network, missing cache, corrupt file: all end the run the same way
-        what = {"seq": ESM1B_NAME, "str": f"GearNet-Edge ({cfg.gearnet_ckpt})", "func": cfg.text_model}[modality]
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        raise FatalError(f"could not load {what}: {type(e).__name__}: {first} -- without internet or a "
-                         "local copy, run with --encoders tiny (small random-init encoders)") from None
+        raise FatalError(f"could not load the text model {cfg.text_model}: {type(e).__name__}: {full_reason(e)} "
+                         f"-- fix: {text_fix(cfg)}{TINY_HINT}") from None
+    return TextEncoder(tokenizer, model, device)
+
+
+
 
 
 # ----------------------------------------------------------------------------- proteins and their files
+
+@dataclass(frozen=True)
+class ArchiveMember:
+    """A structure file inside an uncompressed tar archive (AlphaFold DB's swissprot_pdb_v<k>.tar), read
+    in place: its data are `size` bytes at `offset`."""
+    archive: Path
+    name: str
+    offset: int
+    size: int
+
+    def __str__(self):
+        return f"{self.archive}::{self.name}"
+
+
+def tar_members(archive):
+    """(base name, ArchiveMember) of every regular file in an uncompressed tar, in archive order. Only
+    the headers are read (the member list is dropped as it grows, so memory stays flat)."""
+    try:
+        with tarfile.open(archive, "r:") as tf:
+            for member in tf:
+                if member.isfile():
+                    yield Path(member.name).name, ArchiveMember(Path(archive), member.name, member.offset_data,
+                                                                member.size)
+                tf.members = []
+    except tarfile.ReadError as e:
+        raise FatalError(f"{archive}: not an uncompressed tar archive ({e}); AlphaFold DB's "
+                         "swissprot_pdb_v<k>.tar is one (its members are .pdb.gz)") from None
+
+
+def structure_name(ref):
+    return Path(ref.name if isinstance(ref, ArchiveMember) else ref).name
+
+
+def structure_bytes(ref):
+    """The content of a structure file (a path or an ArchiveMember), gunzipped when its name ends in .gz."""
+    if isinstance(ref, ArchiveMember):
+        with open(ref.archive, "rb") as f:
+            f.seek(ref.offset)
+            data = f.read(ref.size)
+        if len(data) != ref.size:
+            raise EOFError(f"{ref.archive} ends inside member {ref.name}")
+    else:
+        data = Path(ref).read_bytes()
+    return gzip.decompress(data) if structure_name(ref).endswith(".gz") else data
+
+
+def read_structure(ref):
+    """gearnet.read_structure of a path or an ArchiveMember, plus "sha" (checksum of the file's content),
+    with every way a file can be unreadable (bad content, missing columns, cut short, corrupt gzip, I/O,
+    not text) turned into one InputError naming the file."""
+    try:
+        data = structure_bytes(ref)
+        s = gearnet.read_structure(str(ref), text=data.decode())
+    except gearnet.StructureError as e:
+        raise InputError(str(e)) from None
+    # UnicodeDecodeError is a ValueError, gzip.BadGzipFile an OSError
+    except (OSError, ValueError, IndexError, KeyError, EOFError, zlib.error, tarfile.TarError) as e:
+        raise InputError(f"{ref}: unreadable structure ({type(e).__name__}: {e})") from None
+    s["sha"] = digest(data)
+    return s
+
+
+def has_text(fields):
+    return fields is not None and any((fields.get(k) or "").strip() for k in TEXT_FIELDS)
+
 
 @dataclass
 class Protein:
     id: str
     sequence: str = None      # given sequence (FASTA / TSV), None when only a structure exists
-    structure: Path = None    # structure file
+    structure: object = None  # structure file: a Path or an ArchiveMember
     fields: dict = None       # ProtDescribe text fields
     # set by prepare():
     seq: str = ""             # what the sequence encoder sees
@@ -593,36 +1005,28 @@ class Protein:
     modalities: tuple = ()
     text_ids: list = None
     shapes: dict = field(default_factory=dict)
+    sha: dict = field(default_factory=dict)  # modality -> checksum of what its features are computed from
     note: str = ""            # a modality left out for lack of input (listed in the summary)
 
 
-def read_structure(path):
-    """gearnet.read_structure, with every way a file can be unreadable (bad content, truncated or
-    corrupt gzip, I/O, not text) turned into one InputError."""
-    try:
-        return gearnet.read_structure(path)
-    except gearnet.StructureError as e:
-        raise InputError(str(e)) from None
-    except (OSError, ValueError, IndexError, EOFError, zlib.error) as e:  # UnicodeDecodeError is a ValueError
-        raise InputError(f"{path}: unreadable structure ({type(e).__name__}: {e})") from None
-
-
 def prepare(p, cfg, modalities):
-    """Read and check one protein's inputs; InputError (one line) when they are unusable."""
+    """Read and check one protein's inputs; InputError (one line) when they are unusable. Sets p.sha:
+    seq = the sequence the encoder sees (+ the window setting when --long sliding applies), str = the
+    structure file's content + the residues used, func = the four text fields."""
     if not p.id or "/" in p.id or p.id.startswith("."):
         raise InputError(f"id {p.id!r} cannot be a file name")
-    seq = p.sequence
+    seq, structure_sha = p.sequence, ""
     if p.structure is not None:
         s = read_structure(p.structure)
         if seq is not None and seq != s["sequence"]:
             gap = subsequence_gap(s["sequence"], seq)
             if gap is not None:
-                what = (f"sequence mismatch: {Path(p.structure).name} residue {gap + 1} ({s['residue_ids'][gap]} "
+                what = (f"sequence mismatch: {structure_name(p.structure)} residue {gap + 1} ({s['residue_ids'][gap]} "
                         f"{s['sequence'][gap]}) is not in the given sequence in order")
                 if cfg.on_mismatch == "skip":
                     raise InputError(what + " (--on-mismatch structure uses the structure's sequence)")
                 log(f"warning: {p.id}: {what}; using the structure's sequence", err=True)
-        seq, p.chain = s["sequence"], s["chain"]
+        seq, p.chain, structure_sha = s["sequence"], s["chain"], s["sha"]
         p.graph_input = {k: s[k] for k in ("residue_type", "ca", "chain_index")}
     if seq is None:
         raise InputError("no sequence and no structure")
@@ -633,21 +1037,30 @@ def prepare(p, cfg, modalities):
         if p.graph_input is not None:
             p.graph_input = {k: v[:cfg.max_len] for k, v in p.graph_input.items()}
     p.seq = seq
-    has_text = p.fields is not None and any((p.fields.get(k) or "").strip() for k in TEXT_FIELDS)
-    if "func" in modalities and p.fields is not None and not has_text:
+    p.sha["seq"] = digest(seq if len(seq) <= cfg.max_len else f"{seq}|windows{cfg.max_len}")
+    if p.graph_input is not None:
+        p.sha["str"] = digest(f"{structure_sha}|{len(p.graph_input['ca'])}")
+    text = has_text(p.fields)
+    if text:
+        p.sha["func"] = digest(json.dumps([p.fields.get(k) or "" for k in TEXT_FIELDS]))
+    if "func" in modalities and p.fields is not None and not text:
         p.note = f"no text (the fields {', '.join(TEXT_FIELDS)} are all empty): func left out"
-    has = {"seq": True, "str": p.graph_input is not None, "func": has_text}
+    has = {"seq": True, "str": p.graph_input is not None, "func": text}
     p.modalities = tuple(m for m in MODALITIES if m in modalities and has[m])
     return p
 
 
 def save_tensor(x, path):
     """float16 copy of x written to a temporary file next to path, then renamed over it; InputError
-    (nothing written) when a value is not finite in float16 (|x| > 65504, or nan/inf already)."""
+    (nothing written) when a value is NaN or infinite, from the encoder or beyond float16's 65504."""
+    bad = (~torch.isfinite(x)).sum().item()
+    if bad:
+        raise InputError(f"the encoder gave {bad} non-finite values (NaN or inf) in [{', '.join(map(str, x.shape))}]"
+                         "; nothing written")
     y = x.to(torch.float16).contiguous().clone()
     if not torch.isfinite(y).all():
         raise InputError(f"a value is not finite in float16 (max |value| "
-                         f"{x.detach().float().abs().max().item():.4g}; float16 holds up to 65504)")
+                         f"{x.detach().float().abs().max().item():.4g}; float16 holds up to 65504); nothing written")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     torch.save(y, tmp)
@@ -675,35 +1088,73 @@ def write_text_atomic(path, text):
     os.replace(tmp, path)
 
 
-MANIFEST_COLUMNS = ("id", "L", "L_func", "modalities", "sequence", "L_full", "structure", "chain")
 
 
-def manifest_row(p):
-    return {"id": p.id, "L": len(p.seq), "L_func": p.shapes.get("func", (0,))[0],
-            "modalities": ",".join(p.modalities), "sequence": p.seq, "L_full": p.L_full,
-            "structure": str(p.structure or ""), "chain": p.chain}
+BASE_COLUMNS = ("id", "L", "L_func", "modalities", "sequence", "L_full", "structure", "chain")
+# provenance: sha_<m> = checksum of what <m>'s features were computed from, enc_<m> = the encoder
+MANIFEST_COLUMNS = BASE_COLUMNS + tuple(f"sha_{m}" for m in MODALITIES) + tuple(f"enc_{m}" for m in MODALITIES)
+
+
+def manifest_row(p, names):
+    row = {"id": p.id, "L": len(p.seq), "L_func": p.shapes.get("func", (0,))[0],
+           "modalities": ",".join(p.modalities), "sequence": p.seq, "L_full": p.L_full,
+           "structure": str(p.structure or ""), "chain": p.chain}
+    for m in MODALITIES:
+        row[f"sha_{m}"] = p.sha.get(m, "") if m in p.modalities else ""
+        row[f"enc_{m}"] = names.get(m, "") if m in p.modalities else ""
+    return row
 
 
 def write_manifest(path, rows):
     lines = ["\t".join(MANIFEST_COLUMNS)]
-    lines += ["\t".join(str(r[c]) for c in MANIFEST_COLUMNS) for r in sorted(rows, key=lambda r: r["id"])]
+    lines += ["\t".join(str(r.get(c, "")) for c in MANIFEST_COLUMNS) for r in sorted(rows, key=lambda r: r["id"])]
     write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 def read_manifest_rows(path):
-    """{id: row of strings} of a manifest file written by write_manifest ({} when there is none)."""
+    """{id: row of strings} of a manifest file written by write_manifest ({} when there is none). Rows of
+    manifests written before the provenance columns existed lack sha_* / enc_*."""
     if not path.exists():
         return {}
     with open(path, newline="") as f:
         rows = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        return {r["id"]: r for r in rows if r.get("id") and all(r.get(c) is not None for c in MANIFEST_COLUMNS)}
+        return {r["id"]: r for r in rows if r.get("id") and all(r.get(c) is not None for c in BASE_COLUMNS)}
 
 
-def kept_rows(out, path, todo_ids):
-    """Rows of the existing manifest `path` for ids this run did not handle whose feature files are
-    still there and valid: a partial re-run (--limit, another input) does not shrink the manifest."""
+def previous_rows(out):
+    """{id: row} of every manifest in `out` (manifest.tsv and shard manifests, the newest file winning):
+    what the existing feature files were computed from."""
+    files = [out / "manifest.tsv", *out.glob("manifest.shard-*-of-*.tsv")]
+    rows = {}
+    for path in sorted((f for f in files if f.exists()), key=lambda f: f.stat().st_mtime_ns):
+        rows.update(read_manifest_rows(path))
+    return rows
+
+
+def stale_reason(p, m, previous, names):
+    """Why the existing file of (p, m) must be recomputed although it loads, or None when it is up to date:
+    its manifest row records another input checksum or encoder, or it has no row (a killed run's last
+    chunk). Rows of older manifests without checksums: only a changed sequence counts."""
+    row = previous.get(p.id)
+    if row is None:
+        return "no manifest row records what the file was computed from"
+    if row.get(f"sha_{m}"):
+        if row[f"sha_{m}"] != p.sha.get(m):
+            return {"seq": "the sequence changed", "str": "the structure file changed",
+                    "func": "the text changed"}[m]
+        if row.get(f"enc_{m}") and row[f"enc_{m}"] != names.get(m):
+            return f"made by {row[f'enc_{m}']}"
+        return None
+    if m != "func" and row.get("sequence") and row["sequence"] != p.seq:
+        return "the sequence changed"
+    return None
+
+
+def kept_rows(out, rows, todo_ids):
+    """Manifest rows of earlier runs (`rows`: id -> row) for ids this run did not handle whose feature files
+    are still there and valid: a partial re-run (--limit, another input) does not shrink the manifest."""
     kept = []
-    for pid, r in read_manifest_rows(path).items():
+    for pid, r in rows.items():
         if pid in todo_ids:
             continue
         try:
@@ -733,6 +1184,22 @@ def write_info(out, rows, names=None, base=None, union=False):
     return info
 
 
+def esm_info(cfg, encoder, old):
+    """info.json's sequence-encoder fields, which finetune.py needs to rebuild the model for ESM in the loop
+    (load_sequence_encoder): from the encoder loaded in this run, else from the set's info.json (same
+    encoder: check_info refuses mixing), else from the name."""
+    if cfg.encoders == "tiny":
+        return {"esm_model": TINY_NAMES["seq"], "esm_weights": "", "esm_layer": TINY_ESM_LAYER}
+    name = esm_model_name(cfg)
+    if encoder is not None:
+        return {"esm_model": name, "esm_weights": encoder.weights, "esm_layer": encoder.layer}
+    if old.get("esm_model") == name:
+        return {k: old.get(k) for k in ("esm_model", "esm_weights", "esm_layer")}
+    m = ESM_NAME.match(name)
+    return {"esm_model": name, "esm_weights": str(Path(cfg.esm_weights).resolve()) if cfg.esm_weights else "",
+            "esm_layer": int(m.group(2)) if m else None}
+
+
 def merge_shards(out, n=None, names=None):
     """Merge manifest.shard-*-of-n.tsv into manifest.tsv when all n are there, and bring info.json's
     dims / encoders up to every modality of the merged rows; returns the row count or None (names
@@ -748,20 +1215,17 @@ def merge_shards(out, n=None, names=None):
         log(f"manifest: shards {missing} of {n} not finished yet; manifest.tsv is written by the last shard "
             f"or by --merge")
         return None
-    header, lines = None, []
+    rows = {}
     for i in range(n):
-        rows = (out / f"manifest.shard-{i}-of-{n}.tsv").read_text().splitlines()
-        header = header or rows[0]
-        lines += [r for r in rows[1:] if r.strip()]
-    lines.sort(key=lambda r: r.split("\t", 1)[0])
-    write_text_atomic(out / "manifest.tsv", "\n".join([header] + lines) + "\n")
+        rows.update(read_manifest_rows(out / f"manifest.shard-{i}-of-{n}.tsv"))
+    write_manifest(out / "manifest.tsv", list(rows.values()))
     if names is None:  # --merge alone: the encoder names the shards reported
         names = {}
         for f in sorted(out.glob(f"summary.shard-*-of-{n}.json")):
             names.update(json.loads(f.read_text()).get("encoders", {}))
-    write_info(out, list(read_manifest_rows(out / "manifest.tsv").values()), names, union=True)
-    log(f"manifest: merged {n} shards into {out / 'manifest.tsv'} ({len(lines)} rows)")
-    return len(lines)
+    write_info(out, list(rows.values()), names, union=True)
+    log(f"manifest: merged {n} shards into {out / 'manifest.tsv'} ({len(rows)} rows)")
+    return len(rows)
 
 
 def write_labels(out, task, terms, labels, splits, test_identity, source):
@@ -783,13 +1247,13 @@ def encode_residues(encoder, jobs, cfg, save, fail, desc):
     segments = [(j, a, b) for j, (_, s) in enumerate(jobs) for a, b in windows(len(s), cfg.max_len)]
     remaining = Counter(j for j, _, _ in segments)
     sums, counts = {}, {}
-    for batch in tqdm(token_batches([b - a for _, a, b in segments], cfg.toks_per_batch, extra=2), desc=desc):
+    for batch in progress(token_batches([b - a for _, a, b in segments], cfg.toks_per_batch, extra=2), desc):
         segs = [segments[k] for k in batch]
         try:
             reps = encoder([jobs[j][1][a:b] for j, a, b in segs])
         except Exception as e:  # e.g. out of memory: these proteins fail, the run goes on
             for j, _, _ in segs:
-                fail(jobs[j][0], f"{desc}: {type(e).__name__}: {e}")
+                fail(jobs[j][0], f"{desc}: {type(e).__name__}: {full_reason(e)}")
             continue
         for (j, a, b), rep in zip(segs, reps):
             if j not in sums:
@@ -805,13 +1269,13 @@ def encode_residues(encoder, jobs, cfg, save, fail, desc):
 def encode_batches(encode, proteins, lengths, budget, desc, save, fail):
     """Length-sorted batches under a token budget through `encode(group) -> [features]`; a batch that
     fails (e.g. out of memory) fails its proteins and the run goes on."""
-    for batch in tqdm(token_batches(lengths, budget), desc=desc):
+    for batch in progress(token_batches(lengths, budget), desc):
         group = [proteins[k] for k in batch]
         try:
             feats = encode(group)
         except Exception as e:
             for p in group:
-                fail(p, f"{desc}: {type(e).__name__}: {e}")
+                fail(p, f"{desc}: {type(e).__name__}: {full_reason(e)}")
             continue
         for p, x in zip(group, feats):
             save(p, x)
@@ -846,7 +1310,8 @@ def check_info(out, cfg, modalities):
 
 
 def extract_set(proteins, out, cfg, modalities, source, label_sets=(), encoders=None):
-    """Extract one feature set; returns the summary dict. `encoders` caches loaded models by modality."""
+    """Extract one feature set; returns the summary dict. `encoders` caches loaded models by modality.
+    FatalError when there is nothing to do or no protein is usable (the summary is written first)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     check_info(out, cfg, modalities)
@@ -855,6 +1320,7 @@ def extract_set(proteins, out, cfg, modalities, source, label_sets=(), encoders=
     encoders = {} if encoders is None else encoders
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     shard_i, shard_n = parse_shard(cfg.shard)
+    names = encoder_names(cfg)
 
     by_id, duplicates = {}, Counter()
     for p in proteins:
@@ -868,7 +1334,15 @@ def extract_set(proteins, out, cfg, modalities, source, label_sets=(), encoders=
     ids = sorted(by_id)[:cfg.limit] if cfg.limit else sorted(by_id)
     todo = [by_id[x] for x in shard_ids(ids, shard_i, shard_n)]
     shard_note = f" (shard {shard_i}/{shard_n})" if shard_n > 1 else ""
+    if not todo:
+        raise FatalError(f"{out}: no proteins to extract{shard_note} ({len(by_id)} ids in the input"
+                         f"{f', --limit {cfg.limit}' if cfg.limit else ''})")
     log(f"{out}: {len(todo)} proteins{shard_note}, modalities {' '.join(modalities)}, from {source}")
+    manifest = out / (f"manifest.shard-{shard_i}-of-{shard_n}.tsv" if shard_n > 1 else "manifest.tsv")
+    previous = previous_rows(out)
+    same_encoders = not encoder_clash(out, names)
+    # rows of this manifest for ids not handled yet: kept while the run goes on, so a killed run keeps them
+    pending_rows = read_manifest_rows(manifest) if same_encoders else {}
 
     def fail(p, reason):
         pid = p if isinstance(p, str) else p.id
@@ -876,10 +1350,10 @@ def extract_set(proteins, out, cfg, modalities, source, label_sets=(), encoders=
             failed[pid] = reason
             log(f"error: {pid}: {reason}", err=True)
 
-    failed, rewritten, notes, rows, done, skipped = {}, {}, {}, [], 0, 0
+    failed, rewritten, recomputed, notes, rows, done, skipped = {}, {}, {}, {}, [], 0, 0
     for start in range(0, len(todo), CHUNK):
         ready = []
-        for p in tqdm(todo[start:start + CHUNK], desc="inputs"):
+        for p in progress(todo[start:start + CHUNK], "inputs"):
             try:
                 ready.append(prepare(p, cfg, modalities))
             except InputError as e:
@@ -892,12 +1366,16 @@ def extract_set(proteins, out, cfg, modalities, source, label_sets=(), encoders=
             for m in p.modalities:
                 path = out / m / f"{p.id}.pt"
                 if path.exists() and not cfg.overwrite:
-                    try:
-                        p.shapes[m] = check_existing(path, None if m == "func" else len(p.seq))
-                        continue
-                    except ValueError as e:
-                        rewritten[p.id] = str(e)
-                        log(f"warning: {p.id}: existing {m} file is corrupt, rewriting ({e})", err=True)
+                    why = stale_reason(p, m, previous, names)
+                    if why is None:
+                        try:
+                            p.shapes[m] = check_existing(path, None if m == "func" else len(p.seq))
+                            continue
+                        except ValueError as e:
+                            rewritten[p.id] = str(e)
+                            log(f"warning: {p.id}: existing {m} file is corrupt, rewriting ({e})", err=True)
+                    else:
+                        recomputed.setdefault(p.id, []).append(f"{m}: {why}")
                 pending[m].append(p)
         for m in MODALITIES:
             if pending[m] and m not in encoders:
@@ -927,42 +1405,56 @@ def extract_set(proteins, out, cfg, modalities, source, label_sets=(), encoders=
             encode_texts(encoders["func"], pending["func"], cfg, saver("func"), fail)
         busy = {p.id for ps in pending.values() for p in ps}
         for p in ready:
+            pending_rows.pop(p.id, None)
             if p.id in failed:
                 continue
-            rows.append(manifest_row(p))
+            rows.append(manifest_row(p, names))
             done, skipped = done + (p.id in busy), skipped + (p.id not in busy)
+        for p in todo[start:start + CHUNK]:
+            pending_rows.pop(p.id, None)
+        if start + CHUNK < len(todo):  # progress so far, for a run that gets killed
+            write_manifest(manifest, rows + list(pending_rows.values()))
 
     # manifest, info, summary
     for m in modalities:
         if rows and not any(m in r["modalities"].split(",") for r in rows):
             log(f"warning: no protein of {out} ({'this shard' if shard_n > 1 else 'this run'}) has {m} input "
                 f"({'structure' if m == 'str' else 'text'}); {m} is left out", err=True)
-    names = encoder_names(cfg)
-    manifest = out / (f"manifest.shard-{shard_i}-of-{shard_n}.tsv" if shard_n > 1 else "manifest.tsv")
-    same_encoders = not encoder_clash(out, names)
     if same_encoders:  # rows of earlier runs (other --limit, other ids) whose files are still valid stay
-        rows += kept_rows(out, manifest, {p.id for p in todo})
+        rows += kept_rows(out, read_manifest_rows(manifest), {p.id for p in todo})
+    old_info = json.loads((out / "info.json").read_text()) if (out / "info.json").exists() else {}
     base = {"tiny": cfg.encoders == "tiny", "synthetic": False, "source": source, "max_len": cfg.max_len,
-            "long": cfg.long, "esm_layer": 6 if cfg.encoders == "tiny" else ESM1B_LAYER,
-            "text_fields": list(TEXT_FIELDS)}
+            "long": cfg.long, **esm_info(cfg, encoders.get("seq"), old_info), "text_fields": list(TEXT_FIELDS)}
+    if "seq" not in modalities and "seq" not in old_info.get("dims", {}):
+        base.update(esm_model="", esm_weights="", esm_layer=None)
     info = write_info(out, rows, names, base, union=shard_n > 1 and same_encoders)
     write_manifest(manifest, rows)
     if shard_n > 1:
         merge_shards(out, shard_n, names)
     summary = {"out": str(out), "shard": f"{shard_i}/{shard_n}", "proteins": len(todo), "done": done,
-               "skipped": skipped, "failed": dict(sorted(failed.items())), "rewritten": rewritten,
-               "notes": dict(sorted(notes.items())),
-               "duplicate_ids": sorted(duplicates),
-               "tiny": cfg.encoders == "tiny", "encoders": info["encoders"]}
+               "skipped": skipped, "recomputed": {k: "; ".join(v) for k, v in sorted(recomputed.items())},
+               "failed": dict(sorted(failed.items())), "rewritten": rewritten,
+               "notes": dict(sorted(notes.items())), "duplicate_ids": sorted(duplicates),
+               "tiny": cfg.encoders == "tiny", "encoders": info["encoders"],
+               "exit_status": EXIT_PARTIAL if failed else EXIT_OK}
     name = f"summary.shard-{shard_i}-of-{shard_n}.json" if shard_n > 1 else "summary.json"
+    if done + skipped == 0:
+        summary["exit_status"] = EXIT_FATAL
     write_text_atomic(out / name, json.dumps(summary, indent=1))
     print_summary(summary, out / name)
+    if done + skipped == 0:
+        first = next(iter(failed.items()), ("", "?"))
+        raise FatalError(f"{out}: none of the {len(todo)} proteins is usable (all failed; e.g. {first[0]}: "
+                         f"{first[1]}); see {out / name}")
     return summary
 
 
 def print_summary(s, path):
-    log(f"summary {s['out']}: {s['proteins']} proteins: done {s['done']}, skipped {s['skipped']} "
-        f"(already extracted), failed {len(s['failed'])}, rewritten {len(s['rewritten'])} corrupt")
+    log(f"summary {s['out']}: {s['proteins']} proteins: done {s['done']} (of which {len(s['recomputed'])} "
+        f"recomputed: input changed), skipped {s['skipped']} (up to date), failed {len(s['failed'])}, "
+        f"rewritten {len(s['rewritten'])} corrupt")
+    for pid, why in list(s["recomputed"].items())[:10]:
+        log(f"  recomputed {pid}: {why}")
     for pid, reason in list(s["failed"].items())[:20]:
         log(f"  failed {pid}: {reason}")
     if len(s["failed"]) > 20:
@@ -973,6 +1465,8 @@ def print_summary(s, path):
         log(f"  ... {len(s['notes']) - 5} more notes in {path}")
     if s["tiny"]:
         log("  TINY random-init encoders: these features only exercise the pipeline, they mean nothing")
+    if s["failed"]:
+        log(f"  exit status {EXIT_PARTIAL}: {len(s['failed'])} proteins failed (reasons in {path})", err=True)
 
 
 # ----------------------------------------------------------------------------- sources
@@ -980,8 +1474,7 @@ def print_summary(s, path):
 def texts_by_id(cfg):
     if not cfg.protdescribe:
         return {}
-    _, rows = read_protdescribe(cfg.protdescribe, cfg.id_column)
-    return {r["id"]: r["fields"] for r in rows}
+    return {r["id"]: r["fields"] for r in read_protdescribe(cfg.protdescribe, cfg.id_column).rows}
 
 
 def require(cfg, *names):
@@ -990,64 +1483,189 @@ def require(cfg, *names):
             raise FatalError(f"--source {cfg.source} needs --{name.replace('_', '-')}")
 
 
+def structures_in(directory, what, required=True):
+    """index_structures(directory); FatalError when it holds none and `required` (what: the flag)."""
+    index = index_structures(directory)
+    if not index:
+        message = (f"{what} {directory}: no structure files (*.pdb, *.ent, *.cif, *.mmcif, optionally .gz) "
+                   "directly in it")
+        if required:
+            raise FatalError(message)
+        log(f"warning: {message}; no protein gets str features", err=True)
+    return index
+
+
 def proteins_fasta(cfg):
     require(cfg, "fasta")
-    structures = index_structures(cfg.pdb_dir) if cfg.pdb_dir else {}
+    records = read_fasta(cfg.fasta)
+    if not records:
+        raise FatalError(f"--fasta {cfg.fasta}: no FASTA records (no line starts with '>')")
+    structures = structures_in(cfg.pdb_dir, "--pdb-dir", required=False) if cfg.pdb_dir else {}
     texts = texts_by_id(cfg)
-    return [Protein(pid, sequence=seq, structure=structures.get(pid), fields=texts.get(pid))
-            for pid, seq in read_fasta(cfg.fasta)]
+    return [Protein(pid, sequence=seq, structure=structures.get(pid), fields=texts.get(pid)) for pid, seq in records]
 
 
 def proteins_pdb_dir(cfg):
     require(cfg, "pdb_dir")
+    structures = structures_in(cfg.pdb_dir, "--pdb-dir")
     texts = texts_by_id(cfg)
-    return [Protein(pid, structure=path, fields=texts.get(pid)) for pid, path in index_structures(cfg.pdb_dir).items()]
+    return [Protein(pid, structure=path, fields=texts.get(pid)) for pid, path in structures.items()]
 
 
 def proteins_protdescribe(cfg):
     require(cfg, "protdescribe")
-    structures = index_structures(cfg.pdb_dir) if cfg.pdb_dir else {}
-    _, rows = read_protdescribe(cfg.protdescribe, cfg.id_column)
+    structures = structures_in(cfg.pdb_dir, "--pdb-dir", required=False) if cfg.pdb_dir else {}
     return [Protein(r["id"], sequence=r["sequence"], structure=structures.get(r["id"]), fields=r["fields"])
-            for r in rows]
+            for r in read_protdescribe(cfg.protdescribe, cfg.id_column).rows]
 
 
 AF_NAME = re.compile(r"^AF-(.+)-F1-model_v(\d+)\.(pdb|cif)(\.gz)?$")
 
 
+def alphafold_files(af_dir):
+    """{accession: structure} of the newest AF-<acc>-F1-model_v<k> file per accession, from a directory
+    (as torchdrug's utils.extract leaves swissprot_pdb_v2.tar: .pdb.gz and their .pdb side by side) or
+    from the tar archive itself (members read in place)."""
+    source = Path(af_dir)
+    if source.is_dir():
+        entries = ((path.name, path) for path in sorted(source.iterdir()))
+    elif source.is_file():
+        entries = tar_members(source)
+    else:
+        raise FatalError(f"--af-dir {af_dir}: no such directory or tar archive")
+    best = {}
+    for name, ref in entries:
+        m = AF_NAME.match(name)
+        if m:
+            # newest version first; then .pdb.gz before .pdb before .cif (torchdrug reads the .pdb.gz)
+            rank = (int(m.group(2)), m.group(3) == "pdb", bool(m.group(4)))
+            if m.group(1) not in best or rank > best[m.group(1)][0]:
+                best[m.group(1)] = (rank, ref)
+    if not best:
+        raise FatalError(f"--af-dir {af_dir}: no AlphaFold DB files (AF-<accession>-F1-model_v<k>.pdb[.gz] or "
+                         ".cif[.gz])")
+    versions = Counter(rank[0] for rank, _ in best.values())
+    log(f"alphafold: {len(best)} accessions in {af_dir} (model versions: "
+        f"{', '.join(f'v{v}: {n}' for v, n in sorted(versions.items()))})")
+    return {acc: ref for acc, (_, ref) in best.items()}
+
+
+def choose_join(cfg, table):
+    """"accession" or "sequence" for --join (auto: accession when the id column holds UniProt accessions)."""
+    if cfg.join == "accession" and table.id_column is None:
+        raise FatalError(f"--join accession: {table.path} has no id column ({', '.join(ID_COLUMNS)}); name it "
+                         "with --id-column, or use --join sequence")
+    if cfg.join != "auto":
+        return cfg.join
+    if table.ids_are_accessions():
+        return "accession"
+    why = (f"its id column {table.id_column} holds entry names, not accessions (e.g. {table.rows[0]['id']})"
+           if table.id_column else "it has no id column")
+    log(f"alphafold: joining by exact sequence ({table.path}: {why})")
+    return "sequence"
+
+
 def alphafold_sets(cfg):
-    """{"paired": [...], "seqstr": [...], "seqfunc": [...]} joined on accession, and the accessions whose
-    AF sequence disagrees with ProtDescribe's (left out of every set)."""
+    """AlphaFold DB x ProtDescribe: {"paired", "seqstr" (AF only), "seqfunc" (ProtDescribe only)} lists of
+    Proteins, the accessions left out (sequences disagree, unreadable files), the join used and the
+    ProtDescribe table. FatalError when nothing pairs."""
     require(cfg, "af_dir", "protdescribe")
-    af = {}
-    for path in sorted(Path(cfg.af_dir).iterdir()):
-        m = AF_NAME.match(path.name)
-        if m and (m.group(1) not in af or int(m.group(2)) > af[m.group(1)][0]):
-            af[m.group(1)] = (int(m.group(2)), path)
-    _, rows = read_protdescribe(cfg.protdescribe, cfg.id_column)
-    tsv = {r["id"]: r for r in rows}
-    sets, mismatched = {"paired": [], "seqstr": [], "seqfunc": []}, {}
-    for acc, (_, path) in tqdm(sorted(af.items()), desc="join"):
-        if acc not in tsv:
-            sets["seqstr"].append(Protein(acc, structure=path))
-            continue
-        try:
-            af_seq = read_structure(path)["sequence"]
-        except InputError as e:
-            mismatched[acc] = f"unreadable: {e}"
-            continue
-        if af_seq != tsv[acc]["sequence"]:
-            mismatched[acc] = (f"AF sequence ({len(af_seq)} aa) != ProtDescribe Sequence "
-                               f"({len(tsv[acc]['sequence'])} aa)")
-            continue
-        sets["paired"].append(Protein(acc, sequence=tsv[acc]["sequence"], structure=path, fields=tsv[acc]["fields"]))
-    sets["seqfunc"] = [Protein(r["id"], sequence=r["sequence"], fields=r["fields"]) for r in rows if r["id"] not in af]
-    log(f"alphafold: {len(af)} AF files, {len(tsv)} ProtDescribe rows: paired {len(sets['paired'])}, "
-        f"AF only {len(sets['seqstr'])}, ProtDescribe only {len(sets['seqfunc'])}, "
-        f"sequences disagree {len(mismatched)}")
-    for acc, why in list(mismatched.items())[:10]:
+    af = alphafold_files(cfg.af_dir)
+    table = read_protdescribe(cfg.protdescribe, cfg.id_column)
+    join = choose_join(cfg, table)
+    sets, left_out, same_id = {"paired": [], "seqstr": [], "seqfunc": []}, {}, 0
+    if join == "accession":
+        by_id = {}
+        for r in table.rows:
+            by_id.setdefault(r["id"], r)
+        for acc, ref in progress(sorted(af.items()), "join"):
+            r = by_id.get(acc)
+            if r is None:
+                sets["seqstr"].append(Protein(acc, structure=ref))
+                continue
+            try:
+                af_seq = read_structure(ref)["sequence"]
+            except InputError as e:
+                left_out[acc] = f"unreadable: {e}"
+                continue
+            if af_seq != r["sequence"]:
+                left_out[acc] = f"AF sequence ({len(af_seq)} aa) != ProtDescribe Sequence ({len(r['sequence'])} aa)"
+                continue
+            sets["paired"].append(Protein(acc, sequence=r["sequence"], structure=ref, fields=r["fields"]))
+        used = {p.id for p in sets["paired"]} | set(left_out)
+        sets["seqfunc"] = [Protein(r["id"], sequence=r["sequence"], fields=r["fields"])
+                           for r in table.rows if r["id"] not in af]
+        pd_paired = sum(r["id"] in used and r["id"] not in left_out for r in table.rows)
+    else:
+        by_seq = {}
+        for r in table.rows:
+            by_seq.setdefault(r["sequence"], []).append(r)
+        paired_seqs = set()
+        for acc, ref in progress(sorted(af.items()), "join"):
+            try:
+                af_seq = read_structure(ref)["sequence"]
+            except InputError as e:
+                left_out[acc] = f"unreadable: {e}"
+                continue
+            rows = by_seq.get(af_seq)
+            if not rows:
+                sets["seqstr"].append(Protein(acc, sequence=af_seq, structure=ref))
+                continue
+            r = next((x for x in rows if x["id"] == acc), rows[0])  # the row of the same accession, if any
+            same_id += r["id"] == acc
+            sets["paired"].append(Protein(acc, sequence=af_seq, structure=ref, fields=r["fields"]))
+            paired_seqs.add(af_seq)
+        sets["seqfunc"] = [Protein(r["id"], sequence=r["sequence"], fields=r["fields"])
+                           for r in table.rows if r["sequence"] not in paired_seqs]
+        pd_paired = len(table.rows) - len(sets["seqfunc"])
+    key = f"accession ({table.id_column})" if join == "accession" else "exact sequence"
+    log(f"alphafold: join by {key}: {len(af)} AF files x {len(table.rows)} ProtDescribe rows -> paired "
+        f"{len(sets['paired'])} AF files with {pd_paired} ProtDescribe rows"
+        + (f" ({same_id} of them also by id)" if join == "sequence" and table.id_column else "")
+        + f"; AF only {len(sets['seqstr'])}, ProtDescribe only {len(sets['seqfunc'])}, "
+        f"left out {len(left_out)} (sequences disagree or unreadable)")
+    for acc, why in list(left_out.items())[:10]:
         log(f"  left out {acc}: {why}")
-    return sets, mismatched
+    if not sets["paired"]:
+        example_af, example_pd = sorted(af)[0], table.rows[0]["id"]
+        hint = (f"AF accessions (e.g. {example_af}) are not in column {table.id_column} (e.g. {example_pd}); if it "
+                "holds entry names (LYSC_CHICK) rather than accessions (P00698), use --join sequence"
+                if join == "accession" else "no AF sequence equals a ProtDescribe Sequence (other UniProt release?)")
+        if left_out:
+            hint += f"; {len(left_out)} accessions matched but were left out ({next(iter(left_out.values()))})"
+        raise FatalError(f"alphafold: {cfg.af_dir} and {cfg.protdescribe} pair no protein: {hint}")
+    return sets, left_out, join, table
+
+
+def pick_sets(sets, table, counts, seed):
+    """The paper's pretraining subsets: seeded random choices of counts = (paired, seqstr, seqfunc) proteins,
+    disjoint by id and by sequence (where known): paired triplets from the pairs; seq+str from the other
+    AF files (their text unused); seq+func from the other ProtDescribe rows (their structure unused).
+    Returns (picked sets, picks.json content)."""
+    rng = random.Random(seed)
+
+    def sample(pool, k, name):
+        pool = sorted({p.id: p for p in reversed(pool)}.values(), key=lambda p: p.id)  # one per id
+        if k > len(pool):
+            log(f"warning: --pick asks for {k} {name} proteins, {len(pool)} are available: all taken", err=True)
+        return rng.sample(pool, min(k, len(pool)))
+
+    paired = sample([p for p in sets["paired"] if has_text(p.fields)], counts[0], "paired")
+    used_ids, used_seqs = {p.id for p in paired}, {p.sequence for p in paired}
+    seqstr_pool = [Protein(p.id, sequence=p.sequence, structure=p.structure) for p in sets["paired"]] + sets["seqstr"]
+    seqstr = sample([p for p in seqstr_pool if p.id not in used_ids and p.sequence not in used_seqs], counts[1],
+                    "seq+str")
+    used_ids |= {p.id for p in seqstr}
+    used_seqs |= {p.sequence for p in seqstr if p.sequence}
+    seqfunc_pool = [Protein(r["id"], sequence=r["sequence"], fields=r["fields"]) for r in table.rows
+                    if has_text(r["fields"])]
+    seqfunc = sample([p for p in seqfunc_pool if p.id not in used_ids and p.sequence not in used_seqs], counts[2],
+                     "seq+func")
+    picked = {"paired": paired, "seqstr": seqstr, "seqfunc": seqfunc}
+    record = {"seed": seed, "requested": dict(zip(picked, counts)), "chosen": {k: len(v) for k, v in picked.items()},
+              **{k: sorted(p.id for p in v) for k, v in picked.items()}}
+    log(f"pick (seed {seed}): paired {len(paired)}, seq+str {len(seqstr)}, seq+func {len(seqfunc)}")
+    return picked, record
 
 
 def md5sum(path):
@@ -1088,54 +1706,87 @@ def fetch_archive(cfg, kind):
             with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
                 shutil.copyfileobj(r, f)
         except OSError as e:
-            raise FatalError(f"could not download {url} ({type(e).__name__}: {e}); fetch it elsewhere and "
-                             "pass --data PATH") from None
+            raise FatalError(f"could not download {url} ({type(e).__name__}: {e}); no network here? fetch it "
+                             "elsewhere and pass --data PATH") from None
         os.replace(tmp, zip_path)
     if cfg.download or zip_path.name == f"{name}.zip":  # a download is always checked, whatever its name
         found = md5sum(zip_path)
         if found != md5:
-            raise FatalError(f"{zip_path}: md5 {found} is not torchdrug's published {md5}")
+            raise FatalError(f"{zip_path}: md5 {found} is not torchdrug's published {md5} (a partial download? "
+                             "delete it and run again with --download)")
     return zip_path
+
+
+def find_annotation(root, tag):
+    """The one *-<tag>*_annot.tsv at the shallowest depth (0-2) under root: DeepFRI's directory, torchdrug's
+    extracted <Name>/ (annotation in <Name>/<Name>/), or the folder torchdrug downloads into."""
+    for depth in range(3):
+        found = sorted(root.glob("*/" * depth + f"*-{tag}*_annot.tsv"))
+        if len(found) == 1:
+            return found[0]
+        if found:
+            raise FatalError(f"{root}: expected one *-{tag}*_annot.tsv, found {[str(a) for a in found]}")
+    raise FatalError(f"{root}: no *-{tag}*_annot.tsv in it or two folders below (expected DeepFRI's files, e.g. "
+                     f"nrPDB-{tag}_*_annot.tsv, or torchdrug's archive or the folder it extracts it to)")
+
+
+def split_structures(base, split):
+    """{chain id: path} of torchdrug's split folder: train.zip as torchdrug's utils.extract leaves it
+    (train/train/*.pdb: the zip's members are train/*.pdb, extracted into a folder named after the zip),
+    or train/*.pdb (this kit before it extracted like torchdrug); the zip is extracted torchdrug's way when
+    neither exists. None when the split has no folder and no zip (DeepFRI's layout: *_train.txt)."""
+    for _ in range(2):
+        for folder in (base / split / split, base / split):
+            index = index_structures(folder, torchdrug_names=True) if folder.is_dir() else {}
+            if index:
+                return index
+        if not (base / f"{split}.zip").exists():
+            break
+        safe_extract(base / f"{split}.zip", base / split)
+    return {} if (base / split).is_dir() or (base / f"{split}.zip").exists() else None
 
 
 def task_files(cfg, kind):
     """Locate the annotation, splits, test CSV, sequences and structures of the EC or GO set, in
-    torchdrug's layout (<Name>/nrPDB-EC_annot.tsv, train.zip -> train/<PDB>-<chain>_*.pdb, ...) or
+    torchdrug's layout (<Name>/nrPDB-EC_annot.tsv, train.zip -> train/train/<PDB>-<chain>_*.pdb, ...) or
     DeepFRI's (nrPDB-EC_2020.04_annot.tsv, *_train.txt, *_valid.txt, *_test.txt, *_test.csv,
-    *_sequences.fasta)."""
+    *_sequences.fasta). FatalError when a split is empty."""
     if not (cfg.data or cfg.download):
         raise FatalError(f"--source {cfg.source} needs --data PATH (zip or directory) or --download")
     root = Path(cfg.data) if cfg.data else None
     if cfg.download or root.suffix == ".zip":
         zip_path = fetch_archive(cfg, kind)
-        root = safe_extract(zip_path, Path(cfg.data_dir) / zip_path.stem)
+        root = safe_extract(zip_path, Path(cfg.data_dir) / zip_path.stem)  # as torchdrug: X.zip -> X/
+    elif not root.is_dir():
+        raise FatalError(f"--data {root}: no such directory or .zip file")
     tag = kind.upper()
-    annots = sorted(root.glob(f"*-{tag}*_annot.tsv")) + sorted(root.glob(f"*/*-{tag}*_annot.tsv"))
-    if len(annots) != 1:
-        raise FatalError(f"{root}: expected one *-{tag}*_annot.tsv, found {[str(a) for a in annots] or 'none'} "
-                         f"(DeepFRI's annotation file, e.g. nrPDB-{tag}_*_annot.tsv, or torchdrug's archive)")
-    base = annots[0].parent
+    annot = find_annotation(root, tag)
+    base = annot.parent
 
     def one(pattern):
         found = sorted(base.glob(pattern))
         if len(found) != 1:
             raise FatalError(f"{base}: expected one {pattern}, found {[f.name for f in found] or 'none'}")
         return found[0]
-    files = {"annot": annots[0], "test_csv": one(f"*-{tag}*_test.csv"), "splits": {}, "structures": {},
-             "fastas": sorted(base.glob(f"*-{tag}*sequences.fasta"))}
-    for split in ("train", "valid", "test"):
-        if (base / f"{split}.zip").exists() and not (base / split).is_dir():
-            safe_extract(base / f"{split}.zip", base)
-        if (base / split).is_dir():  # torchdrug: the directory is the split
-            index = index_structures(base / split, torchdrug_names=True)
+    files = {"annot": annot, "test_csv": one(f"*-{tag}*_test.csv"), "splits": {}, "structures": {},
+             "fastas": sorted(base.glob(f"*-{tag}*sequences.fasta")), "source": "deepfri"}
+    for split in SPLITS:
+        index = split_structures(base, split)
+        if index is None:
+            files["splits"][split] = read_split(one(f"*-{tag}*_{split}.txt"))
+        else:  # torchdrug: the folder is the split
             files["splits"][split] = sorted(index)
             files["structures"].update(index)
-        else:
-            files["splits"][split] = read_split(one(f"*-{tag}*_{split}.txt"))
+            files["source"] = "torchdrug"
+    counts = "/".join(str(len(files["splits"][s])) for s in SPLITS)
+    empty = [s for s in SPLITS if not files["splits"][s]]
+    if empty:
+        raise FatalError(f"{base}: {kind} splits train/valid/test {counts}: {', '.join(empty)} empty -- expected "
+                         f"torchdrug's <split>.zip or <split>/<split>/*.pdb (as torchdrug extracts it), or "
+                         f"DeepFRI's *_<split>.txt; a half-extracted folder? delete it and run again")
     if cfg.pdb_dir:
         for pid, path in index_structures(cfg.pdb_dir, torchdrug_names=True).items():
             files["structures"].setdefault(pid, path)
-    files["source"] = "torchdrug" if (base / "train").is_dir() else "deepfri"
     return files
 
 
@@ -1152,13 +1803,16 @@ def task_proteins(cfg, kind, label_source=None, texts=None):
     sequences = {pid: seq for fasta in files["fastas"] for pid, seq in read_fasta(fasta)}
     label_sets = [dict(task=task, terms=terms[task], labels=labels[task], splits=splits,
                        test_identity=test_identity, source=label_source or files["source"]) for task in terms]
-    ids = [x for s in ("train", "valid", "test") for x in splits[s]]
+    ids = [x for s in SPLITS for x in splits[s]]
     texts = texts or {}
     proteins = [Protein(x, sequence=sequences.get(x), structure=files["structures"].get(x), fields=texts.get(x))
                 for x in ids if x in sequences or x in files["structures"]]
     log(f"{kind}: {len(ids)} chains in the splits (train/valid/test "
         f"{len(splits['train'])}/{len(splits['valid'])}/{len(splits['test'])}); {len(proteins)} have a sequence "
         f"or structure and get features, the other {len(ids) - len(proteins)} only labels")
+    if not proteins:
+        raise FatalError(f"{kind}: no chain of the splits has a sequence or a structure: give the structures "
+                         "(torchdrug's archive, or --pdb-dir) or DeepFRI's *_sequences.fasta next to the annotation")
     return proteins, label_sets
 
 
@@ -1184,8 +1838,9 @@ def demo_sets(cfg):
 # ----------------------------------------------------------------------------- command line
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Commands and the choices "
-                                     "made: python -c 'import extract_features; help(extract_features)'")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=EXIT_CODES + ". Commands "
+                                     "and the choices made: python -c 'import extract_features; "
+                                     "help(extract_features)'")
     for f in fields(ExtractConfig):
         meta = dict(f.metadata)
         flag = "--" + f.name.replace("_", "-")
@@ -1199,7 +1854,40 @@ def build_parser():
     return parser
 
 
+def infer_source(cfg):
+    """--source, or the source the input flags name when exactly one reading fits: --af-dir -> alphafold,
+    --fasta -> fasta, --data / --download -> ec or go (by the archive's name), --pdb-dir -> pdb-dir,
+    --protdescribe -> protdescribe (--pdb-dir with --protdescribe could be either: say which)."""
+    if cfg.source:
+        return cfg.source
+    given = [f"--{n.replace('_', '-')}" for n in ("af_dir", "fasta", "data", "pdb_dir", "protdescribe")
+             if getattr(cfg, n)] + (["--download"] if cfg.download else [])
+    primary = [g for g in given if g in ("--af-dir", "--fasta", "--data", "--download")]
+    if len(primary) > 1:
+        raise FatalError(f"{' and '.join(primary)} name different sources: say which with --source")
+    if primary == ["--af-dir"]:
+        return "alphafold"
+    if primary == ["--fasta"]:
+        return "fasta"
+    if primary:
+        name = Path(cfg.data or "").name.lower()
+        kinds = [k for k, (zip_name, _, _) in TORCHDRUG_ZIPS.items() if zip_name.lower() in name]
+        if len(kinds) == 1:
+            return kinds[0]
+        raise FatalError(f"{' '.join(primary)}: EC or GO? say --source ec or --source go")
+    if given == ["--pdb-dir"]:
+        return "pdb-dir"
+    if given == ["--protdescribe"]:
+        return "protdescribe"
+    if given:
+        raise FatalError("--pdb-dir with --protdescribe: say --source pdb-dir (the structures, text from the TSV) "
+                         "or --source protdescribe (the TSV rows, structures from the directory)")
+    raise FatalError("no input: give --fasta, --pdb-dir, --protdescribe, --af-dir with --protdescribe, --data "
+                     "(EC/GO), or --source demo")
+
+
 def main(argv=None):
+    """The command line; returns the exit status (EXIT_CODES)."""
     args = build_parser().parse_args(argv)
     cfg = ExtractConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items()})
     modalities = tuple(m for m in MODALITIES if m in cfg.modality)
@@ -1207,9 +1895,14 @@ def main(argv=None):
         if cfg.merge:
             if not cfg.out:
                 raise FatalError("--merge needs --out")
-            return 0 if merge_shards(Path(cfg.out)) is not None else 1
+            return EXIT_OK if merge_shards(Path(cfg.out)) is not None else EXIT_INCOMPLETE
         if not 1 <= cfg.max_len <= 1022:
             raise FatalError(f"--max-len {cfg.max_len}: need 1 <= max-len <= 1022 (ESM-1b's positions)")
+        if cfg.source is None:
+            cfg.source = infer_source(cfg)
+            log(f"source: {cfg.source} (from the input flags; --source to choose another)")
+        if cfg.pick is not None and (cfg.source != "alphafold" or min(cfg.pick) < 0):
+            raise FatalError("--pick PAIRED SEQSTR SEQFUNC: counts >= 0, with --source alphafold (--af-dir)")
         name = f"demo-{cfg.encoders}" if cfg.source == "demo" else cfg.source  # features/demo: demo.py's own set
         out = Path(cfg.out or f"features/{name}")
         if cfg.encoders == "tiny":
@@ -1218,32 +1911,43 @@ def main(argv=None):
         if "seq" in modalities:
             log(f"sequences: {STANDARD_RESIDUES} plus {' '.join(EXTRA_RESIDUES)} (fair-esm's alphabet has tokens "
                 "for X B Z U O); any other character fails its protein")
-        encoders = {}
+        encoders, summaries = {}, []
         if cfg.source == "alphafold":
-            sets, mismatched = alphafold_sets(cfg)
+            sets, left_out, join, table = alphafold_sets(cfg)
+            names = ("paired", "seqstr", "seqfunc") if cfg.unpaired else ("paired",)
+            if cfg.pick is not None:
+                sets, record = pick_sets(sets, table, cfg.pick, cfg.seed)
+                names = [n for n, k in zip(("paired", "seqstr", "seqfunc"), cfg.pick) if k > 0]
+                out.mkdir(parents=True, exist_ok=True)
+                write_text_atomic(out / "picks.json", json.dumps({"join": join, **record}, indent=1))
             wanted = {"paired": MODALITIES, "seqstr": ("seq", "str"), "seqfunc": ("seq", "func")}
             targets = {"paired": out, "seqstr": out.parent / "seqstr", "seqfunc": out.parent / "seqfunc"}
-            for name in ("paired", "seqstr", "seqfunc") if cfg.unpaired else ("paired",):
+            for name in names:
                 mods = tuple(m for m in modalities if m in wanted[name])
-                extract_set(sets[name], targets[name], cfg, mods, f"alphafold:{name}", encoders=encoders)
-            write_text_atomic(out / "alphafold_mismatch.json", json.dumps(mismatched, indent=1))
-            return 0
-        label_sets = []
-        if cfg.source in ("ec", "go"):
-            proteins, label_sets = task_proteins(cfg, cfg.source, texts=texts_by_id(cfg))
-        elif cfg.source == "demo":
-            proteins, label_sets = demo_sets(cfg)
+                if not sets[name]:
+                    log(f"warning: alphafold: the {name} set is empty; nothing written to {targets[name]}", err=True)
+                    continue
+                summaries.append(extract_set(sets[name], targets[name], cfg, mods, f"alphafold:{name}",
+                                             encoders=encoders))
+            out.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(out / "alphafold_mismatch.json", json.dumps(left_out, indent=1))
         else:
-            proteins = {"fasta": proteins_fasta, "pdb-dir": proteins_pdb_dir,
-                        "protdescribe": proteins_protdescribe}[cfg.source](cfg)
-        extract_set(proteins, out, cfg, modalities, cfg.source, label_sets, encoders)
-        return 0
+            label_sets = []
+            if cfg.source in ("ec", "go"):
+                proteins, label_sets = task_proteins(cfg, cfg.source, texts=texts_by_id(cfg))
+            elif cfg.source == "demo":
+                proteins, label_sets = demo_sets(cfg)
+            else:
+                proteins = {"fasta": proteins_fasta, "pdb-dir": proteins_pdb_dir,
+                            "protdescribe": proteins_protdescribe}[cfg.source](cfg)
+            summaries.append(extract_set(proteins, out, cfg, modalities, cfg.source, label_sets, encoders))
+        return max(s["exit_status"] for s in summaries) if summaries else EXIT_FATAL
     except FatalError as e:
         log(f"error: {e}", err=True)
-        return 2
+        return EXIT_FATAL
     except (OSError, UnicodeDecodeError) as e:  # a missing or unreadable input file or directory
         log(f"error: {type(e).__name__}: {e}", err=True)
-        return 2
+        return EXIT_FATAL
 
 
 if __name__ == "__main__":

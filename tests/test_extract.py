@@ -15,6 +15,7 @@ import torch
 import amma
 import extract_features as ef
 import gearnet
+import replicas
 from conftest import need_shared
 
 THREE = dict(zip(gearnet.RESIDUE_LETTERS, gearnet.RESIDUES))
@@ -80,7 +81,7 @@ def test_esm_rows_crop_and_bad_letters(tmp_path):
     fasta = tmp_path / "x.fasta"
     fasta.write_text(f">short\nMKXBZUOAC\n>long\n{long}\n>star\nMK*AC\n>digit\nMK1AC\n>empty\n\n")
     rc, out, s = run(["--source", "fasta", "--fasta", str(fasta), "--modality", "seq"], tmp_path)
-    assert rc == 0 and s["done"] == 2
+    assert rc == ef.EXIT_PARTIAL == 3 and s["done"] == 2 and s["exit_status"] == 3   # some proteins failed
     assert set(s["failed"]) == {"star", "digit", "empty"}
     assert "'*'" in s["failed"]["star"] and "'1'" in s["failed"]["digit"] and "\n" not in s["failed"]["star"]
 
@@ -99,6 +100,8 @@ def test_esm_rows_crop_and_bad_letters(tmp_path):
     assert rows["long"]["sequence"] == long[:1022]
     info = json.loads((out / "info.json").read_text())
     assert info["tiny"] is True and info["encoders"]["seq"].startswith("tiny:") and info["dims"] == {"seq": 64}
+    assert info["synthetic"] is False and info["esm_model"] == ef.TINY_NAMES["seq"] and info["esm_layer"] == 6
+    assert info["esm_weights"] == "" and not ef.is_real_esm(info)
 
 
 def test_crop_applies_to_structure_and_sliding(tmp_path):
@@ -137,7 +140,7 @@ def test_sequence_vs_structure(tmp_path):
     fasta.write_text(f">gap\n{seq}\n>sub\n{seq[:10]}W{seq[11:]}\n>noca\n{seq}\n>nostruct\n{seq}\n")
     args = ["--source", "fasta", "--fasta", str(fasta), "--pdb-dir", str(tmp_path / "pdb"), "--modality", "seq", "str"]
     rc, out, s = run(args, tmp_path)
-    assert rc == 0 and set(s["failed"]) == {"sub", "noca"}
+    assert rc == 3 and set(s["failed"]) == {"sub", "noca"}
     assert "mismatch" in s["failed"]["sub"] and "noca.pdb" in s["failed"]["noca"]
     rows = {r["id"]: r for r in amma.read_manifest(out)}
     assert rows["gap"]["sequence"] == seq[:3] + seq[5:] and rows["gap"]["L"] == len(seq) - 2  # CA-less dropped
@@ -157,7 +160,7 @@ def test_pdb_dir_shared(tmp_path, capsys):
     (pdb / "noca.pdb").write_text("\n".join(x for x in lines if x[12:16] != " CA ") + "\n")
     rc, out, s = run(["--source", "pdb-dir", "--pdb-dir", str(pdb), "--modality", "seq", "str"], tmp_path)
     err = capsys.readouterr().err
-    assert rc == 0 and list(s["failed"]) == ["noca"] and "noca.pdb" in s["failed"]["noca"]
+    assert rc == 3 and list(s["failed"]) == ["noca"] and "noca.pdb" in s["failed"]["noca"]
     assert [x for x in err.splitlines() if "noca" in x and x.startswith("error")]   # a one-line error
     rows = amma.read_manifest(out)
     assert sorted(r["id"] for r in rows) == sorted(f.stem for f in shared.glob("*.pdb"))
@@ -168,18 +171,19 @@ def test_pdb_dir_shared(tmp_path, capsys):
         assert st.shape[1] == 192 and seq.dtype == st.dtype == torch.float16
 
 
-def test_gearnet_checkpoint_prefixes(tmp_path):
-    model = gearnet.tiny_gearnet(seed=1)
-    sd = model.state_dict()
-    solver = {"model": {**{"model." + k: v for k, v in sd.items()}, "mlp.layers.0.weight": torch.zeros(3, 192)},
-              "optimizer": {}}
-    torch.save(solver, tmp_path / "solver.pth")
-    stripped = ef.gearnet_state_dict(tmp_path / "solver.pth")
-    assert stripped.keys() == sd.keys()
-    rebuilt = gearnet.GearNetEdge.from_state_dict(stripped)
-    assert rebuilt.config.hidden_dims == (32,) * 6
-    torch.save(sd, tmp_path / "plain.pth")
-    assert ef.gearnet_state_dict(tmp_path / "plain.pth").keys() == sd.keys()
+def test_gearnet_checkpoints_as_gearnet_and_torchdrug_save_them(tmp_path):
+    """Plain state_dict (GearNet's script/pretrain.py), torchdrug Engine.save solver checkpoint ('model.'
+    keys + 'mlp.' head + optimizer) and a DDP one ('module.'): the same GearNet keys come out, sizes inferred."""
+    paths, sd = replicas.write_gearnet_checkpoints(tmp_path, hidden=(16, 16, 16))
+    for name, path in paths.items():
+        stripped = ef.gearnet_state_dict(path)
+        assert stripped.keys() == sd.keys(), name
+        assert all(torch.equal(stripped[k], sd[k]) for k in sd)
+        assert gearnet.GearNetEdge.from_state_dict(stripped).config.hidden_dims == (16, 16, 16)
+    torch.save({"model": {**{f"a.{k}": v for k, v in sd.items()}, **{f"b.{k}": v for k, v in sd.items()}}},
+               tmp_path / "two.pth")
+    with pytest.raises(ValueError, match="expected one GearNet"):
+        ef.gearnet_state_dict(tmp_path / "two.pth")
 
 
 def test_real_gearnet_checkpoint_matches_torchdrug(tmp_path):
@@ -299,7 +303,7 @@ def test_float16_overflow_fails_the_protein(tmp_path, monkeypatch, capsys):
         return [r * 1e6 if s[2] == "T" else r for r, s in zip(real(self, seqs), seqs)]
     monkeypatch.setattr(ef.SeqEncoder, "__call__", scaled)
     rc, out, s = run(["--source", "fasta", "--fasta", str(fasta), "--modality", "seq"], tmp_path)
-    assert rc == 0 and list(s["failed"]) == ["big"] and "max |value|" in s["failed"]["big"]
+    assert rc == 3 and list(s["failed"]) == ["big"] and "max |value|" in s["failed"]["big"]
     assert [r["id"] for r in amma.read_manifest(out)] == ["ok"] and not (out / "seq" / "big.pt").exists()
     assert [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: big: seq: a value")]
 
@@ -469,9 +473,9 @@ def test_alphafold_join_and_unpaired(tmp_path):
 def test_protdescribe_no_text_and_id_column(tmp_path):
     (tmp_path / "pd.tsv").write_text("Acc\tSequence\tProteinName\tFunction\tSubcellularLocation\tSimilarity\n"
                                      "Q1\tMKTAYIAK\tName\t\t\t\nQ2\tMKVLAAGI\t \t\t\t\n")
-    rc = ef.main(["--source", "protdescribe", "--protdescribe", str(tmp_path / "pd.tsv"), "--encoders", "tiny",
-                  "--out", str(tmp_path / "x")])
-    assert rc == 2                                                         # no known accession column
+    rc = ef.main(["--protdescribe", str(tmp_path / "pd.tsv"), "--encoders", "tiny", "--out", str(tmp_path / "x")])
+    assert rc == 0                             # no known id column: rows named by position, no "column None" error
+    assert [r["id"] for r in amma.read_manifest(tmp_path / "x")] == ["row000001", "row000002"]
     rc, out, s = run(["--source", "protdescribe", "--protdescribe", str(tmp_path / "pd.tsv"), "--id-column", "Acc",
                       "--modality", "seq", "func"], tmp_path)
     assert rc == 0 and s["failed"] == {} and list(s["notes"]) == ["Q2"] and "no text" in s["notes"]["Q2"]
@@ -481,8 +485,8 @@ def test_protdescribe_no_text_and_id_column(tmp_path):
 
 
 def test_bad_inputs_fail_with_one_line(tmp_path, capsys):
-    """Missing paths, a TSV row with a wrong field count, non-UTF-8 text: exit 2 with one error line;
-    a truncated .pdb.gz fails only its protein (and the AlphaFold join lists it)."""
+    """Missing paths, a TSV without a Sequence column, non-UTF-8 text: exit 2 with one error line;
+    a truncated .pdb.gz fails only its protein (exit 3; the AlphaFold join lists it)."""
     def errors():
         return [x for x in capsys.readouterr().err.splitlines() if x.startswith("error")]
     missing = str(tmp_path / "nope.fasta")
@@ -496,11 +500,11 @@ def test_bad_inputs_fail_with_one_line(tmp_path, capsys):
     assert ef.main(["--source", "fasta", "--fasta", str(tmp_path / "bad.fasta"), "--encoders", "tiny",
                     "--out", str(tmp_path / "a")]) == 2
     assert len(err := errors()) == 1 and "bad.fasta" in err[0] and "UTF-8" in err[0]
-    (tmp_path / "pd.tsv").write_text("Entry\tSequence\tProteinName\tFunction\tSubcellularLocation\tSimilarity\n"
-                                     "Q1\tMKTAYIAK\tName\t\t\t\nQ2\tMKVLAAGI\tName\n")
+    (tmp_path / "pd.tsv").write_text("Entry\tSeq\tProteinName\tFunction\tSubcellularLocation\tSimilarity\n"
+                                     "Q1\tMKTAYIAK\tName\t\t\t\n")
     assert ef.main(["--source", "protdescribe", "--protdescribe", str(tmp_path / "pd.tsv"), "--encoders", "tiny",
                     "--out", str(tmp_path / "a")]) == 2
-    assert len(err := errors()) == 1 and "pd.tsv:3" in err[0] and "fields" in err[0]
+    assert len(err := errors()) == 1 and "pd.tsv" in err[0] and "no column Sequence" in err[0]
 
     good = write_ca_pdb(tmp_path / "af" / "AF-P11111-F1-model_v4.pdb.gz", "MKTAYIAKQR")
     cut = tmp_path / "af" / "AF-P22222-F1-model_v4.pdb.gz"
@@ -514,68 +518,447 @@ def test_bad_inputs_fail_with_one_line(tmp_path, capsys):
                     str(tmp_path / "pd.tsv"), "--modality", "seq", "--encoders", "tiny", "--out", str(out)]) == 0
     assert "unreadable" in json.loads((out / "alphafold_mismatch.json").read_text())["P22222"]
     rc, out, s = run(["--source", "pdb-dir", "--pdb-dir", str(tmp_path / "af"), "--modality", "seq"], tmp_path)
-    assert rc == 0 and list(s["failed"]) == ["AF-P22222-F1-model_v4"] and s["done"] == 1
+    assert rc == 3 and list(s["failed"]) == ["AF-P22222-F1-model_v4"] and s["done"] == 1
 
 
-def test_real_encoders_fail_with_one_line(tmp_path, monkeypatch, capsys):
+# ----------------------------------------------------------------------------- loading the encoders
+
+def test_loading_errors_give_the_full_reason_and_the_flag(tmp_path, monkeypatch, capsys):
+    """Offline without a cached ESM-1b, a broken --esm-weights, a text model that is not there, no or a broken
+    --gearnet-ckpt: exit 2, one error line holding the whole reason and the flag that fixes it first
+    (--encoders tiny only as a second hint)."""
+    def errors():
+        return [x for x in capsys.readouterr().err.splitlines() if x.startswith("error")]
+
     def offline(url, dst, **kw):
         assert url == ef.ESM1B_URL
-        raise urllib.error.URLError("Name or service not known")
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution (second part of the reason)")
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))    # nothing cached
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     fasta = tmp_path / "x.fasta"
     fasta.write_text(">a\nMKTAYIAK\n")
-    assert ef.main(["--source", "fasta", "--fasta", str(fasta), "--modality", "seq", "--out", str(tmp_path / "f")]) == 2
-    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error")]   # (tqdm bars aside)
-    assert len(err) == 1 and "--encoders tiny" in err[0] and "esm1b_t33_650M_UR50S" in err[0]
+    assert ef.main(["--fasta", str(fasta), "--modality", "seq", "--out", str(tmp_path / "f")]) == 2
+    (err,) = errors()
+    assert "esm1b_t33_650M_UR50S" in err and "second part of the reason" in err and "no network" in err
+    assert ef.ESM1B_URL in err and err.index("--esm-weights") < err.index("--encoders tiny")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    assert ef.main(["--fasta", str(fasta), "--modality", "seq", "--esm-weights", str(tmp_path / "junk.pt"),
+                    "--out", str(tmp_path / "f")]) == 2
+    (err,) = errors()
+    assert "junk.pt" in err and "--esm-weights" in err
+    assert ef.main(["--fasta", str(fasta), "--modality", "seq", "--esm-model", "esm_msa1b_t12_100M_UR50S",
+                    "--out", str(tmp_path / "f")]) == 2
+    assert "not a fair-esm ESM-1b / ESM-1v / ESM-2 name" in errors()[0]
+
+    (tmp_path / "pd.tsv").write_text(replicas.protdescribe_text(replicas.protdescribe_rows({"P11111": "MKTAYIAK"})))
+    assert ef.main(["--protdescribe", str(tmp_path / "pd.tsv"), "--modality", "func", "--text-model",
+                    str(tmp_path / "pubmedbert"), "--out", str(tmp_path / "g")]) == 2
+    (err,) = errors()
+    assert "no such directory" in err and "--text-model DIR" in err and "--encoders tiny" in err
+
     write_ca_pdb(tmp_path / "pdb" / "a.pdb", "MKTAYIAK")
-    assert ef.main(["--source", "pdb-dir", "--pdb-dir", str(tmp_path / "pdb"), "--modality", "str",
-                    "--out", str(tmp_path / "g")]) == 2
-    assert "--gearnet-ckpt" in capsys.readouterr().err
+    assert ef.main(["--pdb-dir", str(tmp_path / "pdb"), "--modality", "str", "--out", str(tmp_path / "h")]) == 2
+    assert "--gearnet-ckpt PATH" in errors()[0]
+    assert ef.main(["--pdb-dir", str(tmp_path / "pdb"), "--modality", "str", "--gearnet-ckpt",
+                    str(tmp_path / "junk.pt"), "--out", str(tmp_path / "h")]) == 2
+    (err,) = errors()
+    assert "junk.pt" in err and "--gearnet-ckpt PATH" in err
 
 
-def test_esm1b_format_checkpoint_loads_safely(tmp_path, monkeypatch):
-    """--esm-weights and the hub-cache file go through load_esm1b: weights_only=True, an ESM-1b-format
-    checkpoint ({'args': Namespace(arch='roberta_large', ...), 'model': fairseq-named state_dict})."""
-    import argparse
+def test_text_model_offline_names_the_download(tmp_path, monkeypatch, capsys):
+    """The default hub name, offline and not cached: the error says to download it elsewhere and pass
+    --text-model DIR, with transformers' whole message."""
+    import huggingface_hub.constants
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    (tmp_path / "pd.tsv").write_text(replicas.protdescribe_text(replicas.protdescribe_rows({"P11111": "MKTAYIAK"})))
+    assert ef.main(["--protdescribe", str(tmp_path / "pd.tsv"), "--modality", "func", "--out", str(tmp_path / "g")]) == 2
+    (err,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error")]
+    assert ef.PUBMEDBERT in err and "--text-model DIR" in err and "download" in err
+
+
+def test_esm1b_checkpoint_with_training_state_loads_and_runs_nothing(tmp_path, monkeypatch):
+    """fair-esm's ESM-1b layout (args Namespace, 'encoder.sentence_encoder.' keys) plus optimizer state, numpy
+    scalars and an object of a class that no longer exists: only 'args' and 'model' are used, the features are
+    fair-esm's model's last layer. fair-esm 2.0.0's own local loader cannot read it under torch >= 2.6. A pickle
+    that would run a command (os.system / exec in __reduce__) loads with the command as inert data."""
     import esm
-    args = argparse.Namespace(arch="roberta_large", layers=2, embed_dim=32, ffn_embed_dim=64,
-                              attention_heads=4, max_positions=1024, emb_layer_norm_before=True)
-    alphabet = esm.data.Alphabet.from_architecture("ESM-1b")
-    torch.manual_seed(0)
-    model = esm.model.esm1.ProteinBertModel(args, alphabet).eval()
-    state = {("encoder." if k.startswith("lm_head") else "encoder.sentence_encoder.") + k: v
-             for k, v in model.state_dict().items() if not k.startswith("contact_head")}
-    state["encoder.sentence_encoder.embed_tokens.weight"][alphabet.mask_idx] = 0   # as fair-esm loads it
-    model.embed_tokens.weight.data[alphabet.mask_idx] = 0
-    ckpt = tmp_path / "esm1b_tiny.pt"
-    torch.save({"args": args, "model": state}, ckpt)
+    path = tmp_path / f"{ef.ESM1B_NAME}.pt"
+    ref = replicas.write_esm1b(path)
+    with pytest.raises(Exception, match="Weights only load failed"):
+        esm.pretrained.load_model_and_alphabet_local(str(path))
+    data = ef.safe_load(path)
+    assert isinstance(data["extra_state"]["train_meters"]["wall"], ef.Unloaded)
+    assert "fairseq.meters.StopwatchMeter" in repr(data["extra_state"]["train_meters"]["wall"])
+    model, alphabet, layer = ef.load_esm(path)
+    assert layer == 33 and isinstance(model, esm.model.esm1.ProteinBertModel)
 
-    monkeypatch.setattr(ef, "ESM1B_LAYER", 2)
     fasta = tmp_path / "x.fasta"
     fasta.write_text(">a\nMKTAYIAK\n")
     out = tmp_path / "f"
-    assert ef.main(["--source", "fasta", "--fasta", str(fasta), "--modality", "seq", "--esm-weights", str(ckpt),
-                    "--device", "cpu", "--out", str(out)]) == 0
-    x = load(out / "seq" / "a.pt")
+    assert ef.main(["--fasta", str(fasta), "--modality", "seq", "--esm-weights", str(path), "--device", "cpu",
+                    "--out", str(out)]) == 0
     _, _, tokens = alphabet.get_batch_converter()([("a", "MKTAYIAK")])
     with torch.no_grad():
-        ref = model(tokens, repr_layers=[2])["representations"][2][0, 1:9]
-    assert x.shape == (8, 32) and torch.allclose(x.float(), ref, atol=1e-2)
+        expected = ref(tokens, repr_layers=[33])["representations"][33][0, 1:9]
+    x = load(out / "seq" / "a.pt")
+    assert x.shape == (8, 32) and torch.allclose(x.float(), expected, atol=1e-2)
+    info = json.loads((out / "info.json").read_text())
+    assert (info["esm_model"], info["esm_weights"], info["esm_layer"]) == (ef.ESM1B_NAME, str(path.resolve()), 33)
+    assert info["encoders"]["seq"] == ef.ESM1B_NAME and info["tiny"] is False and ef.is_real_esm(info)
 
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))    # the default path: cached file
+    legacy = tmp_path / "legacy.pt"  # torch's pre-1.6 file format, as old checkpoints are
+    torch.save({"args": data["args"], "model": data["model"]}, legacy, _use_new_zipfile_serialization=False)
+    assert ef.load_esm(legacy)[2] == 33
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"args": data["args"], "model": data["model"], "x": replicas.Malicious(f"touch {marker}"),
+                "y": Exec(f"open({str(marker)!r}, 'w')")}, evil)
+    assert ef.load_esm(evil)[2] == 33 and not marker.exists()
+    assert isinstance(ef.safe_load(evil)["x"], ef.Unloaded) and not marker.exists()
+    torch.save({"args": replicas.Malicious(f"touch {marker}"), "model": data["model"]}, evil)
+    with pytest.raises(ValueError, match="'args' is a Unloaded"):
+        ef.load_esm(evil)
+    assert not marker.exists()
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))    # the default: fair-esm's cache
     (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
-    (tmp_path / "hub" / "checkpoints" / f"{ef.ESM1B_NAME}.pt").write_bytes(ckpt.read_bytes())
+    (tmp_path / "hub" / "checkpoints" / path.name).write_bytes(path.read_bytes())
     monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("downloaded again"))
-    assert ef.esm1b_checkpoint() == tmp_path / "hub" / "checkpoints" / f"{ef.ESM1B_NAME}.pt"
-    assert isinstance(ef.load_esm1b(ef.esm1b_checkpoint())[0], esm.model.esm1.ProteinBertModel)
+    assert ef.resolve_esm(ef.ESM1B_NAME)[2:] == (33, "")
 
-    class Evil:
-        def __reduce__(self):
-            return (os.system, ("true",))
-    torch.save({"args": args, "model": state, "x": Evil()}, tmp_path / "evil.pt")
-    with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
-        ef.load_esm1b(tmp_path / "evil.pt")
+
+class Exec:
+    """Unpickling this would run Python code through exec."""
+
+    def __init__(self, code):
+        self.code = code
+
+    def __reduce__(self):
+        return (exec, (self.code,))
+
+
+def test_esm2_by_name_and_rebuilding_the_encoder_from_info(tmp_path, monkeypatch):
+    """--esm-model esm2_t6_8M_UR50D with an ESM-2-format file (cfg + model): its last layer, its width in
+    info.json; load_sequence_encoder(info) rebuilds the same model (weights moved: --esm-weights override;
+    gone: FatalError naming --esm-weights; another model: refused), the tiny one as the tiny extraction."""
+    path = tmp_path / "esm2_t6_8M_UR50D.pt"
+    ref = replicas.write_esm2(path, layers=6, dim=32)
+    fasta = tmp_path / "x.fasta"
+    fasta.write_text(">a\nMKTAYIAKQRQISFV\n")
+    out = tmp_path / "f"
+    assert ef.main(["--fasta", str(fasta), "--modality", "seq", "--esm-model", "esm2_t6_8M_UR50D", "--esm-weights",
+                    str(path), "--out", str(out)]) == 0
+    info = json.loads((out / "info.json").read_text())
+    assert (info["esm_model"], info["esm_layer"], info["dims"]) == ("esm2_t6_8M_UR50D", 6, {"seq": 32})
+    x = load(out / "seq" / "a.pt")
+
+    def features(model, alphabet, layer):
+        _, _, tokens = alphabet.get_batch_converter()([("a", "MKTAYIAKQRQISFV")])
+        with torch.no_grad():
+            return model(tokens, repr_layers=[layer])["representations"][layer][0, 1:16]
+    import esm
+    assert torch.allclose(x.float(), features(ref, esm.data.Alphabet.from_architecture("ESM-1b"), 6), atol=1e-2)
+    model, alphabet, layer, label = ef.load_sequence_encoder(info)
+    assert layer == 6 and "esm2_t6_8M_UR50D" in label and str(path.resolve()) in label
+    assert torch.allclose(x.float(), features(model, alphabet, layer), atol=1e-2)
+
+    moved = tmp_path / "moved.pt"
+    path.rename(moved)
+    with pytest.raises(ef.FatalError, match="--esm-weights PATH"):
+        ef.load_sequence_encoder(info)
+    assert ef.load_sequence_encoder(info, esm_weights=str(moved))[2] == 6
+    replicas.write_esm1b(tmp_path / "other.pt", layers=4, dim=16)
+    with pytest.raises(ef.FatalError, match="4 layers of width 16, the features came from layer 6 of width 32"):
+        ef.load_sequence_encoder(info, esm_weights=str(tmp_path / "other.pt"))
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))    # no esm_weights: the hub cache
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    moved.rename(tmp_path / "hub" / "checkpoints" / path.name)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("downloaded"))
+    assert ef.load_sequence_encoder({**info, "esm_weights": ""})[3] == "esm2_t6_8M_UR50D"
+
+    tiny_info = {"tiny": True, "synthetic": False, "esm_model": ef.TINY_NAMES["seq"], "esm_layer": 6}
+    model, alphabet, layer, label = ef.load_sequence_encoder(tiny_info)
+    enc = ef.load_encoder("seq", ef.ExtractConfig(encoders="tiny"), torch.device("cpu"))
+    assert label.startswith("tiny:") and layer == enc.layer == 6
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), enc.model.state_dict().values()))
+    with pytest.raises(ef.FatalError, match="synthetic"):
+        ef.load_sequence_encoder({"synthetic": True, "tiny": False})
+    assert not ef.is_real_esm({"synthetic": True, "encoders": {"seq": "synthetic"}})
+
+
+def test_source_is_inferred_from_the_one_input_flag(tmp_path, capsys):
+    def infer(**kw):
+        return ef.infer_source(ef.ExtractConfig(**kw))
+    assert infer(fasta="x.fa") == "fasta" and infer(fasta="x.fa", pdb_dir="d", protdescribe="t") == "fasta"
+    assert infer(pdb_dir="d") == "pdb-dir" and infer(protdescribe="t") == "protdescribe"
+    assert infer(af_dir="af", protdescribe="t") == "alphafold" and infer(source="demo") == "demo"
+    assert infer(data="dl/EnzymeCommission.zip") == "ec" and infer(data="x/GeneOntology") == "go"
+    for kw, words in [({"fasta": "x", "af_dir": "af"}, "--af-dir and --fasta"),
+                      ({"pdb_dir": "d", "protdescribe": "t"}, "say --source pdb-dir"),
+                      ({"data": "somewhere"}, "EC or GO"), ({}, "no input")]:
+        with pytest.raises(ef.FatalError, match=words):
+            infer(**kw)
+    assert ef.main(["--pdb-dir", "d", "--protdescribe", "t", "--encoders", "tiny"]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error")]
+    assert len(err) == 1 and "--source" in err[0]
+    write_ca_pdb(tmp_path / "pdb" / "a.pdb", "MKTAYIAK")
+    rc, out, s = run(["--pdb-dir", str(tmp_path / "pdb"), "--modality", "seq"], tmp_path)
+    assert rc == 0 and json.loads((out / "info.json").read_text())["source"] == "pdb-dir"
+
+
+# ----------------------------------------------------------------------------- nothing to do, partial runs
+
+def test_runs_that_find_nothing_usable_exit_2(tmp_path, capsys, monkeypatch):
+    """Empty FASTA, empty directory, no AF file, a join that pairs nothing, an empty split, a shard without
+    ids, every protein failing: exit 2 with the reason (and the likely fix) in one line."""
+    def fails(args, *words, per_protein=0):
+        assert ef.main([*args, "--encoders", "tiny", "--out", str(tmp_path / "o")]) == 2, args
+        err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error")]
+        assert len(err) == 1 + per_protein and all(w in err[-1] for w in words), err
+    (tmp_path / "empty.fasta").write_text("\n")
+    fails(["--fasta", str(tmp_path / "empty.fasta")], "no FASTA records")
+    (tmp_path / "empty").mkdir()
+    fails(["--pdb-dir", str(tmp_path / "empty")], "no structure files")
+    (tmp_path / "pd.tsv").write_text(replicas.protdescribe_text(replicas.protdescribe_rows({"P11111": "MKTAYIAKQR"})))
+    fails(["--af-dir", str(tmp_path / "empty"), "--protdescribe", str(tmp_path / "pd.tsv")], "no AlphaFold DB files")
+    replicas.write_alphafold_dir(tmp_path / "af", {"P22222": "MSTNPKPQRKTKRN"})
+    fails(["--af-dir", str(tmp_path / "af"), "--protdescribe", str(tmp_path / "pd.tsv")], "pair no protein",
+          "--join sequence")
+    fails(["--af-dir", str(tmp_path / "af"), "--protdescribe", str(tmp_path / "pd.tsv"), "--join", "sequence"],
+          "pair no protein", "no AF sequence equals")
+    (tmp_path / "bad.fasta").write_text(">a\nMK*A\n>b\nMK1A\n")
+    fails(["--fasta", str(tmp_path / "bad.fasta")], "none of the 2 proteins is usable", "a: unknown residue",
+          per_protein=2)
+    assert json.loads((tmp_path / "o" / "summary.json").read_text())["exit_status"] == 2
+    (tmp_path / "ok.fasta").write_text(">a\nMKTA\n>b\nMKVL\n")
+    fails(["--fasta", str(tmp_path / "ok.fasta"), "--shard", "4/5"], "no proteins to extract", "shard 4/5")
+
+    rep = replicas.task_replica("ec")
+    zip_path, md5 = replicas.write_torchdrug_zip(tmp_path / "dl", "ec", rep)
+    root = replicas.torchdrug_extract(zip_path)
+    for f in (root / "EnzymeCommission" / "valid" / "valid").iterdir():
+        f.unlink()
+    (root / "EnzymeCommission" / "valid.zip").unlink()
+    fails(["--source", "ec", "--data", str(root)], "train/valid/test 4/0/3", "valid empty")
+
+
+def test_nan_from_an_encoder_fails_that_protein(tmp_path, monkeypatch, capsys):
+    """NaN or inf from an encoder (not only float16 overflow) is never written: the protein fails by name."""
+    with pytest.raises(ef.InputError, match="2 non-finite values"):
+        ef.save_tensor(torch.tensor([[1.0, float("nan"), float("inf")]]), tmp_path / "x.pt")
+    assert not list(tmp_path.iterdir())
+    fasta = tmp_path / "x.fasta"
+    fasta.write_text(">nan\nMKTAYIAK\n>ok\nMKVLAAGI\n")
+    write_ca_pdb(tmp_path / "pdb" / "nan.pdb", "MKTAYIAK")
+    write_ca_pdb(tmp_path / "pdb" / "ok.pdb", "MKVLAAGI")
+    real = ef.SeqEncoder.__call__
+
+    def broken(self, seqs):  # the protein with 'T' at position 3 comes out as NaN
+        return [r * float("nan") if s[2] == "T" else r for r, s in zip(real(self, seqs), seqs)]
+    monkeypatch.setattr(ef.SeqEncoder, "__call__", broken)
+    rc, out, s = run(["--fasta", str(fasta), "--pdb-dir", str(tmp_path / "pdb"), "--modality", "seq", "str"], tmp_path)
+    assert rc == 3 and list(s["failed"]) == ["nan"] and "non-finite" in s["failed"]["nan"]
+    assert not (out / "seq" / "nan.pt").exists() and [r["id"] for r in amma.read_manifest(out)] == ["ok"]
+    assert [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: nan: seq: the encoder gave")]
+
+
+def test_mmcif_without_a_coordinate_column_or_cut_short_fails_per_file(tmp_path, capsys):
+    seq = "MKTAYIAKQRQISF"
+    d = tmp_path / "pdb"
+    d.mkdir()
+    (d / "good.cif").write_text(replicas.mmcif_text(seq))
+    (d / "nox.cif").write_text(replicas.mmcif_text(seq, drop_columns=("Cartn_x",)))
+    text = replicas.mmcif_text(seq)
+    (d / "cut.cif").write_text(text[: text.index("ATOM 30 ") + 30])                 # ends mid-row
+    rc, out, s = run(["--source", "pdb-dir", "--pdb-dir", str(d), "--modality", "seq", "str"], tmp_path)
+    assert rc == 3 and s["done"] == 1 and set(s["failed"]) == {"nox", "cut"}
+    assert "no Cartn_x column" in s["failed"]["nox"] and "nox.cif" in s["failed"]["nox"]
+    assert "mid-row" in s["failed"]["cut"] and "cut short" in s["failed"]["cut"]
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error")]
+    assert len(err) == 2
+
+
+def test_progress_bars_update_rarely_in_logs(monkeypatch):
+    class Log(io.StringIO):
+        def isatty(self):
+            return False
+    monkeypatch.setattr(ef.sys, "stderr", Log())
+    bar = ef.progress(range(3), "x")
+    assert bar.mininterval >= 30 and bar.maxinterval >= 30
+    bar.close()
+
+
+# ----------------------------------------------------------------------------- provenance and re-extraction
+
+def test_changed_inputs_are_recomputed(tmp_path, capsys):
+    """The manifest records checksums of what each file came from; one residue changed (same length), a new
+    structure file, other text: those files are recomputed, the rest skipped. Rows of older manifests without
+    checksums only compare the sequence; a file without a manifest row (killed run) is recomputed."""
+    seq_a, seq_b = "MKTAYIAKQRQISF", "MSTNPKPQRKTKRN"
+    write_ca_pdb(tmp_path / "pdb" / "a.pdb", seq_a)
+    fasta = tmp_path / "x.fasta"
+    fasta.write_text(f">a\n{seq_a}\n>b\n{seq_b}\n")
+    rows = replicas.protdescribe_rows({"a": seq_a, "b": seq_b})
+    (tmp_path / "pd.tsv").write_text(replicas.protdescribe_text(rows))
+    args = ["--fasta", str(fasta), "--pdb-dir", str(tmp_path / "pdb"), "--protdescribe", str(tmp_path / "pd.tsv")]
+    rc, out, s = run(args, tmp_path)
+    assert rc == 0 and s["done"] == 2
+    manifest = {r["id"]: r for r in amma.read_manifest(out)}
+    assert manifest["a"]["sha_str"] and manifest["b"]["sha_str"] == "" and manifest["a"]["enc_seq"] == ef.TINY_NAMES["seq"]
+    assert manifest["a"]["sha_seq"] == ef.digest(seq_a) and manifest["b"]["sha_func"]
+    before = {p.name: load(p) for p in (out / "seq").iterdir()}
+
+    fasta.write_text(f">a\n{seq_a}\n>b\n{seq_b[:5]}W{seq_b[6:]}\n")               # one residue, same length
+    rc, out, s = run(args, tmp_path)
+    assert (rc, s["done"], s["skipped"]) == (0, 1, 1) and s["recomputed"] == {"b": "seq: the sequence changed"}
+    assert not torch.equal(load(out / "seq" / "b.pt"), before["b.pt"])
+    assert torch.equal(load(out / "seq" / "a.pt"), before["a.pt"])
+    assert {r["id"]: r for r in amma.read_manifest(out)}["b"]["sha_seq"] == ef.digest(f"{seq_b[:5]}W{seq_b[6:]}")
+
+    text = (tmp_path / "pdb" / "a.pdb").read_text()
+    (tmp_path / "pdb" / "a.pdb").write_text(text.replace("  1.00  0.00", "  1.00 50.00", 1))  # same residues
+    rows[0]["Function"] = "Another function."
+    (tmp_path / "pd.tsv").write_text(replicas.protdescribe_text(rows))
+    rc, out, s = run(args, tmp_path)
+    assert s["recomputed"] == {"a": "str: the structure file changed; func: the text changed"} and s["done"] == 1
+
+    rc, out, s = run(args, tmp_path)
+    assert (s["done"], s["skipped"], s["recomputed"]) == (0, 2, {})
+    lines = (out / "manifest.tsv").read_text().splitlines()                    # a manifest of an older version
+    header = lines[0].split("\t")
+    keep = [i for i, c in enumerate(header) if not c.startswith(("sha_", "enc_"))]
+    (out / "manifest.tsv").write_text("\n".join("\t".join(x.split("\t")[i] for i in keep) for x in lines) + "\n")
+    rc, out, s = run(args, tmp_path)
+    assert (s["done"], s["skipped"]) == (0, 2)
+    lines = (out / "manifest.tsv").read_text().splitlines()                    # a killed run: b's row missing
+    (out / "manifest.tsv").write_text("\n".join(x for x in lines if not x.startswith("b\t")) + "\n")
+    rc, out, s = run(args, tmp_path)
+    assert s["recomputed"] == {"b": "seq: no manifest row records what the file was computed from; "
+                                    "func: no manifest row records what the file was computed from"}
+
+
+# ----------------------------------------------------------------------------- replicas of the real inputs
+
+@pytest.mark.parametrize("kind", ["ec", "go"])
+def test_torchdrug_extracted_folder_gives_what_the_zip_gives(tmp_path, monkeypatch, kind):
+    """--data pointing at the folder torchdrug's utils.extract leaves (X/<Name>/train/train/*.pdb, a
+    .pkl.gz next to the annotation), or at the folder above it, gives the zip's ids, splits, labels and
+    features; the zip itself is now extracted the same way torchdrug does."""
+    rep = replicas.task_replica(kind)
+    zip_path, md5 = replicas.write_torchdrug_zip(tmp_path / "dl", kind, rep)
+    monkeypatch.setitem(ef.TORCHDRUG_ZIPS, kind, (*ef.TORCHDRUG_ZIPS[kind][:2], md5))   # the replica's checksum
+    rc, from_zip, s = run(["--source", kind, "--data", str(zip_path), "--data-dir", str(tmp_path / "data"),
+                           "--modality", "seq"], tmp_path, "zip")
+    assert rc == 0 and s["done"] == 9
+    name = ef.TORCHDRUG_ZIPS[kind][0]
+    replicas.torchdrug_extract(zip_path)
+    for data, out in [(tmp_path / "dl" / name, "dir"), (tmp_path / "dl", "above")]:
+        rc, folder, s = run(["--source", kind, "--data", str(data), "--modality", "seq"], tmp_path, out)
+        assert rc == 0 and s["done"] == 9, data
+        tasks = ["ec"] if kind == "ec" else ["go-mf", "go-bp", "go-cc"]
+        for task in tasks:
+            a, b = (json.loads((d / f"labels_{task}.json").read_text()) for d in (from_zip, folder))
+            assert a == b and a["source"] == "torchdrug"
+        assert a["splits"] == {s: [c for c, _ in rep["splits"][s]] for s in ef.SPLITS}
+        for r in amma.read_manifest(from_zip):
+            assert torch.equal(load(from_zip / "seq" / f"{r['id']}.pt"), load(folder / "seq" / f"{r['id']}.pt"))
+    labels = json.loads((from_zip / f"labels_{tasks[0]}.json").read_text())
+    chain = rep["splits"]["train"][1][0]
+    want = rep["labels"][chain] if kind == "ec" else rep["labels"][chain]["mf"]
+    terms = rep["terms"] if kind == "ec" else rep["terms"]["mf"]
+    assert sorted(labels["terms"][i] for i in labels["labels"][chain]) == sorted(want) and labels["terms"] == terms
+    assert labels["test_identity"][rep["splits"]["test"][1][0]]["30"] == 0
+    assert sorted(p.name for p in (tmp_path / "data" / name / name / "train" / "train").glob("*.pdb")) == \
+        sorted(p.name for p in (tmp_path / "dl" / name / name / "train" / "train").glob("*.pdb"))
+
+
+@pytest.mark.parametrize("id_column,kind", [("Entry", "accession"), ("Accession", "accession"),
+                                            ("EntryName", "entry name"), (None, "none")])
+def test_protdescribe_rows_and_the_alphafold_join(tmp_path, capsys, id_column, kind):
+    """ProtST's TSV read as ProtST reads it (a row with more fields than the header keeps the first ones);
+    AlphaFold files pair by accession when the id column holds accessions, else by exact sequence; the
+    counts of both sides are printed; AF-only and ProtDescribe-only proteins form the unpaired sets."""
+    accs = ["P00698", "P69905", "Q9Y6K9", "O15530", "P04637", "P12345"]
+    seqs = {a: replicas.random_sequence(20 + 2 * k, 100 + k) for k, a in enumerate(accs)}
+    replicas.write_alphafold_dir(tmp_path / "af", {a: seqs[a] for a in accs[:4]})
+    names = {a: f"PROT{k}_HUMAN" for k, a in enumerate(accs)} if kind == "entry name" else None
+    rows = replicas.protdescribe_rows({a: seqs[a] for a in accs[2:]}, names)
+    (tmp_path / "pd.tsv").write_text(replicas.protdescribe_text(rows, id_column, extra={1}))
+    table = ef.read_protdescribe(tmp_path / "pd.tsv")
+    assert table.id_column == id_column and table.longer == 1 and len(table.rows) == 4
+    second = table.rows[1]                                           # the row with two fields too many
+    assert second["sequence"] == rows[1]["Sequence"] and second["fields"]["Similarity"] == rows[1]["Similarity"]
+    out = tmp_path / "features" / "pretrain"
+    rc, _, _ = run(["--af-dir", str(tmp_path / "af"), "--protdescribe", str(tmp_path / "pd.tsv"), "--unpaired",
+                    "--modality", "seq", "func"], tmp_path, "features/pretrain")
+    printed = capsys.readouterr().out
+    assert rc == 0
+    join = "accession" if kind == "accession" else "exact sequence"
+    assert f"join by {join}" in printed and "paired 2 AF files with 2 ProtDescribe rows" in printed
+    ids = {name: sorted(r["id"] for r in amma.read_manifest(path))
+           for name, path in [("paired", out), ("seqstr", out.parent / "seqstr"), ("seqfunc", out.parent / "seqfunc")]}
+    assert ids["paired"] == ["O15530", "Q9Y6K9"] and ids["seqstr"] == ["P00698", "P69905"]
+    af_seqs = {seqs[a] for a in accs[:4]}
+    assert ids["seqfunc"] == sorted(r["id"] for r in table.rows if r["sequence"] not in af_seqs)
+    assert kind != "none" or ids["seqfunc"] == ["row000002", "row000003"]
+    if kind == "entry name":
+        assert "(0 of them also by id)" in printed
+        assert ef.main(["--af-dir", str(tmp_path / "af"), "--protdescribe", str(tmp_path / "pd.tsv"), "--join",
+                        "accession", "--encoders", "tiny", "--out", str(tmp_path / "x")]) == 2
+        assert "--join sequence" in capsys.readouterr().err
+
+
+def test_rows_with_extra_fields_are_cut_as_protst_cuts_them(tmp_path):
+    header = ["Entry", "Sequence", "ProteinName", "Function", "SubcellularLocation", "Similarity"]
+    values = ["P11111", "MKTAYIAK", "Name", "Function part one", "part two after a stray tab", "Cytoplasm.", "Fam."]
+    (tmp_path / "pd.tsv").write_text("\t".join(header) + "\n" + "\t".join(values) + "\nP22222\tMKVL\tShort\n")
+    table = ef.read_protdescribe(tmp_path / "pd.tsv")
+    protst = dict(zip(header, values[:len(header)]))             # UniProtSeqText.load_tsv: values[:len(fields)]
+    assert table.rows[0]["fields"] == {k: protst[k] for k in ef.TEXT_FIELDS}
+    assert table.rows[0]["fields"]["SubcellularLocation"] == "part two after a stray tab"
+    assert (table.longer, table.shorter) == (1, 1) and table.rows[1]["fields"]["Function"] == ""
+
+
+def test_pick_the_paper_subsets_from_a_folder_or_the_tar(tmp_path):
+    """--pick PAIRED SEQSTR SEQFUNC --seed: seeded, disjoint (ids and sequences), picks.json; the tar archive
+    (read in place) gives what its folder gives; a re-run picks the same and skips everything."""
+    accs = [f"P{10000 + k}" for k in range(10)]
+    seqs = {a: replicas.random_sequence(16 + k, 200 + k) for k, a in enumerate(accs)}
+    af = replicas.write_alphafold_dir(tmp_path / "af", {a: seqs[a] for a in accs[:8]})
+    tar = replicas.write_alphafold_tar(tmp_path / "swissprot_pdb_v2.tar", af)
+    (tmp_path / "pd.tsv").write_text(replicas.protdescribe_text(replicas.protdescribe_rows(
+        {a: seqs[a] for a in accs[2:]})))
+    picks = {}
+    for source in (af, tar):
+        out = tmp_path / "out" / source.name / "pretrain"
+        rc = ef.main(["--af-dir", str(source), "--protdescribe", str(tmp_path / "pd.tsv"), "--pick", "3", "2", "2",
+                      "--seed", "0", "--modality", "seq", "--encoders", "tiny", "--out", str(out)])
+        assert rc == 0
+        picks[source.name] = json.loads((out / "picks.json").read_text())
+        sets = {k: sorted(r["id"] for r in amma.read_manifest(p)) for k, p in
+                [("paired", out), ("seqstr", out.parent / "seqstr"), ("seqfunc", out.parent / "seqfunc")]}
+        assert {k: picks[source.name][k] for k in sets} == sets
+        assert [len(v) for v in sets.values()] == [3, 2, 2]
+        assert not (set(sets["paired"]) & set(sets["seqstr"]) or set(sets["paired"]) & set(sets["seqfunc"])
+                    or set(sets["seqstr"]) & set(sets["seqfunc"]))
+        assert set(sets["paired"]) <= set(accs[2:8]) and set(sets["seqfunc"]) <= set(accs[2:])
+        structure = {r["id"]: r["structure"] for r in amma.read_manifest(out)}
+        assert all(("::" in v) == (source == tar) for v in structure.values())
+    assert picks["af"] == picks["swissprot_pdb_v2.tar"]
+    rc = ef.main(["--af-dir", str(tar), "--protdescribe", str(tmp_path / "pd.tsv"), "--pick", "3", "2", "2",
+                  "--modality", "seq", "--encoders", "tiny", "--out", str(tmp_path / "out" / tar.name / "pretrain")])
+    summary = json.loads((tmp_path / "out" / tar.name / "pretrain" / "summary.json").read_text())
+    assert rc == 0 and (summary["done"], summary["skipped"]) == (0, 3)
+    other = tmp_path / "seed1" / "pretrain"
+    assert ef.main(["--af-dir", str(af), "--protdescribe", str(tmp_path / "pd.tsv"), "--pick", "3", "0", "0",
+                    "--seed", "1", "--modality", "seq", "--encoders", "tiny", "--out", str(other)]) == 0
+    assert not (other.parent / "seqstr").exists() and json.loads((other / "picks.json").read_text())["seed"] == 1
+    assert ef.main(["--fasta", "x.fasta", "--pick", "1", "1", "1", "--encoders", "tiny"]) == 2
 
 
 def test_demo_end_to_end(tmp_path, monkeypatch):
