@@ -179,10 +179,11 @@ class ExtractConfig:
                      "accessions, else sequence", choices=("auto", "accession", "sequence"))
     unpaired: bool = _opt(False, "alphafold: also write the unpaired sets seqstr (AF only) and seqfunc "
                           "(ProtDescribe only) next to --out")
-    pick: tuple = _opt(None, "alphafold: pretraining subsets as in the paper (120000 25000 25000): a seeded "
-                       "random choice of PAIRED triplets (-> --out), SEQSTR AF-only-used and SEQFUNC "
-                       "ProtDescribe-only-used proteins (-> seqstr/, seqfunc/ next to --out), the three "
-                       "disjoint by id and sequence; the chosen ids go to <out>/picks.json",
+    pick: tuple = _opt(None, "alphafold: the paper's pretraining subsets (120000 25000 25000): a seeded random "
+                       "choice of PAIRED seq+str+func triplets (-> --out), SEQSTR seq+str proteins from the other "
+                       "AF files (-> seqstr/ next to --out) and SEQFUNC seq+func proteins from the other "
+                       "ProtDescribe rows (-> seqfunc/), the three disjoint by id and by sequence; the chosen ids "
+                       "go to <out>/picks.json",
                        nargs=3, type=int, metavar=("PAIRED", "SEQSTR", "SEQFUNC"))
     seed: int = _opt(0, "random seed of --pick", type=int)
     data: str = _opt(None, "ec/go: torchdrug's EnzymeCommission.zip / GeneOntology.zip, the directory torchdrug "
@@ -550,7 +551,7 @@ def tiny_vocab():
 
 
 # Checkpoints from elsewhere (fair-esm's .pt, GearNet's .pth) are unpickled by SafeUnpickler: every global
-# the pickle names is looked up in SAFE_GLOBALS (torch's own weights_only allowlist -- tensor and storage
+# the pickle names is looked up in an allowlist (_safe_globals: torch's own weights_only one -- tensor and storage
 # rebuilding, dtypes, OrderedDict, ... -- plus argparse.Namespace, which fair-esm's 'args'/'cfg' are); any
 # other global becomes an Unloaded placeholder class: nothing is imported, nothing is called. So a file
 # with optimizer state, numpy scalars or classes of someone's training code loads, and a file built to run

@@ -94,14 +94,13 @@ def alphafold_pdb_text(accession, seq, version, seed=0):
     plddt = (50 + 50 * torch.rand(len(seq), generator=g)).tolist()
     seqres = [f"SEQRES {k // 13 + 1:>3} A {len(seq):>4}  " + " ".join(AA3[a] for a in seq[k:k + 13])
               for k in range(0, len(seq), 13)]
-    header = [f"HEADER                                            01-JUL-21", 
-              f"TITLE     ALPHAFOLD MONOMER V2.0 PREDICTION FOR PROTEIN ({accession})",
+    header = ["HEADER                                            01-JUL-21",
+              f"TITLE     ALPHAFOLD MONOMER V{version}.0 PREDICTION FOR PROTEIN ({accession})",
               f"DBREF  XXXX A    1  {len(seq):>4}  UNP    {accession:<8} {accession}_X     1  {len(seq):>4}",
               *seqres, "CRYST1    1.000    1.000    1.000  90.00  90.00  90.00 P 1           1",
               "MODEL        1"]
     text = pdb_text(seq, "A", seed, header, plddt)
-    return text.replace("\nEND\n", "\nENDMDL\nEND\n").replace(f"TITLE     ALPHAFOLD MONOMER V2.0",
-                                                            f"TITLE     ALPHAFOLD MONOMER V{version}.0")
+    return text.replace("\nEND\n", "\nENDMDL\nEND\n")
 
 
 MMCIF_COLUMNS = ("group_PDB", "id", "type_symbol", "label_atom_id", "label_alt_id", "label_comp_id", "label_asym_id",

@@ -453,7 +453,7 @@ def test_alphafold_join_and_unpaired(tmp_path):
     write_ca_pdb(tmp_path / "af" / "AF-P11111-F1-model_v3.pdb", "MK")          # older version: ignored
     tsv = ["Entry\tSequence\tProteinName\tFunction\tSubcellularLocation\tSimilarity",
            f"P11111\t{seqs['P11111']}\tKinase A\tPhosphorylates things.\tCytoplasm.\t",
-           f"P22222\tMSTNPKPQRKTKRW\tOther\t\t\tBelongs to the X family.",       # disagrees with its AF file
+           "P22222\tMSTNPKPQRKTKRW\tOther\t\t\tBelongs to the X family.",        # disagrees with its AF file
            "P44444\tMKVLAAGIVG\tLonely protein\t\tNucleus.\t"]
     (tmp_path / "pd.tsv").write_text("\n".join(tsv) + "\n")
     out = tmp_path / "features" / "pretrain"
@@ -911,6 +911,25 @@ def test_protdescribe_rows_and_the_alphafold_join(tmp_path, capsys, id_column, k
         assert ef.main(["--af-dir", str(tmp_path / "af"), "--protdescribe", str(tmp_path / "pd.tsv"), "--join",
                         "accession", "--encoders", "tiny", "--out", str(tmp_path / "x")]) == 2
         assert "--join sequence" in capsys.readouterr().err
+
+
+def test_alphafold_folder_as_torchdrug_leaves_it(tmp_path):
+    """torchdrug's AlphaFoldDB extracts swissprot_pdb_v2.tar and then every .pdb.gz next to itself; older model
+    versions may lie around: one structure per accession, the newest version, the .pdb.gz."""
+    af = replicas.write_alphafold_dir(tmp_path / "af", {"P00698": "MKALIVLGLV", "P69905": "MVLSPADKTN"})
+    for gz in list(af.glob("*.pdb.gz")):
+        gz.with_suffix("").write_bytes(gzip.decompress(gz.read_bytes()))          # utils.extract(gz_file)
+    replicas.write_alphafold_dir(af, {"P00698": "MKALIVLGLV"}, version=1)
+    files = ef.alphafold_files(af)
+    assert {a: p.name for a, p in files.items()} == {"P00698": "AF-P00698-F1-model_v2.pdb.gz",
+                                                     "P69905": "AF-P69905-F1-model_v2.pdb.gz"}
+    tar = replicas.write_alphafold_tar(tmp_path / "swissprot_pdb_v2.tar", af)
+    members = ef.alphafold_files(tar)
+    assert {a: m.name for a, m in members.items()} == {a: p.name for a, p in files.items()}
+    assert all(ef.read_structure(members[a])["sequence"] == ef.read_structure(files[a])["sequence"] for a in files)
+    (tmp_path / "x.tar.gz").write_bytes(gzip.compress(tar.read_bytes()))
+    with pytest.raises(ef.FatalError, match="not an uncompressed tar"):
+        ef.alphafold_files(tmp_path / "x.tar.gz")
 
 
 def test_rows_with_extra_fields_are_cut_as_protst_cuts_them(tmp_path):
