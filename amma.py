@@ -1196,7 +1196,7 @@ def _pretrain(mc, tc, quiet, rank, world, device):
                 state["epoch_loss"] += tally[0].item()
                 state.update(epoch_steps=state["epoch_steps"] + 1, steps_done=state["steps_done"] + 1)
                 bar.update(1)
-                bar.set_postfix(loss=f"{tally[0].item():.4f}")
+                bar.set_postfix(loss=f"{tally[0].item():.4f}", refresh=False)
                 if log and (state["epoch_steps"] % tc.log_every == 0 or s + 1 == n_steps):
                     parts = {f"loss_{m}": tally[1 + i].item() for i, m in enumerate(MODALITIES)
                              if any(norm.get((g, m)) for g in groups.unique().tolist())}

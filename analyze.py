@@ -71,19 +71,32 @@ TSNE_COLOURS = {"seq": "#d62728", "str": "#e6b800", "func": "#1f77b4"}          
 
 TASKS = ("ec", "go-mf", "go-cc", "go-bp")
 TASK_NAMES = {"ec": "EC", "go-mf": "GO-MF", "go-cc": "GO-CC", "go-bp": "GO-BP"}
-# Paper values (percent): {row: {task: (Fmax, AUPR)}}. Table 2 on the 120k set; Tables 4 and 6 on a 22k subset.
-PAPER_RESULTS = {
-    "Table 2: AMMA": {"ec": (88.7, 89.8), "go-mf": (67.3, 65.5), "go-cc": (49.8, 36.9), "go-bp": (46.9, 33.6)},
-    "Table 2: AMMA-symmetric": {"ec": (71.6, 74.9), "go-mf": (52.0, 52.3), "go-cc": (48.8, 35.1), "go-bp": (35.5, 24.3)},
-    "Table 2: AMMA-contrastive": {"ec": (87.7, 89.5), "go-mf": (65.2, 61.3), "go-cc": (44.3, 28.2), "go-bp": (28.2, 17.3)},
-    "Table 2: ESM-1b": {"ec": (86.9, 88.4), "go-mf": (65.9, 63.0), "go-cc": (47.7, 32.4), "go-bp": (45.2, 33.2)},
-    "Table 4: alpha 1 1 1": {"ec": (84.6, 87.2), "go-mf": (66.4, 64.8)},
-    "Table 4: alpha 1 2 2": {"ec": (87.7, 89.8), "go-mf": (66.4, 64.2)},
-    "Table 4: alpha 2 1 1": {"ec": (73.0, 75.9), "go-mf": (65.1, 63.2)},
-    "Table 4: alpha 2 1 2": {"ec": (86.7, 89.2), "go-mf": (65.9, 64.7)},
-    "Table 6: AMMA": {"ec": (87.7, 89.8), "go-mf": (66.4, 64.2)},
-    "Table 6: AMMA-w/o auxiliary": {"ec": (87.7, 90.1), "go-mf": (65.0, 63.6)},
+# The paper's results tables (percent, test Fmax / AUPR) with their PUBLISHED averages, and which of
+# ablations.sh's runs stands for each row. Tables 4 and 6 pretrain on a 22k subset of the 120k set;
+# Table 6's AMMA row is Table 4's alpha 1 2 2. Every finetuning there ran ESM-1b in the loop (B.2).
+PAPER_TABLES = {
+    "Table 2": dict(tasks=TASKS, averages=("Avg Fmax", "Avg AUPR"), title="function prediction, 120k pretraining", rows=[
+        ("amma", "AMMA", {"ec": (88.7, 89.8), "go-mf": (67.3, 65.5), "go-cc": (49.8, 36.9), "go-bp": (46.9, 33.6)}, (63.2, 56.5)),
+        ("symmetric", "AMMA-symmetric", {"ec": (71.6, 74.9), "go-mf": (52.0, 52.3), "go-cc": (48.8, 35.1),
+                                         "go-bp": (35.5, 24.3)}, (52.0, 46.7)),
+        ("contrastive", "AMMA-contrastive", {"ec": (87.7, 89.5), "go-mf": (65.2, 61.3), "go-cc": (44.3, 28.2),
+                                             "go-bp": (28.2, 17.3)}, (56.4, 49.1)),
+        (None, "ESM-1b", {"ec": (86.9, 88.4), "go-mf": (65.9, 63.0), "go-cc": (47.7, 32.4), "go-bp": (45.2, 33.2)},
+         (61.4, 54.3))]),
+    "Table 3": dict(tasks=("ec", "go-mf"), averages=("Average",), title="15 epochs, with extra unpaired data", rows=[
+        ("paired-15", "120k paired, 0k unpaired", {"ec": (88.1, 89.7), "go-mf": (66.4, 64.6)}, (77.2,)),
+        ("unpaired-15", "120k paired, 50k unpaired", {"ec": (88.2, 90.4), "go-mf": (66.9, 64.6)}, (77.5,))]),
+    "Table 4": dict(tasks=("ec", "go-mf"), averages=("Average",), title="Dirichlet alpha (seq str func), 22k subset", rows=[
+        ("alpha-1-1-1", "alpha 1 1 1", {"ec": (84.6, 87.2), "go-mf": (66.4, 64.8)}, (75.8,)),
+        ("alpha-1-2-2", "alpha 1 2 2", {"ec": (87.7, 89.8), "go-mf": (66.4, 64.2)}, (77.0,)),
+        ("alpha-2-1-1", "alpha 2 1 1", {"ec": (73.0, 75.9), "go-mf": (65.1, 63.2)}, (69.3,)),
+        ("alpha-2-1-2", "alpha 2 1 2", {"ec": (86.7, 89.2), "go-mf": (65.9, 64.7)}, (76.6,)),
+        ("alpha-2-2-1", "alpha 2 2 1", {"ec": (87.9, 89.5), "go-mf": (52.4, 53.6)}, (70.9,))]),
+    "Table 6": dict(tasks=("ec", "go-mf"), averages=("Average",), title="auxiliary decoder inputs, 22k subset", rows=[
+        ("alpha-1-2-2", "AMMA", {"ec": (87.7, 89.8), "go-mf": (66.4, 64.2)}, (77.0,)),
+        ("noaux", "AMMA-w/o auxiliary", {"ec": (87.7, 90.1), "go-mf": (65.0, 63.6)}, (76.6,))]),
 }
+PAPER_PROTOCOL = "esm-finetune"
 
 
 @dataclass
@@ -534,56 +547,127 @@ def read_metrics(results):
     return tuple(out)
 
 
+def read_run(path):
+    """One finetuning's results.json -> dict(fmax, aupr in percent, protocol, synthetic, tiny, baseline)."""
+    results = json.loads(path.read_text())
+    fm, au = read_metrics(results)
+    base = (results.get("baseline") or {}).get("test") or {}
+    return {"fmax": fm, "aupr": au, "protocol": results.get("protocol", "unknown"),
+            "synthetic": bool(results.get("synthetic")), "tiny": bool(results.get("tiny")),
+            "features": results.get("features", ""),
+            "baseline": [100 * base["fmax"], 100 * base["aupr"]] if "fmax" in base and "aupr" in base else None}
+
+
+def _cell(pair):
+    return " / ".join("-" if v is None else f"{v:.1f}" for v in pair)
+
+
+def _our_averages(cells, averages):
+    """Our row's averages the way the paper's table takes them: per metric over the tasks (Table 2), or
+    over all of the row's numbers (Tables 3, 4, 6); '-' unless every task of the table is there."""
+    if any(c is None or None in c for c in cells):
+        return ["-"] * len(averages)
+    if len(averages) == 2:
+        return [f"{sum(c[i] for c in cells) / len(cells):.1f}" for i in (0, 1)]
+    return [f"{sum(v for c in cells for v in c) / (2 * len(cells)):.1f}"]
+
+
+def table_rows(name, spec, found):
+    """The rows of one paper table: ours (when run), each followed by the paper's; then the baseline."""
+    rows, protocols, marks = [], set(), set()
+    for run, label, paper, paper_avg in spec["rows"]:
+        if run in found:
+            r = found[run]
+            cells = [[r[t]["fmax"], r[t]["aupr"]] if t in r else None for t in spec["tasks"]]
+            proto = sorted({r[t]["protocol"] for t in spec["tasks"] if t in r})
+            mark = "synthetic" if any(r[t]["synthetic"] for t in r) else "tiny" if any(r[t]["tiny"] for t in r) else ""
+            protocols.update(proto)
+            marks.add(mark)
+            rows.append({"row": f"ours: {run}" + (f" [{mark}]" if mark else ""), "protocol": ", ".join(proto),
+                         "cells": [_cell(c) if c else "-" for c in cells],
+                         "averages": _our_averages(cells, spec["averages"]), "values": cells})
+        if not paper:                                                          # a run of no paper table
+            continue
+        rows.append({"row": f"  paper: {label}", "protocol": PAPER_PROTOCOL,
+                     "cells": [_cell(paper[t]) for t in spec["tasks"]],
+                     "averages": [f"{v:.1f}" for v in paper_avg], "values": [list(paper[t]) for t in spec["tasks"]]})
+    base = {}
+    for run in (r for r, *_ in spec["rows"] if r in found):
+        for t in spec["tasks"]:
+            if t in found[run] and found[run][t]["baseline"] and t not in base:
+                base[t] = found[run][t]["baseline"]
+    if base:
+        cells = [base.get(t) for t in spec["tasks"]]
+        rows.append({"row": "label-frequency baseline", "protocol": "",
+                     "cells": [_cell(c) if c else "-" for c in cells],
+                     "averages": _our_averages(cells, spec["averages"]), "values": cells})
+    notes = []
+    if len(protocols) > 1:
+        notes.append(f"MIXED PROTOCOLS in {name}: {', '.join(sorted(protocols))} (the paper: {PAPER_PROTOCOL}); "
+                     "compare rows of the same protocol only")
+    elif protocols and protocols != {PAPER_PROTOCOL}:
+        notes.append(f"{name}: our rows ran {protocols.pop()}, the paper's {PAPER_PROTOCOL}")
+    if marks - {""}:
+        notes.append(f"{name}: rows marked [synthetic] / [tiny] come from the demo or tiny random-init encoders: "
+                     "they test the pipeline and say nothing about real proteins")
+    return rows, notes
+
+
+def format_table(name, spec, rows, markdown=False):
+    header = ["Row", "Protocol"] + [TASK_NAMES[t] + " Fmax / AUPR" for t in spec["tasks"]] + list(spec["averages"])
+    body = [[r["row"], r["protocol"]] + r["cells"] + r["averages"] for r in rows]
+    if markdown:
+        lines = [f"### {name}: {spec['title']}", "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+        return "\n".join(lines + ["| " + " | ".join(c.strip() for c in b) + " |" for b in body])
+    widths = [max(len(str(x[i])) for x in [header] + body) for i in range(len(header))]
+    fmt = lambda cells: "  ".join(f"{c:<{w}}" if i < 2 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([f"{name}: {spec['title']} (test, percent)", fmt(header)] + [fmt(b) for b in body])
+
+
 def collect(root):
-    """Gather <root>/<run>/<task>/results.json into {run: {task: [Fmax, AUPR]}}; write JSON and markdown."""
+    """Gather <root>/<run>/<task>/results.json into the paper's Tables 2, 3, 4 and 6 (ours, each with the
+    paper's row under it and the label-frequency baseline), plus any other runs; print them and write
+    <root>/results_table.md and .json."""
     root = Path(root)
-    runs = {}
+    found = {}
     for path in sorted(root.glob("*/*/results.json")):
         run, task = path.parent.parent.name, path.parent.name
         if task not in TASKS:
             continue
         try:
-            fm, au = read_metrics(json.loads(path.read_text()))
+            r = read_run(path)
         except (OSError, ValueError) as e:
             print(f"skipping {path}: {e}")
             continue
-        if fm is None and au is None:
+        if r["fmax"] is None and r["aupr"] is None:
             print(f"skipping {path}: no test Fmax/AUPR found")
             continue
-        runs.setdefault(run, {})[task] = [fm, au]
-    if not runs:
+        found.setdefault(run, {})[task] = r
+    if not found:
         raise SystemExit(f"error: no {root}/<run>/<task>/results.json with task in {', '.join(TASKS)}")
-
-    def row_cells(r):
-        cells = []
-        for t in TASKS:
-            fm, au = r.get(t, (None, None))
-            cells += ["-" if v is None else f"{v:.1f}" for v in (fm, au)]
-        for i in (0, 1):
-            vals = [r[t][i] for t in TASKS if t in r and r[t][i] is not None]
-            cells.append(f"{sum(vals) / len(vals):.1f}" if vals else "-")
-        return cells
-
-    header = ["Run"] + [f"{TASK_NAMES[t]} {m}" for t in TASKS for m in ("Fmax", "AUPR")] + ["Avg Fmax", "Avg AUPR"]
-
-    def md(rows):
-        lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
-        lines += ["| " + " | ".join([name] + row_cells(r)) + " |" for name, r in rows.items()]
-        return "\n".join(lines)
-
-    text = (f"Finetuning results (test, percent) from {root}/*/<task>/results.json; averages over the "
-            f"tasks present in the row.\n\n{md(runs)}\n\nPaper (Tables 2, 4, 6; Tables 4 and 6 pretrain on a "
-            f"22k subset):\n\n{md(PAPER_RESULTS)}\n")
-    (root / "results_table.md").write_text(text)
+    text, md, saved = [], [f"# Results collected from {root}", ""], {}
+    tables = dict(PAPER_TABLES)
+    known = {run for spec in PAPER_TABLES.values() for run, *_ in spec["rows"]}
+    others = sorted(set(found) - known)
+    if others:
+        tables["Other runs"] = dict(tasks=TASKS, averages=("Avg Fmax", "Avg AUPR"), title="runs of no paper table",
+                                    rows=[(run, "-", {}, ()) for run in others])
+    for name, spec in tables.items():
+        if not any(run in found for run, *_ in spec["rows"]):
+            continue
+        rows, notes = table_rows(name, spec, found)
+        text += [format_table(name, spec, rows)] + [f"note: {n}" for n in notes] + [""]
+        md += [format_table(name, spec, rows, markdown=True), ""] + [f"*{n}*" for n in notes] + [""]
+        saved[name] = {"tasks": list(spec["tasks"]), "rows": rows, "notes": notes}
+    print("\n".join(text))
+    (root / "results_table.md").write_text("\n".join(md))
     (root / "results_table.json").write_text(json.dumps(
-        {"columns": ["fmax", "aupr"], "unit": "percent", "runs": runs,
-         "paper": {k: {t: list(v) for t, v in r.items()} for k, r in PAPER_RESULTS.items()}}, indent=1) + "\n")
-    width = max(len(n) for n in list(runs) + ["Run"])
-    print("  ".join([f"{header[0]:<{width}}"] + [f"{h:>11}" for h in header[1:]]))
-    for name, r in runs.items():
-        print("  ".join([f"{name:<{width}}"] + [f"{c:>11}" for c in row_cells(r)]))
-    print(f"wrote {root / 'results_table.md'} and {root / 'results_table.json'} ({len(runs)} runs)")
-    return runs
+        {"unit": "percent", "metrics": "test Fmax / AUPR", "tables": saved,
+         "runs": {run: {t: [r["fmax"], r["aupr"]] for t, r in tasks.items()} for run, tasks in found.items()},
+         "protocols": {run: {t: r["protocol"] for t, r in tasks.items()} for run, tasks in found.items()}},
+        indent=1) + "\n")
+    print(f"wrote {root / 'results_table.md'} and {root / 'results_table.json'} ({len(found)} runs)")
+    return {run: {t: [r["fmax"], r["aupr"]] for t, r in tasks.items()} for run, tasks in found.items()}
 
 
 # ----------------------------------------------------------------------------------------------

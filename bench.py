@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -88,7 +89,7 @@ def bench_kit(c, items, batches, device, steps):
             t = time.perf_counter()
         batch = amma.batch_to(amma.collate([items[j] for j in idx]), device)
         with autocast:
-            _, loss, _ = model(batch, generator=torch.Generator().manual_seed(i))
+            _, loss, _ = model(batch, seeds=amma.protein_seeds(len(idx), 0, 0, i))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -257,6 +258,113 @@ def run_extract(args, device, report):
     report["extract"] = rows
 
 
+def run_check(args, report):
+    """amma.check_feature_files (run before step 1 of pretraining and finetuning): seconds per 10,000
+    files, first read and again (files unchanged since: only stat), on the demo's file sizes and on the
+    paper's (seq 300 x 1280, str 300 x 3072, func 150 x 768, float16: 2.8 MB per protein)."""
+    import shutil
+    import tempfile
+    print("\n== feature-set check before step 1 (every file: loads, rows, width, finite)")
+    rows = {}
+    sizes = {"demo sizes (64/96/48 wide)": ({"seq": 64, "str": 96, "func": 48}, 2000),
+             "paper sizes (1280/3072/768 wide)": ({"seq": 1280, "str": 3072, "func": 768}, args.check_n)}
+    for name, (dims, n) in sizes.items():
+        root = Path(tempfile.mkdtemp(dir=args.tmp or None))
+        try:
+            g = torch.Generator().manual_seed(0)
+            manifest = []
+            for m in dims:
+                (root / m).mkdir()
+            for i in range(n):
+                L, Lf = 300, 150
+                for m, d in dims.items():
+                    torch.save(torch.randn(Lf if m == "func" else L, d, generator=g).half(), root / m / f"P{i}.pt")
+                manifest.append({"id": f"P{i}", "L": L, "L_func": Lf, "modalities": amma.MODALITIES})
+            files = 3 * n
+            times = []
+            for _ in range(2):
+                t = time.perf_counter()
+                bad = amma.check_feature_files(root, manifest, widths=dims)
+                times.append(time.perf_counter() - t)
+            assert not bad
+            r = {"files": files, "first_s_per_10k": times[0] / files * 1e4, "again_s_per_10k": times[1] / files * 1e4,
+                 "mb_per_s": sum(f.stat().st_size for f in root.rglob("*.pt")) / times[0] / 1e6}
+            rows[name] = r
+            print(f"   {name:32s} {files:6d} files: {r['first_s_per_10k']:6.2f} s per 10k files first "
+                  f"({r['mb_per_s']:.0f} MB/s), {r['again_s_per_10k']:5.2f} s per 10k unchanged")
+        finally:
+            shutil.rmtree(root)
+    paper = rows["paper sizes (1280/3072/768 wide)"]
+    print(f"   the paper's 120k set (360k files): {paper['first_s_per_10k'] * 36 / 60:.1f} min the first time at "
+          f"this disk's speed, {paper['again_s_per_10k'] * 36:.0f} s afterwards")
+    report["check"] = rows
+
+
+def esm1b_architecture(layers=33):
+    """fair-esm's ESM-1b (ProteinBertModel, arch roberta_large: 1280 wide, 20 heads, FFN 5120), random weights."""
+    import esm
+    alphabet = esm.data.Alphabet.from_architecture("ESM-1b")
+    args = argparse.Namespace(arch="roberta_large", layers=layers, embed_dim=1280, ffn_embed_dim=5120,
+                              attention_heads=20, max_positions=1024, emb_layer_norm_before=True,
+                              final_bias=True, token_dropout=False)
+    return esm.model.esm1.ProteinBertModel(args, alphabet), alphabet
+
+
+def saved_bytes(fn, params):
+    """Bytes autograd keeps for the backward pass while fn() runs: distinct storages of saved tensors,
+    the parameters themselves left out (autocast's bf16 copies of them count: they are new tensors)."""
+    own = {p.untyped_storage().data_ptr() for p in params}
+    seen = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in own:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(seen.values()), out
+
+
+def run_esm_memory(args, report):
+    """GPU memory of finetuning with ESM-1b in the loop (--esm finetune) at 1022 residues: weights,
+    gradients and AdamW moments (fp32) computed from the parameter count, plus the activations autograd
+    saves, measured in a real bf16-autocast forward pass of the ESM-1b architecture on the CPU (batch 1;
+    batch 4 is 4x, activations being linear in the batch at a fixed length), with and without
+    activation checkpointing. The GPU's peak adds the allocator's slack and cuBLAS workspaces."""
+    import finetune as ft
+    torch.manual_seed(0)
+    model, alphabet = esm1b_architecture()
+    n_esm = sum(p.numel() for p in model.parameters())
+    n_trainable = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("contact_head"))
+    n_amma = sum(p.numel() for p in amma.AMMAEncoder(amma.AMMAConfig()).parameters())
+    static = 16 * (n_trainable + n_amma)                         # fp32 weights + grads + 2 AdamW moments
+    seq = "".join("ACDEFGHIKLMNPQRSTVWY"[i % 20] for i in range(1022))
+    print(f"\n== ESM-1b in the loop (--esm finetune), 1022 residues, bf16 autocast; {n_esm / 1e6:.0f}M ESM-1b + "
+          f"{n_amma / 1e6:.1f}M AMMA encoder parameters")
+    print(f"   weights + gradients + AdamW moments (fp32): {static / 2 ** 30:.1f} GiB")
+    plain, act = list(model.layers), {}
+    for checkpointing in (False, True):
+        model.layers = nn.ModuleList(plain)
+        loop = ft.SeqInLoop(model, alphabet, 33, checkpointing).train()
+        t = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            act[checkpointing], _ = saved_bytes(lambda: loop([seq]), list(model.parameters()))
+        if checkpointing:   # each checkpointed layer keeps its input, held by the checkpoint itself, not by autograd
+            act[True] += 33 * (len(seq) + 2) * 1280 * 4
+        print(f"   activations saved for backward, batch 1, {'with' if checkpointing else 'without'} checkpointing: "
+              f"{act[checkpointing] / 2 ** 30:.2f} GiB (forward measured in {time.perf_counter() - t:.0f} s)")
+    layer = act[False] / 33                   # with checkpointing one layer's activations are rebuilt at a time
+    rows = {"static_gib": static / 2 ** 30, "activations_gib": act[False] / 2 ** 30,
+            "activations_ckpt_gib": act[True] / 2 ** 30}
+    for b in (1, 4):
+        rows[f"peak_b{b}_gib"] = (static + b * act[False]) / 2 ** 30
+        rows[f"peak_b{b}_ckpt_gib"] = (static + b * (act[True] + layer)) / 2 ** 30
+        print(f"   batch {b}: about {rows[f'peak_b{b}_gib']:.1f} GiB, {rows[f'peak_b{b}_ckpt_gib']:.1f} GiB with "
+              f"--esm-checkpointing (static + saved activations; the GPU adds allocator slack)")
+    report["esm_memory"] = rows
+
+
 def positive_int(text):
     value = int(text)
     if value < 1:
@@ -267,7 +375,7 @@ def positive_int(text):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=("pretrain", "metrics", "extract"))
+    p.add_argument("--only", choices=("pretrain", "metrics", "extract", "check", "esm-memory"))
     p.add_argument("--steps", type=positive_int, default=4, help="timed training steps per row (>= 1)")
     p.add_argument("--skip-loop", action="store_true", help="skip the loop-per-protein reference")
     p.add_argument("--json", default="", help="also write the figures to this JSON file")
@@ -275,6 +383,8 @@ def main(argv=None):
     p.add_argument("--encoders", default="tiny", choices=("tiny", "real"),
                    help="extraction encoders (real needs the downloaded weights)")
     p.add_argument("--extract-n", type=int, default=48, help="demo proteins to extract")
+    p.add_argument("--check-n", type=positive_int, default=300, help="paper-size proteins for the check figure")
+    p.add_argument("--tmp", default="", help="folder for the check's temporary files (default: the system's)")
     args = p.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     report = {}
@@ -284,6 +394,10 @@ def main(argv=None):
         run_pretrain(args, device, report)
     if args.only in (None, "extract"):
         run_extract(args, device, report)
+    if args.only in (None, "check"):
+        run_check(args, report)
+    if args.only in (None, "esm-memory"):
+        run_esm_memory(args, report)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

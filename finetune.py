@@ -690,7 +690,7 @@ def _finetune(cfg, quiet, rank, world, device):
                 state["epoch_loss"] += tally[0].item()
                 state.update(epoch_steps=state["epoch_steps"] + 1, steps_done=state["steps_done"] + 1)
                 bar.update(1)
-                bar.set_postfix(loss=f"{tally[0].item():.4f}")
+                bar.set_postfix(loss=f"{tally[0].item():.4f}", refresh=False)
                 if tally[2]:
                     bar.close()
                     save(epoch, s + 1)

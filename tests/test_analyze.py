@@ -304,30 +304,42 @@ def test_checkpoint_kinds_and_widths_are_checked(tiny, tmp_path):
 # ---- collector -------------------------------------------------------------------------------
 
 def test_collector_builds_the_table(tmp_path, capsys):
+    def result(fmax, aupr, protocol="esm-finetune", synthetic=False):
+        return {"test": {"fmax": fmax, "aupr": aupr}, "protocol": protocol, "synthetic": synthetic,
+                "baseline": {"test": {"fmax": 0.40, "aupr": 0.30}}}
     fake = {
-        ("amma", "ec"): {"task": "ec", "best_epoch": 3, "test": {"fmax": 0.887, "aupr": 0.898}},
-        ("amma", "go-mf"): {"test": {"Fmax": 0.673, "AUPR": 0.655}, "valid": {"fmax": 0.9, "aupr": 0.9}},
-        ("amma", "go-cc"): {"test_fmax": 0.498, "test_aupr": 0.369},
-        ("amma", "go-bp"): {"fmax": 46.9, "aupr": 33.6},                          # already percent
-        ("alpha-1-1-1", "ec"): {"test": {"f1_max": 0.846, "aupr": 0.872}},
-        ("alpha-1-1-1", "notes"): {"test": {"fmax": 0.1, "aupr": 0.1}},           # not a task: ignored
-        ("broken", "ec"): {"test": {"accuracy": 0.5}},                            # no metric: skipped
+        ("amma", "ec"): result(0.887, 0.898),
+        ("amma", "go-mf"): {"test": {"Fmax": 0.673, "AUPR": 0.655}, "protocol": "esm-finetune"},
+        ("amma", "go-cc"): result(0.498, 0.369),
+        ("amma", "go-bp"): result(0.469, 0.336),
+        ("symmetric", "ec"): result(0.70, 0.71, protocol="esm-frozen"),
+        ("alpha-1-1-1", "ec"): result(0.846, 0.872, synthetic=True),
+        ("alpha-1-1-1", "go-mf"): result(0.664, 0.648, synthetic=True),
+        ("alpha-1-1-1", "notes"): result(0.1, 0.1),                                 # not a task: ignored
+        ("broken", "ec"): {"test": {"accuracy": 0.5}},                              # no metric: skipped
+        ("mine", "go-bp"): result(0.3, 0.2),                                        # a run of no paper table
     }
     for (run, task), results in fake.items():
         (tmp_path / run / task).mkdir(parents=True)
         (tmp_path / run / task / "results.json").write_text(json.dumps(results))
     runs = analyze.main(["--collect", str(tmp_path)])
-    assert set(runs) == {"amma", "alpha-1-1-1"}
-    assert runs["amma"]["ec"] == pytest.approx([88.7, 89.8])
-    assert runs["amma"]["go-mf"] == pytest.approx([67.3, 65.5])
-    assert runs["amma"]["go-cc"] == pytest.approx([49.8, 36.9])
-    assert runs["amma"]["go-bp"] == pytest.approx([46.9, 33.6])
-    assert set(runs["alpha-1-1-1"]) == {"ec"}
+    assert set(runs) == {"amma", "symmetric", "alpha-1-1-1", "mine"}
+    assert runs["amma"]["ec"] == pytest.approx([88.7, 89.8]) and runs["amma"]["go-mf"] == pytest.approx([67.3, 65.5])
     printed = capsys.readouterr().out
     assert "skipping" in printed and "broken" in printed
-    md = (tmp_path / "results_table.md").read_text()
-    assert "| Run | EC Fmax | EC AUPR | GO-MF Fmax |" in md
-    assert "| amma | 88.7 | 89.8 | 67.3 | 65.5 | 49.8 | 36.9 | 46.9 | 33.6 | 63.2 | 56.5 |" in md   # paper's Avg
-    assert "| alpha-1-1-1 | 84.6 | 87.2 | - |" in md and "Table 4: alpha 2 1 1" in md
     saved = json.loads((tmp_path / "results_table.json").read_text())
-    assert saved["runs"]["amma"]["ec"] == pytest.approx([88.7, 89.8]) and saved["unit"] == "percent"
+    t2 = {r["row"]: r for r in saved["tables"]["Table 2"]["rows"]}
+    assert t2["ours: amma"]["averages"] == ["63.2", "56.5"]                         # ours: from our four tasks
+    assert t2["  paper: AMMA-symmetric"]["averages"] == ["52.0", "46.7"]           # the paper's PUBLISHED averages
+    assert t2["ours: symmetric"]["averages"] == ["-", "-"]                         # not all tasks: no average
+    assert t2["label-frequency baseline"]["cells"][0] == "40.0 / 30.0"
+    rows = [r["row"] for r in saved["tables"]["Table 2"]["rows"]]
+    assert rows.index("  paper: AMMA") == rows.index("ours: amma") + 1            # the paper's row under ours
+    assert any("MIXED PROTOCOLS in Table 2" in n for n in saved["tables"]["Table 2"]["notes"])
+    t4 = {r["row"]: r for r in saved["tables"]["Table 4"]["rows"]}
+    assert t4["ours: alpha-1-1-1 [synthetic]"]["averages"] == ["75.8"]
+    assert t4["  paper: alpha 2 2 1"]["cells"] == ["87.9 / 89.5", "52.4 / 53.6"]
+    assert any("[synthetic]" in n for n in saved["tables"]["Table 4"]["notes"])
+    assert "Table 3" not in saved["tables"] and "Other runs" in saved["tables"]
+    md = (tmp_path / "results_table.md").read_text()
+    assert "| paper: AMMA | esm-finetune | 88.7 / 89.8 | 67.3 / 65.5 | 49.8 / 36.9 | 46.9 / 33.6 | 63.2 | 56.5 |" in md
