@@ -331,8 +331,7 @@ def esm_protocol(cfg, info):
     import extract_features as ef
     if cfg.esm != "auto":
         return cfg.esm
-    real = ef.is_real_esm(info) if hasattr(ef, "is_real_esm") else not (info.get("tiny") or info.get("synthetic"))  # SHIM-REMOVE
-    return "finetune" if real and info.get("encoders", {}).get("seq") else "frozen"
+    return "finetune" if ef.is_real_esm(info) else "frozen"
 
 
 def build_esm(info, cfg, device):
@@ -345,9 +344,6 @@ def build_esm(info, cfg, device):
                          f"{'synthetic' if info.get('synthetic') else 'no info.json with'} sequence features; "
                          "use --esm frozen")
     try:
-        if not hasattr(ef, "load_sequence_encoder"):  # SHIM-REMOVE
-            enc = ef.load_encoder("seq", ef.ExtractConfig(encoders="tiny" if info.get("tiny") else "real", esm_weights=cfg.esm_weights or None), "cpu")  # SHIM-REMOVE
-            ef.load_sequence_encoder = lambda *a: (enc.model, enc.alphabet, enc.layer, "shim")  # SHIM-REMOVE
         model, alphabet, layer, label = ef.load_sequence_encoder(info, cfg.esm_weights or None, "cpu")
     except ef.FatalError as e:
         raise SystemExit(f"error: {e}") from None

@@ -4,7 +4,9 @@
 PubMedBERT folder and the replica GearNet-Edge solver checkpoint; every source (FASTA, PDB folder,
 ProtDescribe, AlphaFold folder and tar, torchdrug's EC zip and the folder torchdrug extracts it to,
 GO zip) is extracted; then amma.py pretrains two steps on the paired set and finetune.py trains EC and
-GO-MF two steps on the frozen features. Any attempt to open a network connection fails the test."""
+GO-MF two steps on the frozen features, and EC again without --esm: on real-ESM features that is the
+paper's protocol, ESM-1b (rebuilt from info.json) trained in the loop. Any attempt to open a network
+connection fails the test."""
 import json
 import math
 import socket
@@ -110,3 +112,13 @@ def test_real_encoders_on_replicas_of_every_source_then_pretrain_and_finetune(tm
                        "--limit-steps", "2", "--num-workers", "0", "--esm", "frozen", "--out", str(out)])
         result = json.loads((out / "results.json").read_text())
         assert math.isfinite(result["test"]["fmax"]) and math.isfinite(result["test"]["aupr"]), task
+
+    # the paper's protocol by default on real-ESM features: ESM-1b (the replica, rebuilt from info.json) in the loop
+    out = tmp_path / "runs" / "amma" / "ec-default"
+    result = finetune.main(["--task", "ec", "--ckpt", str(ckpt), "--features", str(ec), "--epochs", "1",
+                            "--limit-steps", "2", "--batch-size", "2", "--num-workers", "0", "--out", str(out)])
+    assert result["protocol"] == "esm-finetune" and result["config"]["esm"] == "finetune"
+    tuned = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+    start = replicas.write_esm1b(tmp_path / "again.pt", layers=33, dim=32).state_dict()
+    key = "layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(tuned[f"esm.model.{key}"], start[key])             # ESM-1b itself was trained
