@@ -329,9 +329,9 @@ def saved_bytes(fn, params):
 def run_esm_memory(args, report):
     """GPU memory of finetuning with ESM-1b in the loop (--esm finetune) at 1022 residues: weights,
     gradients and AdamW moments (fp32) computed from the parameter count, plus the activations autograd
-    saves, measured in a real bf16-autocast forward pass of the ESM-1b architecture on the CPU (batch 1;
-    batch 4 is 4x, activations being linear in the batch at a fixed length), with and without
-    activation checkpointing. The GPU's peak adds the allocator's slack and cuBLAS workspaces."""
+    saves, measured in real bf16-autocast forward passes of the ESM-1b architecture on the CPU at batch 1
+    and 2 (batch 4 follows: saved activations are linear in the batch at a fixed length), with and
+    without activation checkpointing. The GPU's peak adds the allocator's slack and cuBLAS workspaces."""
     import finetune as ft
     torch.manual_seed(0)
     model, alphabet = esm1b_architecture()
@@ -340,28 +340,35 @@ def run_esm_memory(args, report):
     n_amma = sum(p.numel() for p in amma.AMMAEncoder(amma.AMMAConfig()).parameters())
     static = 16 * (n_trainable + n_amma)                         # fp32 weights + grads + 2 AdamW moments
     seq = "".join("ACDEFGHIKLMNPQRSTVWY"[i % 20] for i in range(1022))
-    print(f"\n== ESM-1b in the loop (--esm finetune), 1022 residues, bf16 autocast; {n_esm / 1e6:.0f}M ESM-1b + "
-          f"{n_amma / 1e6:.1f}M AMMA encoder parameters")
+    print(f"\n== finetuning with ESM-1b in the loop (--esm finetune), 1022 residues, bf16 autocast; {n_esm / 1e6:.0f}M "
+          f"ESM-1b + {n_amma / 1e6:.1f}M AMMA encoder parameters (+ head)")
     print(f"   weights + gradients + AdamW moments (fp32): {static / 2 ** 30:.1f} GiB")
     plain, act = list(model.layers), {}
     for checkpointing in (False, True):
         model.layers = nn.ModuleList(plain)
-        loop = ft.SeqInLoop(model, alphabet, 33, checkpointing).train()
-        t = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            act[checkpointing], _ = saved_bytes(lambda: loop([seq]), list(model.parameters()))
-        if checkpointing:   # each checkpointed layer keeps its input, held by the checkpoint itself, not by autograd
-            act[True] += 33 * (len(seq) + 2) * 1280 * 4
-        print(f"   activations saved for backward, batch 1, {'with' if checkpointing else 'without'} checkpointing: "
-              f"{act[checkpointing] / 2 ** 30:.2f} GiB (forward measured in {time.perf_counter() - t:.0f} s)")
-    layer = act[False] / 33                   # with checkpointing one layer's activations are rebuilt at a time
-    rows = {"static_gib": static / 2 ** 30, "activations_gib": act[False] / 2 ** 30,
-            "activations_ckpt_gib": act[True] / 2 ** 30}
+        loop = ft.SeqInLoop(model, alphabet, 33, checkpointing)
+        full = ft.FunctionModel(amma.AMMAConfig(), 538, loop).train()              # EC's 538 classes
+        for b in (1, 2):
+            batch = {"ids": list(range(b)), "sequence": [seq] * b, "str": torch.randn(b, len(seq), 3072),
+                     "str_len": torch.full((b,), len(seq))}
+            t = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                act[checkpointing, b], _ = saved_bytes(lambda: full(batch), list(full.parameters()))
+            if checkpointing:   # a checkpointed layer keeps its input, held by the checkpoint, not by autograd
+                act[True, b] += 33 * b * (len(seq) + 2) * 1280 * 4
+            print(f"   activations saved for backward, batch {b}, {'with' if checkpointing else 'without'} "
+                  f"checkpointing: {act[checkpointing, b] / 2 ** 30:.2f} GiB (forward measured in "
+                  f"{time.perf_counter() - t:.0f} s)")
+        # linear in the batch: a fixed part (autocast's bf16 copies of the weights) and a part per protein
+        act[checkpointing, 4] = act[checkpointing, 1] + 3 * (act[checkpointing, 2] - act[checkpointing, 1])
+    rows = {"static_gib": static / 2 ** 30}
     for b in (1, 4):
-        rows[f"peak_b{b}_gib"] = (static + b * act[False]) / 2 ** 30
-        rows[f"peak_b{b}_ckpt_gib"] = (static + b * (act[True] + layer)) / 2 ** 30
+        layer = (act[False, b] - act[True, b]) / 33        # with checkpointing one layer is rebuilt at a time
+        rows[f"peak_b{b}_gib"] = (static + act[False, b]) / 2 ** 30
+        rows[f"peak_b{b}_ckpt_gib"] = (static + act[True, b] + layer) / 2 ** 30
         print(f"   batch {b}: about {rows[f'peak_b{b}_gib']:.1f} GiB, {rows[f'peak_b{b}_ckpt_gib']:.1f} GiB with "
               f"--esm-checkpointing (static + saved activations; the GPU adds allocator slack)")
+    rows.update({f"activations_b{b}_gib{'_ckpt' if c else ''}": v / 2 ** 30 for (c, b), v in act.items()})
     report["esm_memory"] = rows
 
 
