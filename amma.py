@@ -9,10 +9,11 @@ l0/l1/l2, Dec_seq/Dec_str/Dec_func, M, alpha.
     python amma.py --pretrain --features features/pretrain --out runs/amma
     python amma.py --pretrain --variant symmetric --out runs/symmetric       # also no-aux, contrastive
     python amma.py --pretrain --alpha 1 1 1 --out runs/alpha111              # Table 4 ablation
-    python amma.py --pretrain --resume --out runs/amma                       # continue exactly
-    python amma.py --pretrain --init runs/amma/checkpoint.pt --features '' \\
-        --unpaired-seqstr features/seqstr --unpaired-seqfunc features/seqfunc  # eq. 12 (B.6)
-    torchrun --nproc_per_node 4 amma.py --pretrain                           # DDP (NCCL on GPU, gloo on CPU)
+    python amma.py --pretrain --preset 111m --out runs/amma-111m             # D 768, 12 heads: 110.7M
+    python amma.py --pretrain --resume --out runs/amma                       # continue exactly, mid-epoch too
+    python amma.py --pretrain --continue-from runs/amma/checkpoint.pt --epochs 15 --features '' \
+        --unpaired-seqstr features/seqstr --unpaired-seqfunc features/seqfunc --out runs/unpaired-15  # Table 3
+    torchrun --nproc_per_node 2 amma.py --pretrain                           # DDP: 2 x 2 proteins of each batch of 4
     python amma.py --analyze --ckpt runs/amma/checkpoint.pt --features features/demo   # see analyze.py
 
 Conventions, stated once:
@@ -20,6 +21,10 @@ Conventions, stated once:
 - alpha: lambda ~ Dirichlet(alpha) is the share of the M kept tokens per modality, so a LARGER
   alpha_m keeps MORE tokens of modality m on average (mean share alpha_m / sum(alpha)).
 - Token layout of one protein: [seq (L) | str (L) | func (L')], padded per batch to [Ls | Ls | Lf].
+- Batches are global: --batch-size is the paper's number, and world processes x grad_accum micro-batches
+  split it. Every random draw is a function of (seed, epoch, step) and the protein's position in the
+  global batch (masks) or the micro-batch's index (dropout), and losses are normalised by the whole
+  batch's positions, so a split batch trains exactly as the whole one, and --resume continues exactly.
 """
 import argparse
 import json
@@ -1299,7 +1304,7 @@ def main(argv=None):
             print(f"no feature set at {TrainConfig.features}: pretraining on the built-in demo instead "
                   f"(synthetic features, not real ESM-1b/GearNet/PubMedBERT ones; the demo run resumes itself)")
         overrides = {**DEMO, "features": str(demo.ensure_demo_features("features/demo"))}
-        if not args.overwrite:
+        if not args.overwrite and (Path(args.out or DEMO["out"]) / "checkpoint.pt").exists():
             overrides["resume"] = True
     mc, tc, _ = configs_from_args(args, overrides)
     try:

@@ -3,16 +3,17 @@ Finetune a pretrained AMMA encoder on protein function prediction (paper B.2): E
 
 seq + str features enter the fusion encoder without masking, the [CLS] output (first token) goes to
 two fully connected layers (Linear(D, D), ReLU, Linear(D, classes)), and binary cross-entropy with
-logits is taken over the task's classes. Proj, the fusion encoder and the head are trained together,
-and with --esm finetune the sequence encoder as well.
+logits is taken over the task's classes. ESM, Proj, the fusion encoder and the head are trained
+together (the paper's protocol, the default on real ESM features); --esm frozen keeps ESM out of it.
 
     python finetune.py --task go-mf                       # no features/go: the built-in demo (see below)
-    python finetune.py --task ec --ckpt runs/amma/checkpoint.pt            # features/ec, paper settings
+    python finetune.py --task ec --ckpt runs/amma/checkpoint.pt            # features/ec, the paper's protocol
     python finetune.py --task go-bp --ckpt runs/amma/checkpoint.pt --cutoff 50   # test chains <50% identity
     python finetune.py --task go-cc --from-scratch                         # no pretraining (a baseline)
-    python finetune.py --task ec --ckpt runs/amma/checkpoint.pt --esm finetune   # ESM-1b in the loop (GPU)
+    python finetune.py --task ec --ckpt runs/amma/checkpoint.pt --esm frozen     # cached ESM features (fast)
+    python finetune.py --task go-bp --ckpt runs/amma/checkpoint.pt --esm-checkpointing   # less GPU memory
     python finetune.py --task ec --ckpt runs/amma/checkpoint.pt --resume         # continue after a stop
-    torchrun --nproc_per_node 4 finetune.py --task go-bp --ckpt runs/amma/checkpoint.pt   # DDP
+    torchrun --nproc_per_node 4 finetune.py --task go-bp --ckpt runs/amma/checkpoint.pt   # 4 x 1 of GO-BP's 4
 
 Data: features/ec (task ec) or features/go (go-*), written by extract_features.py, and its
 labels_<task>.json (terms, class indices per protein, train/valid/test splits, test_identity).
@@ -20,14 +21,15 @@ labels_<task>.json (terms, class indices per protein, train/valid/test splits, t
 kept, as torchdrug does). Output: runs/<name>/<task>/ (name = the checkpoint's folder, 'scratch'
 with --from-scratch): results.json (valid and test Fmax / AUPR per epoch, the epoch selected by
 validation Fmax, config, seed, proteins per split, whether tiny/synthetic features were used, a
-label-frequency baseline), checkpoint.pt (every epoch, for --resume) and best.pt (weights of the
-selected epoch). A table in the layout of the paper's Table 2 is printed at the end.
+label-frequency baseline, the protocol), checkpoint.pt (every epoch, every 30 minutes and on SIGTERM /
+Ctrl-C, for --resume) and best.pt (weights of the selected epoch). A table in the layout of the
+paper's Table 2 is printed at the end.
 
 Demo: with no --features, no --ckpt and no features/ec|go (or with --demo), the run uses the
 built-in synthetic demo (demo.ensure_demo_features("features/demo")), the demo pretraining
 runs/demo/checkpoint.pt (made first with amma.py's DEMO preset when absent) and a demo finetuning
 preset (DEMO_FT), and prints our Fmax next to the label-frequency baseline (every term scored by its
-train-set frequency). It takes about 2-3 minutes on 2 CPU cores, the pretraining included.
+train-set frequency). It takes under a minute on 2 CPU cores, the pretraining included; run again, it shows the finished run.
 
 Choices, stated once (the README repeats them):
 - Paper settings per task are the defaults (PAPER): batch 1 (EC, GO-MF, GO-CC) / 4 (GO-BP); 100 epochs
@@ -37,11 +39,15 @@ Choices, stated once (the README repeats them):
   [CLS]; and ESM with --esm finetune) and the head at --lr-head 1e-4. From scratch uses the same groups.
 - Weight decay: the paper names the optimisers only; we use torch's defaults for them, on every
   parameter: Adam 0 and AdamW 0.01 (--weight-decay overrides).
-- --esm frozen (default) reads the cached sequence features, so the sequence encoder is not updated
-  (fast); --esm finetune runs the sequence encoder in the loop on the manifest's 'sequence' column
-  (the paper's protocol): ESM-1b layer 33 (fair-esm esm1b_t33_650M_UR50S, BOS/EOS dropped, first
-  1022 residues), or the tiny ESM-2 when the feature set's info.json says tiny. Its unused heads
-  (lm_head, contact_head) stay frozen.
+- Protocol: --esm auto (default) runs the sequence encoder in the loop, trained with the rest (the
+  paper's B.2, 'esm-finetune'), when info.json says the features came from a real fair-esm model: the
+  model named there (ESM-1b layer 33 by default, BOS/EOS dropped, first 1022 residues), rebuilt from
+  the weights recorded there or --esm-weights, on the manifest's 'sequence' column; its unused heads
+  (lm_head, contact_head) stay frozen. Otherwise (the synthetic demo, tiny features) and with --esm
+  frozen it reads the cached sequence features ('esm-frozen', fast, not the paper's protocol).
+- Batches are global (--batch-size is the paper's number): under torchrun the processes split each
+  batch and the loss is the whole batch's mean, so 1, 2 or 4 processes give the same training at
+  GO-BP's batch of 4; the batch-1 tasks cannot be split (run them side by side, one per GPU).
 - An AMMA-contrastive checkpoint is finetuned on its sequence latent Enc_con(Proj_seq(mean seq))
   (eq. 14); structure features are not used there, as in its pretraining the sequence side is the encoder.
 - Epoch selection: the epoch with the best validation Fmax (the first one on ties); its test numbers
@@ -761,7 +767,7 @@ def ensure_demo_pretrain(features, out="runs/demo"):
             return path
     print(f"demo pretraining: {'finishing' if path.exists() else 'running'} amma.py's demo pretraining "
           f"into {path} first")
-    args = amma.build_parser().parse_args(["--pretrain", "--resume"])
+    args = amma.build_parser().parse_args(["--pretrain"] + ["--resume"] * path.exists())
     mc, tc, _ = amma.configs_from_args(args, {**amma.DEMO, "features": str(features), "out": out})
     for m, d in amma.feature_dims(features).items():
         setattr(mc, f"d_{m}", d)
@@ -812,14 +818,14 @@ def main(argv=None):
             if not args.ckpt and not args.from_scratch:
                 values["ckpt"] = str(ensure_demo_pretrain(root))
         values.update(DEMO_FT, features=root, demo=True)
-        if not args.overwrite:
-            values["resume"] = True      # the demo continues (or shows) its own run: the command can be repeated
     elif not args.ckpt and not args.from_scratch:
         raise SystemExit("error: give --ckpt runs/<name>/checkpoint.pt (an AMMA pretraining) or --from-scratch")
     values.update(given)
     values.setdefault("features", default_features)
     values.setdefault("weight_decay", WEIGHT_DECAY[values["optimizer"]])
     cfg = FinetuneConfig(**values)
+    if cfg.demo and not cfg.overwrite:   # the demo continues (or shows) its own run: the command can be repeated
+        cfg.resume = cfg.resume or (default_out(cfg) / "checkpoint.pt").exists()
     try:
         result = finetune(cfg)
     except (ValueError, FileNotFoundError) as e:  # a truncated feature file, a bad label: one line
