@@ -364,7 +364,6 @@ class AMMAEncoder(nn.Module):
         """Proj + position + modality embedding for every slot of the full layout.
         Returns tokens [B, N, D], valid [B, N] and the layout {m: (start, length)} of each segment."""
         device = self.cls_token.device
-        B = len(batch["ids"])
         parts, valid, layout, start = [], [], {}, 0
         for i, m in enumerate(MODALITIES):
             if m not in modalities or m not in batch:

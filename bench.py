@@ -2,7 +2,7 @@
 Speed figures of the kit, printed (and written as JSON): nothing here is asserted by the tests.
 
     python bench.py                      # everything that runs on this machine
-    python bench.py --only pretrain      # pretrain | metrics | extract
+    python bench.py --only pretrain      # pretrain | metrics | extract | check | esm-memory | finetune
     python bench.py --steps 6 --json bench.json
 
 pretrain: throughput of one AMMA training step (forward, backward, AdamW) at the paper config
@@ -14,6 +14,10 @@ pretrain: throughput of one AMMA training step (forward, backward, AdamW) at the
 metrics: fmax + aupr at the GO-BP test scale (2,991 proteins x 1,943 terms).
 extract: proteins/s of the tiny encoders (real sizes on GPU), length-sorted batches against one
   protein at a time, and the share of time outside the encoder forward.
+check: the feature-set check before step 1, seconds per 10,000 files (first time and unchanged).
+esm-memory: memory of finetuning with ESM-1b in the loop at 1022 residues, batch 1 and 4, with and
+  without --esm-checkpointing (saved activations measured in real bf16 forward passes on the CPU).
+finetune: steps/s of finetuning with ESM-1b in the loop (random weights) at batch 1 and 4.
 """
 import argparse
 import json
@@ -189,7 +193,7 @@ def run_metrics(report):
     target = (torch.rand(2991, 1943, generator=g) < 0.01).float()
     metrics.fmax(pred, target), metrics.aupr(pred, target)
     t = time.perf_counter()
-    f, a = metrics.fmax(pred, target), metrics.aupr(pred, target)
+    metrics.fmax(pred, target), metrics.aupr(pred, target)
     dt = time.perf_counter() - t
     print(f"\n== metrics at GO-BP test scale (2,991 x 1,943): fmax + aupr in {dt:.3f} s")
     report["metrics"] = {"seconds": dt}
@@ -372,6 +376,50 @@ def run_esm_memory(args, report):
     report["esm_memory"] = rows
 
 
+def run_finetune(args, device, report):
+    """Training steps per second of finetuning with ESM-1b in the loop (the paper's B.2 protocol), the
+    ESM-1b architecture with random weights, proteins of the EC test set's mean length (297), at the
+    paper's batch sizes 1 (EC, GO-MF, GO-CC) and 4 (GO-BP); bf16 autocast on GPU. The hours of a whole
+    finetuning follow from the protein-steps (REPRODUCE.md)."""
+    import finetune as ft
+    torch.manual_seed(0)
+    esm_model, alphabet = esm1b_architecture()
+    model = ft.FunctionModel(amma.AMMAConfig(), 538, ft.SeqInLoop(esm_model, alphabet, 33)).to(device).train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    autocast = amma.amp_context("auto", device)
+    g = torch.Generator().manual_seed(0)
+    L = 297
+    seq = "".join("ACDEFGHIKLMNPQRSTVWY"[i] for i in torch.randint(20, (L,), generator=g).tolist())
+    n_esm = sum(p.numel() for p in esm_model.parameters())
+    print(f"\n== finetuning step with ESM-1b in the loop ({n_esm / 1e6:.0f}M), {L} residues, device {device}"
+          f"{', bf16' if isinstance(autocast, torch.autocast) else ', fp32'}")
+    rows = {}
+    for b in (1, 4):
+        batch = amma.batch_to({"ids": list(range(b)), "sequence": [seq] * b, "str": torch.randn(b, L, 3072),
+                               "str_len": torch.full((b,), L)}, device)
+        target = (torch.rand(b, 538, generator=g) < 0.01).float().to(device)
+        steps = args.finetune_steps
+        for i in range(steps + 1):
+            if i == 1:
+                sync(device)
+                t = time.perf_counter()
+            with autocast:
+                logits = model(batch)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        sync(device)
+        r = {"steps_per_s": steps / (time.perf_counter() - t)}
+        r["proteins_per_s"] = b * r["steps_per_s"]
+        r["tflops"] = 6 * n_esm * L * r["proteins_per_s"] / 1e12        # ESM-1b forward + backward dominate
+        rows[f"batch {b}"] = r
+        print(f"   batch {b}: {r['steps_per_s']:.3f} steps/s, {r['proteins_per_s']:.3f} proteins/s "
+              f"(~{r['tflops']:.2f} TFLOP/s in ESM-1b); EC's 1.50M protein-steps: "
+              f"{1.5e6 / r['proteins_per_s'] / 3600:.0f} device-hours")
+    report["finetune"] = rows
+
+
 def positive_int(text):
     value = int(text)
     if value < 1:
@@ -382,7 +430,7 @@ def positive_int(text):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=("pretrain", "metrics", "extract", "check", "esm-memory"))
+    p.add_argument("--only", choices=("pretrain", "metrics", "extract", "check", "esm-memory", "finetune"))
     p.add_argument("--steps", type=positive_int, default=4, help="timed training steps per row (>= 1)")
     p.add_argument("--skip-loop", action="store_true", help="skip the loop-per-protein reference")
     p.add_argument("--json", default="", help="also write the figures to this JSON file")
@@ -390,6 +438,7 @@ def main(argv=None):
     p.add_argument("--encoders", default="tiny", choices=("tiny", "real"),
                    help="extraction encoders (real needs the downloaded weights)")
     p.add_argument("--extract-n", type=int, default=48, help="demo proteins to extract")
+    p.add_argument("--finetune-steps", type=positive_int, default=2, help="timed finetuning steps per batch size")
     p.add_argument("--check-n", type=positive_int, default=300, help="paper-size proteins for the check figure")
     p.add_argument("--tmp", default="", help="folder for the check's temporary files (default: the system's)")
     args = p.parse_args(argv)
@@ -405,6 +454,8 @@ def main(argv=None):
         run_check(args, report)
     if args.only in (None, "esm-memory"):
         run_esm_memory(args, report)
+    if args.only in (None, "finetune"):
+        run_finetune(args, device, report)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
