@@ -886,30 +886,40 @@ def check_feature_files(root, rows, modalities=MODALITIES, widths=None, workers=
     return bad
 
 
-def screen_sets(sets, tc, out, main, say):
-    """Check every set before step 1; bad proteins are an error that names them, or with --skip-bad
-    are left out (listed in <out>/bad_files.tsv). Under DDP rank 0 checks and tells the others."""
+def find_bad_files(checks, out, skip_bad, main):
+    """The check before step 1: checks = {name: (root, manifest rows, modalities)}. Rank 0 reads the files
+    (check_feature_files) and tells the other processes. Bad files are listed in <out>/bad_files.tsv and
+    are an error that names them unless skip_bad. Returns the {(name, id)} of the bad proteins."""
     bad = {}
     if main:
-        for name, ds in sets.items():
-            bad.update({(name, pid): why for pid, why in check_feature_files(ds.root, ds.rows, ds.modalities).items()})
+        for name, (root, rows, modalities) in checks.items():
+            bad.update({(name, pid): f"{root}/{why.split(':')[0]}/{pid}.pt: {why.split(': ', 1)[1]}"
+                        for pid, why in check_feature_files(root, rows, modalities).items()})
     if world_size() > 1:
         box = [bad]
         torch.distributed.broadcast_object_list(box, src=0)
         bad = box[0]
-    if not bad:
-        return
-    listing = [f"{sets[name].root}/{why.split(':')[0]}/{pid}.pt: {why.split(': ', 1)[1]}" for (name, pid), why in bad.items()]
-    if main:
-        atomic_write_text(out / "bad_files.tsv", "\n".join(listing) + "\n")
-    if not tc.skip_bad:
-        shown = "\n  ".join(listing[:10]) + (f"\n  ... {len(listing) - 10} more" if len(listing) > 10 else "")
-        raise SystemExit(f"error: {len(bad)} proteins have bad feature files (all listed in {out}/bad_files.tsv):\n  "
-                         f"{shown}\nre-extract them (extract_features.py rewrites bad files), or --skip-bad to train "
-                         f"without them")
-    for name, ds in sets.items():
-        ds.rows = [r for r in ds.rows if (name, r["id"]) not in bad]
-    say(f"--skip-bad: {len(bad)} proteins with bad feature files left out (listed in {out}/bad_files.tsv)")
+    if bad:
+        listing = sorted(bad.values())
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(out / "bad_files.tsv", "\n".join(listing) + "\n")
+        if not skip_bad:
+            shown = "\n  ".join(listing[:10]) + (f"\n  ... {len(listing) - 10} more" if len(listing) > 10 else "")
+            raise SystemExit(f"error: {len(bad)} proteins have bad feature files (all listed in {out}/bad_files.tsv):"
+                             f"\n  {shown}\nre-extract them (extract_features.py rewrites bad files), or --skip-bad "
+                             f"to leave them out")
+    return set(bad)
+
+
+def screen_sets(sets, tc, out, main, say):
+    """Check every set before step 1 (find_bad_files); with --skip-bad its bad proteins are left out."""
+    bad = find_bad_files({name: (ds.root, ds.rows, ds.modalities) for name, ds in sets.items()}, out,
+                         tc.skip_bad, main)
+    if bad:
+        for name, ds in sets.items():
+            ds.rows = [r for r in ds.rows if (name, r["id"]) not in bad]
+        say(f"--skip-bad: {len(bad)} proteins with bad feature files left out (listed in {out}/bad_files.tsv)")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -530,34 +530,17 @@ def read_info(root):
 
 
 def screen_task(sets, cfg, out, main, say):
-    """The feature files of every split, checked before step 1 (amma.check_feature_files): bad ones are
-    an error that names them, or left out with --skip-bad (loudly for the test split: its metric changes)."""
-    bad = {}
-    if main:
-        root = sets["train"].root
-        rows = [sets["train"].rows[x] for x in {x for ds in sets.values() for x in ds.ids}]
-        bad = amma.check_feature_files(root, rows, sets["train"].cached)
-    if amma.world_size() > 1:
-        box = [bad]
-        torch.distributed.broadcast_object_list(box, src=0)
-        bad = box[0]
-    if not bad:
-        return sets
-    root = sets["train"].root
-    listing = [f"{root}/{why.split(':')[0]}/{pid}.pt: {why.split(': ', 1)[1]}" for pid, why in sorted(bad.items())]
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        amma.atomic_write_text(out / "bad_files.tsv", "\n".join(listing) + "\n")
-    if not cfg.skip_bad:
-        shown = "\n  ".join(listing[:10]) + (f"\n  ... {len(listing) - 10} more" if len(listing) > 10 else "")
-        raise SystemExit(f"error: {len(bad)} proteins have bad feature files (all listed in {out}/bad_files.tsv):\n  "
-                         f"{shown}\nre-extract them (extract_features.py rewrites bad files), or --skip-bad to leave "
-                         f"them out")
+    """The feature files of every split, checked before step 1 (amma.find_bad_files); with --skip-bad the
+    bad proteins are left out (loudly for the test split: its metric changes)."""
+    train = sets["train"]
+    rows = [train.rows[x] for x in sorted({x for ds in sets.values() for x in ds.ids})]
+    bad = {pid for _, pid in amma.find_bad_files({"task": (train.root, rows, train.cached)}, out, cfg.skip_bad, main)}
     for name, ds in list(sets.items()):
         keep = [k for k, x in enumerate(ds.ids) if x not in bad]
-        if len(keep) < len(ds):
-            say(f"--skip-bad: {len(ds) - len(keep)} {name} proteins left out (bad feature files, {out}/bad_files.tsv)"
-                + ("; the TEST SET IS SMALLER than the benchmark's, so its numbers are not comparable" if name == "test" else ""))
+        if len(keep) == len(ds):
+            continue
+        say(f"--skip-bad: {len(ds) - len(keep)} {name} proteins left out (bad feature files, {out}/bad_files.tsv)"
+            + ("; the TEST SET IS SMALLER than the benchmark's, so its numbers are not comparable" if name == "test" else ""))
         sets[name] = TaskSet(ds.root, ds.rows, [ds.ids[k] for k in keep], ds.targets[keep], ds.esm_in_loop, ds.max_len)
         if not len(sets[name]):
             raise SystemExit(f"error: no {name} protein is left after --skip-bad")
