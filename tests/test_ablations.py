@@ -29,6 +29,9 @@ def test_dry_run_lists_every_row_of_tables_2_3_4_6(tmp_path):
     assert not any("--esm" in l for l in finetune)                            # the paper's protocol is the default
     assert all("--resume" in l for l in pretrain + finetune)
     assert lines[-2].endswith("analyze.py --collect runs")
+    quick = ablations(tmp_path, DRY_RUN=1, QUICK=1, PRETRAIN="features/mine")   # finetuning follows PRETRAIN
+    finetune = [l for l in quick.stdout.splitlines() if "finetune.py --task" in l]
+    assert finetune and all("--features features/mine" in l and "--lr 2e-4" in l for l in finetune)
 
 
 def test_quick_pool_runs_side_by_side_and_resumes(tmp_path):
@@ -45,6 +48,8 @@ def test_quick_pool_runs_side_by_side_and_resumes(tmp_path):
     assert "ours: alpha-1-1-1 [synthetic]" in rows and "label-frequency baseline" in rows
     log = (tmp_path / "runs/quick/logs/alpha-1-1-1-ec.log").read_text()
     assert "ESM frozen" in log and "synthetic" in log
+    pretrain_log = (tmp_path / "runs/quick/logs/alpha-1-1-1.log").read_text()
+    assert len(pretrain_log) < 3000, pretrain_log                            # no progress-bar flood in a log file
     again = ablations(tmp_path, **small)
     assert again.returncode == 0
     assert "all 1 epochs are done already" in (tmp_path / "runs/quick/logs/alpha-1-1-1.log").read_text()
