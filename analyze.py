@@ -45,7 +45,10 @@ Choices made where the paper is silent (the README repeats them):
 - Collector: runs/<name>/<task>/results.json for task in ec, go-mf, go-cc, go-bp. Test Fmax and AUPR
   are read from results["test"]["fmax"|"aupr"] (finetune.py's layout), else from "test_fmax" /
   "test_aupr", else top-level "fmax" / "aupr" (keys compared case-insensitively, "f1_max" counts as
-  fmax). Values <= 1 are taken as fractions and shown in percent, as in the paper's tables.
+  fmax). Values <= 1 are taken as fractions and shown in percent, as in the paper's tables. The runs
+  are laid out as the paper's Tables 2, 3, 4 and 6 (ablations.sh's run names), each of ours followed by
+  the paper's row with its published averages, then the label-frequency baseline; rows carry their
+  protocol (esm-finetune / esm-frozen) and a [synthetic] / [tiny] mark; other runs go to "Other runs".
 """
 import argparse
 import gzip

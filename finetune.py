@@ -240,13 +240,23 @@ def collate_task(items):
     return batch
 
 
+def read_info(root):
+    try:
+        return json.loads((Path(root) / "info.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def load_task(cfg):
-    """Labels, splits (test after the cutoff) and one TaskSet per split; prints what was left out."""
+    """Labels, splits (test after the cutoff) and one TaskSet per split; prints what was left out.
+    --esm auto is resolved here, from the set's info.json (esm_protocol)."""
     root = Path(cfg.features)
     if not (root / "manifest.tsv").exists():
         source = "ec" if cfg.task == "ec" else "go"
         raise SystemExit(f"error: no feature set at {root} (manifest.tsv missing): run extract_features.py --source "
                          f"{source} --out {root} first (without --features and --ckpt: the built-in demo)")
+    info = read_info(root)
+    cfg.esm = esm_protocol(cfg, info)
     data = read_labels(root / f"labels_{cfg.task}.json", cfg.task)
     splits = {s: list(data["splits"].get(s) or []) for s in ("train", "valid", "test")}
     n_test_all = len(splits["test"])
@@ -268,10 +278,6 @@ def load_task(cfg):
     n_classes = len(data["terms"])
     sets = {s: TaskSet(root, rows, ids, label_matrix(ids, data["labels"], n_classes), cfg.esm == "finetune",
                        cfg.max_len) for s, ids in splits.items()}
-    try:
-        info = json.loads((root / "info.json").read_text())
-    except (OSError, ValueError):
-        info = {}
     counts = {**{s: len(ids) for s, ids in splits.items()}, "test_before_cutoff": n_test_all,
               "left_out_no_features": missing}
     return data, sets, info, counts
@@ -522,13 +528,6 @@ SAME_ON_RESUME = ("task", "ckpt", "from_scratch", "features", "esm", "readout", 
 # ----------------------------------------------------------------------------------------------
 # the finetuning loop
 
-def read_info(root):
-    try:
-        return json.loads((Path(root) / "info.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def screen_task(sets, cfg, out, main, say):
     """The feature files of every split, checked before step 1 (amma.find_bad_files); with --skip-bad the
     bad proteins are left out (loudly for the test split: its metric changes)."""
@@ -566,8 +565,6 @@ def _finetune(cfg, quiet, rank, world, device):
     out = default_out(cfg)
     resume_path = amma.prepare_out(out, cfg.resume, cfg.overwrite, main_proc, say,
                                    files=("checkpoint.pt", "best.pt", "results.json"))
-    info = read_info(cfg.features)
-    cfg.esm = esm_protocol(cfg, info)
     data, sets, info, counts = load_task(cfg)
     sets = screen_task(sets, cfg, out, main_proc, say)
     counts.update({s: len(ds) for s, ds in sets.items()})
