@@ -1,9 +1,13 @@
 """
 AMMA: asymmetric multi-modal masked autoencoder for proteins (sequence, structure, function text).
 
-One self-contained file (torch + standard library): the model, the Dirichlet mask sampler, the
-asymmetric decoders, the losses and the pretraining loop. Names follow the paper: Proj_m, Enc_multi,
-l0/l1/l2, Dec_seq/Dec_str/Dec_func, M, alpha.
+One self-contained file (torch + standard library). It reads top to bottom as the paper does: the
+conventions, the config, the Dirichlet mask sampler, the building blocks, AMMA (forward_encoder,
+forward_decoder, forward_loss), the variants and the checkpoint reader. That part runs alone: copy it
+up to the line "end of the model" into your own code. After that line come the data path (feature
+cache, padded batches with their masks), the run plumbing that finetune.py shares, the pretraining
+loop and the command line. Names follow the paper: Proj_m, Enc_multi, l0/l1/l2, Dec_seq/Dec_str/Dec_func,
+M, alpha.
 
     python amma.py --pretrain                                   # features/pretrain, or the built-in demo
     python amma.py --pretrain --features features/pretrain --out runs/amma
@@ -13,8 +17,10 @@ l0/l1/l2, Dec_seq/Dec_str/Dec_func, M, alpha.
     python amma.py --pretrain --resume --out runs/amma                       # continue exactly, mid-epoch too
     python amma.py --pretrain --continue-from runs/amma/checkpoint.pt --epochs 15 --features '' \
         --unpaired-seqstr features/seqstr --unpaired-seqfunc features/seqfunc --out runs/unpaired-15  # Table 3
+    python amma.py --pretrain --compile                                      # torch.compile'd step (GPU)
     torchrun --nproc_per_node 2 amma.py --pretrain                           # DDP: 2 x 2 proteins of each batch of 4
-    python amma.py --analyze --ckpt runs/amma/checkpoint.pt --features features/demo   # see analyze.py
+
+The analyses of the paper (Table 1, Figure 1, B.8) are analyze.py's: python analyze.py --help.
 
 Conventions, stated once:
 - Masking: keep[b, i] is True for a token the encoder SEES (MAE writes 0 for keep; we use booleans).
@@ -23,8 +29,10 @@ Conventions, stated once:
 - Token layout of one protein: [seq (L) | str (L) | func (L')], padded per batch to [Ls | Ls | Lf].
 - Batches are global: --batch-size is the paper's number, and world processes x grad_accum micro-batches
   split it. Every random draw is a function of (seed, epoch, step) and the protein's position in the
-  global batch (masks) or the micro-batch's index (dropout), and losses are normalised by the whole
+  global batch (masks) or the micro-batch's index (dropout), and losses are weighted by the whole
   batch's positions, so a split batch trains exactly as the whole one, and --resume continues exactly.
+- A training step reads nothing back from the device: masks and loss weights are made with the batch
+  (in the DataLoader workers), losses are summed on the device and read every --log-every steps.
 """
 import argparse
 import json
@@ -35,21 +43,13 @@ import sys
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-try:
-    from tqdm import tqdm
-except ImportError:  # amma.py needs only torch: without tqdm there is no progress bar
-    class tqdm:
-        def __init__(self, *args, **kwargs): pass
-        def update(self, n=1): pass
-        def set_postfix(self, **kwargs): pass
-        def close(self): pass
 
 MODALITIES = ("seq", "str", "func")
 
@@ -64,146 +64,44 @@ ROUTING = {
 VARIANTS = tuple(ROUTING) + ("contrastive",)
 
 
+def arg(default, help, **kw):
+    """A config field with its command-line help (and choices): the one flag convention of the kit."""
+    return field(default=default, metadata=dict(help=help, **kw))
+
+
 # ----------------------------------------------------------------------------------------------
 # config
 
 @dataclass
 class AMMAConfig:
-    d_seq: int = 1280          # ESM-1b layer 33
-    d_str: int = 3072          # GearNet-Edge, 6 x 512, concat_hidden
-    d_func: int = 768          # PubMedBERT-abs
-    D: int = 512               # width of Proj, Enc_multi and the decoders
-    n_layers: int = 8          # Enc_multi (and Enc_con of the contrastive variant)
-    n_heads: int = 8
-    dec_layers: int = 2        # per decoder
-    mlp_ratio: int = 4
-    dropout: float = 0.0
-    M: int = 160               # tokens kept per protein
-    alpha: tuple = (1.0, 2.0, 2.0)   # Dirichlet concentration for (seq, str, func)
-    variant: str = "asymmetric"      # asymmetric | symmetric | no-aux | contrastive
-    loss_on: str = "all"             # all valid positions (eq. 4) | masked
-    tau: float = 0.07                # InfoNCE temperature (contrastive variant; the paper gives none)
-    con_sim: str = "cosine"          # contrastive similarity: cosine (L2-normalised latents) | dot (eq. 16 as written)
-    target_norm: str = "none"        # reconstruction targets: none (eq. 4) | token (MAE's norm_pix_loss) | dim
+    d_seq: int = arg(1280, "width of the sequence features (ESM-1b layer 33)")
+    d_str: int = arg(3072, "width of the structure features (GearNet-Edge, 6 x 512, concat_hidden)")
+    d_func: int = arg(768, "width of the function-text features (PubMedBERT-abs)")
+    D: int = arg(512, "width of Proj, Enc_multi and the decoders")
+    n_layers: int = arg(8, "Transformer layers of Enc_multi (and Enc_con)")
+    n_heads: int = arg(8, "attention heads")
+    dec_layers: int = arg(2, "Transformer layers of each decoder")
+    mlp_ratio: int = arg(4, "MLP width / D in every Transformer layer")
+    dropout: float = arg(0.0, "dropout in attention and MLPs (the paper gives none)")
+    M: int = arg(160, "tokens kept per protein (paper: 160)")
+    alpha: tuple = arg((1.0, 2.0, 2.0), "Dirichlet concentrations for seq str func; a larger alpha_m keeps "
+                       "more of modality m")
+    variant: str = arg("asymmetric", "asymmetric (AMMA) | symmetric (eq. 13) | no-aux (eq. 17) | contrastive (B.9)",
+                       choices=VARIANTS)
+    loss_on: str = arg("all", "'all' valid positions (eq. 4) or only the 'masked' ones", choices=("all", "masked"))
+    tau: float = arg(0.07, "InfoNCE temperature of the contrastive variant (the paper gives none)")
+    con_sim: str = arg("cosine", "contrastive similarity: cosine of L2-normalised latents, or the plain dot "
+                       "product of eq. 16", choices=("cosine", "dot"))
+    target_norm: str = arg("none", "reconstruction targets: none (eq. 4), token (each token standardised over its "
+                           "dims, MAE's norm_pix_loss) or dim (each feature dimension standardised by set statistics)",
+                           choices=("none", "token", "dim"))
 
     def dims(self):
         return {"seq": self.d_seq, "str": self.d_str, "func": self.d_func}
 
 
 # ----------------------------------------------------------------------------------------------
-# feature cache (the contract with extract_features.py; SPEC.md)
-
-def load_tensor(path):
-    """torch.load a cached tensor safely; a truncated or foreign file is a one-line ValueError."""
-    try:
-        x = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # zip errors, pickle errors, EOF: all mean the same thing here
-        raise ValueError(f"{path}: not a readable tensor file ({type(e).__name__}: {e})") from None
-    if not isinstance(x, torch.Tensor) or x.dim() != 2:
-        raise ValueError(f"{path}: expected a 2-D tensor [tokens, dim], got {type(x).__name__}")
-    return x
-
-
-def read_manifest(root):
-    """Rows of features/<set>/manifest.tsv as dicts (L and L_func as ints)."""
-    path = Path(root) / "manifest.tsv"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run extract_features.py first (or demo.py)")
-    lines = path.read_text().splitlines()
-    header = lines[0].split("\t")
-    for col in ("id", "L", "L_func", "modalities"):
-        if col not in header:
-            raise ValueError(f"{path}: column '{col}' missing from the header")
-    rows = []
-    for n, line in enumerate(lines[1:], start=2):
-        if not line.strip():
-            continue
-        values = line.split("\t")
-        if len(values) != len(header):
-            raise ValueError(f"{path}:{n}: {len(values)} fields, the header has {len(header)}")
-        row = dict(zip(header, values))
-        row["L"], row["L_func"] = int(row["L"]), int(row["L_func"])
-        row["modalities"] = tuple(m for m in row["modalities"].split(",") if m)
-        rows.append(row)
-    return rows
-
-
-class FeatureDataset(torch.utils.data.Dataset):
-    """Per-protein cached features: {"id", "seq": [L, d], "str": [L, d] | None, "func": [L', d] | None}."""
-
-    def __init__(self, root, ids=None, modalities=MODALITIES, max_len=1022, max_text=512):
-        self.root, self.modalities = Path(root), tuple(modalities)
-        self.max_len, self.max_text = max_len, max_text
-        rows = {r["id"]: r for r in read_manifest(root)}
-        if ids is not None:
-            missing = [i for i in ids if i not in rows]
-            if missing:
-                raise ValueError(f"{root}: {len(missing)} ids not in manifest.tsv, e.g. {missing[0]}")
-            rows = {i: rows[i] for i in ids}
-        self.rows = list(rows.values())
-        if "seq" in self.modalities and any("seq" not in r["modalities"] for r in self.rows):
-            bad = next(r["id"] for r in self.rows if "seq" not in r["modalities"])
-            raise ValueError(f"{root}: protein {bad} has no sequence features (every protein needs seq)")
-
-    def __len__(self):
-        return len(self.rows)
-
-    def counts(self):
-        """Tokens per protein and modality [N, 3] as __getitem__ returns them (cropped; 0 where absent)."""
-        return torch.tensor([[min(r["L_func"], self.max_text) if m == "func" else min(r["L"], self.max_len)
-                              if m in self.modalities and m in r["modalities"] else 0 for m in MODALITIES]
-                             for r in self.rows], dtype=torch.long).view(-1, 3)
-
-    def lengths(self):
-        """Tokens per protein in the full layout (2L + L'), for length bucketing."""
-        return self.counts().sum(1).tolist()
-
-    def __getitem__(self, i):
-        row = self.rows[i]
-        item = {"id": row["id"]}
-        for m in MODALITIES:
-            x = None
-            if m in self.modalities and m in row["modalities"]:
-                x = load_tensor(self.root / m / f"{row['id']}.pt")
-                x = x[: self.max_text if m == "func" else self.max_len]
-            item[m] = x
-        if item["str"] is not None and item["seq"] is not None and len(item["str"]) != len(item["seq"]):
-            raise ValueError(f"{row['id']}: seq has {len(item['seq'])} rows but str has {len(item['str'])}")
-        return item
-
-
-def collate(items):
-    """Pad a list of items into a batch: x [B, L, d] float16/32 and lengths [B] per modality.
-    A modality missing from every item is left out; missing for some items has length 0."""
-    batch = {"ids": [it["id"] for it in items]}
-    for m in MODALITIES:
-        xs = [it.get(m) for it in items]
-        present = [x for x in xs if x is not None]
-        if not present:
-            continue
-        d, dtype = present[0].shape[1], present[0].dtype
-        if any(x.shape[1] != d for x in present):
-            raise ValueError(f"{m} features of different widths in one batch: {sorted({x.shape[1] for x in present})}")
-        lengths = torch.tensor([0 if x is None else len(x) for x in xs])
-        out = torch.zeros(len(items), max(int(lengths.max()), 1), d, dtype=dtype)
-        for b, x in enumerate(xs):
-            if x is not None:
-                out[b, : len(x)] = x
-        batch[m], batch[m + "_len"] = out, lengths
-    if "group" in items[0]:
-        batch["group"] = torch.tensor([it["group"] for it in items])
-    return batch
-
-
-def batch_to(batch, device):
-    """Move a batch to `device`; features become float32 (autocast decides the compute dtype)."""
-    return {k: (v.to(device, non_blocking=True).float() if k in MODALITIES else
-                v.to(device, non_blocking=True) if torch.is_tensor(v) else v)
-            for k, v in batch.items()}
-
-
-# ----------------------------------------------------------------------------------------------
-# mask sampler (pure functions of tensors and a torch.Generator)
+# mask sampler (pure functions of tensors and a torch.Generator; run on the CPU, with the batch)
 
 def dirichlet(alpha, n, generator=None):
     """n draws of lambda ~ Dirichlet(alpha) as normalised Gamma(alpha_m, 1) draws: [n, len(alpha)]."""
@@ -221,7 +119,7 @@ def budgets(lam, M):
     return b + (order < short).long()
 
 
-def mix(*keys):
+def seed_hash(*keys):
     """A 62-bit seed from integer keys (splitmix64 steps): keys that differ anywhere give unrelated seeds."""
     h = 0x9E3779B97F4A7C15
     for k in keys:
@@ -232,30 +130,31 @@ def mix(*keys):
 
 
 def protein_seeds(n, *keys):
-    """One mask seed per protein of a global batch: mix(*keys, j) for positions j < n, as a [n] tensor."""
-    return torch.tensor([mix(*keys, j) for j in range(n)], dtype=torch.long)
+    """One mask seed per protein of a global batch: seed_hash(*keys, j) for positions j < n, as a [n] tensor."""
+    return torch.tensor([seed_hash(*keys, j) for j in range(n)], dtype=torch.long)
 
 
-def sample_keep(counts, M, alpha, seeds):
-    """Which tokens the encoder keeps, for a padded batch.
+def keep_priorities(counts, M, alpha, seeds):
+    """Random priorities from which keep_mask picks the tokens the encoder keeps.
 
     counts: [B, 3] valid tokens of (seq, str, func) per protein (0 for an absent modality).
     seeds: [B] one seed per protein: a protein's lambda and token priorities are drawn from its own
     generator and depend on nothing else in the batch, so a global batch split over GPUs (or into
     micro-batches) gets exactly the masks it gets in one piece.
-    Returns (key, valid), both [B, 3, Lmax] in the per-modality padded layout: key is a random
-    priority, above 2 for each modality's budget of tokens, in [0, 1) for the other valid tokens
-    (the refill takes the highest), -1 for padding. `keep_mask` turns it into the boolean mask.
+    Returns (key, valid), both [B, 3, Lmax] in the per-modality padded layout: key is above 2 for each
+    modality's budget of tokens, in [0, 1) for the other valid tokens (the refill takes the highest),
+    -1 for padding.
     """
-    B = counts.shape[0]
-    Lmax = max(int(counts.max()), 1)
+    counts = counts.tolist()                                                    # CPU bookkeeping, per protein
+    B, Lmax = len(counts), max(max((max(c) for c in counts), default=1), 1)
     lam, u = [], []
     for b in range(B):                                                          # per protein, not per token
         g = torch.Generator().manual_seed(int(seeds[b]))
-        n = max(int(counts[b].max()), 1)
+        n = max(max(counts[b]), 1)
         lam.append(dirichlet(alpha, 1, g))                                      # [1, 3]
         u.append(F.pad(torch.rand(2, 3, n, generator=g), (0, Lmax - n)))       # [2, 3, Lmax]
-    lam, u = torch.cat(lam), torch.stack(u)                                     # [B, 3], [B, 2, 3, Lmax]
+    counts = torch.tensor(counts, dtype=torch.long).view(B, 3)
+    lam, u = torch.cat(lam).view(B, 3), torch.stack(u).view(B, 2, 3, Lmax)
     k = torch.minimum(budgets(lam, M), counts)                                  # [B, 3] primary
     pos = torch.arange(Lmax).expand(B, 3, Lmax)                                 # [B, 3, Lmax]
     valid = pos < counts[..., None]
@@ -269,13 +168,29 @@ def keep_mask(counts, M, alpha, seeds):
     """Boolean keep mask [B, 3, Lmax]: exactly min(M, sum(counts)) True per protein, each modality's
     budget round(lambda_m * M) taken first (at random), shortfalls filled at random from the other
     modalities' remaining tokens; padding and absent modalities are never kept."""
-    key, valid = sample_keep(counts, M, alpha, seeds)
+    key, valid = keep_priorities(counts, M, alpha, seeds)
     B, _, Lmax = key.shape
-    T = counts.sum(1).clamp(max=M)                                              # [B] tokens to keep
+    T = torch.as_tensor(counts).sum(1).clamp(max=M)                             # [B] tokens to keep
     order = key.view(B, -1).argsort(1, descending=True)                         # [B, 3*Lmax]
     chosen = torch.arange(3 * Lmax).expand(B, -1) < T[:, None]
     keep = torch.zeros(B, 3 * Lmax, dtype=torch.bool).scatter(1, order, chosen)
     return keep.view(B, 3, Lmax) & valid
+
+
+def keep_indices(counts, widths, M, alpha, seeds):
+    """The encoder's input for a padded batch: which slots of the full layout it sees.
+
+    counts [B, 3] valid tokens per modality; widths: the padded length of each modality's segment in
+    the layout (0 for a modality the batch lacks). Returns ids [B, K] (K = min(M, layout length): a
+    static shape) and keep [B, K]: the kept slots first in layout order, then distinct unkept slots
+    marked False (so scattering back never writes one slot twice)."""
+    keep3 = keep_mask(counts, M, alpha, seeds)                                  # [B, 3, Lmax]
+    Lmax = keep3.shape[-1]
+    keep3 = F.pad(keep3, (0, max(max(widths) - Lmax, 0)))
+    keep = torch.cat([keep3[:, i, :w] for i, w in enumerate(widths)], 1)        # [B, N]
+    K = min(M, keep.shape[1])
+    ids = keep.to(torch.uint8).sort(dim=1, descending=True, stable=True).indices[:, :K]   # kept first: [B, K]
+    return ids, keep.gather(1, ids)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,14 +211,15 @@ class Attention(nn.Module):
         self.proj = nn.Linear(D, D)
 
     def forward(self, x, pad, return_attn=False):
+        """pad [B, S] True at padding keys, or None when no slot is padding (the flash kernel's case)."""
         B, S, D = x.shape
         q, k, v = self.qkv(x).view(B, S, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, S, hs)
-        allowed = ~pad[:, None, None, :]                                        # (B, 1, 1, S) True = attend
+        allowed = None if pad is None else ~pad[:, None, None, :]              # (B, 1, 1, S) True = attend
         if return_attn:  # explicit softmax, for the analysis of B.8 only
             a = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
-            a = a.masked_fill(~allowed, float("-inf")).softmax(-1)              # (B, nh, S, S)
+            a = (a if allowed is None else a.masked_fill(~allowed, float("-inf"))).softmax(-1)   # (B, nh, S, S)
             y = a @ v
-        else:            # fused kernel (flash / memory-efficient) where the device has one
+        else:            # fused kernel (flash without a mask, memory-efficient with one)
             a = None
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed,
                                                dropout_p=self.dropout if self.training else 0.0)
@@ -346,8 +262,35 @@ def Proj(d_in, D):
     return nn.Sequential(nn.Linear(d_in, D), nn.GELU(), nn.Linear(D, D))
 
 
+def token_counts(batch, layout=None):
+    """Valid tokens per protein and modality [B, 3] (0 for a modality the batch or the protein lacks)."""
+    B = len(batch["ids"])
+    device = next((batch[m + "_len"].device for m in MODALITIES if m + "_len" in batch), "cpu")
+    return torch.stack([batch[m + "_len"] if m in batch and (layout is None or layout[m][1])
+                        else torch.zeros(B, dtype=torch.long, device=device) for m in MODALITIES], 1)
+
+
+def touch(modules):
+    """0 x one entry of every parameter of `modules`: added to a loss, it puts parameters that a batch
+    did not use (a decoder of an absent modality) into the graph with a zero gradient, so DDP needs
+    no find_unused_parameters (and prints no warning about it)."""
+    return sum(p.view(-1)[:1].sum() for mod in modules for p in mod.parameters() if p.requires_grad) * 0.0
+
+
 # ----------------------------------------------------------------------------------------------
 # the encoder side: Proj, embeddings, [CLS], masking, Enc_multi (all that finetuning needs)
+
+class Encoded(NamedTuple):
+    """What the encoder returns. z [B, 1+K, D] ([CLS] first), ids [B, K] (slots of the full layout it
+    saw), keep [B, K] (False for padding), valid [B, N] (real tokens of the full layout), layout
+    {m: (start, length)}, attn: the last layer's attention [B, nh, 1+K, 1+K] when asked for."""
+    z: torch.Tensor
+    ids: torch.Tensor
+    keep: torch.Tensor
+    valid: torch.Tensor
+    layout: dict
+    attn: torch.Tensor = None
+
 
 class AMMAEncoder(nn.Module):
     def __init__(self, config):
@@ -384,45 +327,29 @@ class AMMAEncoder(nn.Module):
         return torch.cat(parts, 1), torch.cat(valid, 1), layout                # [B, N, D], [B, N]
 
     def keep_ids(self, batch, valid, layout, mask, seeds):
-        """Indices into the full layout of the tokens the encoder sees: ids [B, K] and their validity [B, K]."""
+        """Slots the encoder sees: ids [B, K] and keep [B, K]. The batch's own (made in collate, on the
+        CPU, with the batch) when it has them; else drawn here from `seeds` (a host round trip)."""
         B, N = valid.shape
         if not mask:
             return torch.arange(N, device=valid.device).expand(B, N), valid
-        counts = token_counts(batch, layout).cpu()                             # [B, 3]
+        if "keep_ids" in batch:
+            return batch["keep_ids"], batch["keep"]
         if seeds is None:                                                      # no seeds given: fresh draws
             seeds = torch.randint(0, 2 ** 62, (B,))
-        keep3 = keep_mask(counts, self.config.M, self.config.alpha, seeds)     # [B, 3, Lmax]
-        keep = torch.cat([keep3[:, i, : layout[m][1]] for i, m in enumerate(MODALITIES)], 1)  # [B, N]
-        K = int(keep.sum(1).max())
-        ids = keep.int().sort(dim=1, descending=True, stable=True).indices[:, :K]     # kept first: [B, K]
-        return ids.to(valid.device), keep.gather(1, ids).to(valid.device)
+        widths = [layout[m][1] for m in MODALITIES]
+        ids, keep = keep_indices(token_counts(batch, layout).cpu(), widths, self.config.M, self.config.alpha, seeds)
+        return ids.to(valid.device), keep.to(valid.device)
 
     def forward(self, batch, mask=True, seeds=None, modalities=MODALITIES, return_attn=False):
-        """Enc_multi on [CLS] + the kept tokens. Returns z [B, 1+K, D], ids [B, K], keep [B, K],
-        valid [B, N], layout, and the last layer's attention [B, nh, 1+K, 1+K] if asked.
-        seeds: [B] per-protein mask seeds (protein_seeds); None draws them from torch's global RNG."""
+        """Enc_multi on [CLS] + the kept tokens: an Encoded. seeds: [B] per-protein mask seeds
+        (protein_seeds), used when the batch has no keep_ids; None draws them from torch's RNG."""
         tokens, valid, layout = self.embed(batch, modalities)
         ids, keep = self.keep_ids(batch, valid, layout, mask, seeds)
         x = tokens.gather(1, ids[..., None].expand(-1, -1, tokens.shape[-1]))  # [B, K, D]
         x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], 1)           # [B, 1+K, D]
-        pad = torch.cat([torch.zeros_like(keep[:, :1]), ~keep], 1)             # [B, 1+K]
-        z, attn = self.enc_multi(x, pad, return_attn)
-        return z, ids, keep, valid, layout, attn
-
-
-def token_counts(batch, layout=None):
-    """Valid tokens per protein and modality [B, 3] (0 for a modality the batch or the protein lacks)."""
-    B = len(batch["ids"])
-    device = next((batch[m + "_len"].device for m in MODALITIES if m + "_len" in batch), "cpu")
-    return torch.stack([batch[m + "_len"] if m in batch and (layout is None or layout[m][1])
-                        else torch.zeros(B, dtype=torch.long, device=device) for m in MODALITIES], 1)
-
-
-def touch(modules):
-    """0 x one entry of every parameter of `modules`: added to a loss, it puts parameters that a batch
-    did not use (a decoder of an absent modality) into the graph with a zero gradient, so DDP needs
-    no find_unused_parameters (and prints no warning about it)."""
-    return sum(p.view(-1)[:1].sum() for mod in modules for p in mod.parameters() if p.requires_grad) * 0.0
+        pad = None if mask and batch.get("all_kept") else torch.cat([torch.zeros_like(keep[:, :1]), ~keep], 1)
+        z, attn = self.enc_multi(x, pad, return_attn)                          # [B, 1+K, D]
+        return Encoded(z, ids, keep, valid, layout, attn)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -458,6 +385,9 @@ class AMMA(nn.Module):
             for m, d in c.dims().items():
                 self.register_buffer(f"target_mean_{m}", torch.zeros(d))
                 self.register_buffer(f"target_std_{m}", torch.ones(d))
+
+    def forward_encoder(self, batch, mask=True, seeds=None):
+        return self.enc(batch, mask, seeds)
 
     def unmask(self, zk, ids, keep, N):
         """Scatter l_k outputs of the kept tokens back to the full layout, zeros at masked slots: [B, N, D]."""
@@ -495,52 +425,58 @@ class AMMA(nn.Module):
             return (x - getattr(self, f"target_mean_{m}")) / getattr(self, f"target_std_{m}")
         return x
 
-    def forward_loss(self, batch, recon, ids, keep, valid, layout, norm=None):
+    def forward_loss(self, batch, recon, ids, keep, valid, layout, weights=None):
         """Eq. 4 (and eq. 12 when the batch holds groups): per group and modality, the squared error
         averaged over feature dimensions and over valid positions (or masked ones only, with
-        loss_on='masked'), summed. norm {(group, modality): positions} gives the positions of the
-        whole global batch (loss_counts): the loss is then this micro-batch's share of the global
-        batch's loss, and the shares of all processes and micro-batches add up to it exactly.
-        Returns the loss and {loss_<m>: its per-modality part}."""
+        loss_on='masked'), summed over groups and modalities. As tensor ops: each position of protein b
+        in modality m weighs weights[b, m] = 1 / (positions of b's group in m). weights [B, 3] come with
+        the batch for the whole global batch (loss_weights): the loss is then this micro-batch's share
+        of the global batch's loss, and the shares of all processes and micro-batches add up to it.
+        Without them they are computed from this batch. Returns the loss and {loss_<m>: its part}
+        (detached device tensors; NaN for a modality with no position to average)."""
         B, N = valid.shape
         seen = torch.zeros(B, N, dtype=torch.bool, device=valid.device).scatter(1, ids, keep)  # [B, N]
-        group = batch.get("group", torch.zeros(B, dtype=torch.long)).to(valid.device)
         loss = sum(xhat.sum() for xhat in recon.values()) * 0.0  # keeps a graph when no term applies
+        uses = {}
+        for m in recon:
+            start, length = layout[m]
+            uses[m] = valid[:, start:start + length] & (~seen[:, start:start + length]
+                                                        if self.config.loss_on == "masked" else True)  # [B, Lm]
+        if weights is None:
+            weights = self.batch_weights(batch, uses)
         parts = {}
         for m, xhat in recon.items():
-            start, length = layout[m]
-            use = valid[:, start:start + length]                                # [B, Lm]
-            if self.config.loss_on == "masked":
-                use = use & ~seen[:, start:start + length]
             err = (xhat.float() - self.target(batch, m).float()).pow(2).mean(-1)  # [B, Lm]
-            for g in group.unique().tolist():
-                u = use & (group == g)[:, None]
-                n = norm.get((g, m), 0) if norm is not None else int(u.sum())
-                if u.any() and n:
-                    term = err[u].sum() / n
-                    loss, parts[m] = loss + term, parts.get(m, 0.0) + term.detach()
-        return loss, {f"loss_{m}": float(v) for m, v in parts.items()}
+            w = uses[m] * weights[:, MODALITIES.index(m), None]                   # [B, Lm]
+            term = (err * w).sum()
+            loss = loss + term
+            parts[f"loss_{m}"] = torch.where((w > 0).any(), term, torch.nan).detach()
+        return loss, parts
 
-    def forward(self, batch, mask=True, seeds=None, norm=None):
-        """Returns (reconstructions, loss, logs) — nanoGPT style. seeds: per-protein mask seeds;
-        norm: positions per (group, modality) of the global batch (see forward_loss)."""
-        z, ids, keep, valid, layout, _ = self.enc(batch, mask, seeds)
+    @staticmethod
+    def batch_weights(batch, uses):
+        """weights [B, 3] from this batch alone: 1 / positions of the protein's loss group (0 if none)."""
+        group = batch.get("group")
+        B = next(iter(uses.values())).shape[0]
+        device = next(iter(uses.values())).device
+        same = torch.ones(B, B, device=device) if group is None else \
+            (group.to(device)[:, None] == group.to(device)[None, :]).float()   # [B, B] same loss group
+        w = torch.zeros(B, 3, device=device)
+        for m, use in uses.items():
+            n = same @ use.sum(1).float()                                      # [B] positions in b's group
+            w[:, MODALITIES.index(m)] = torch.where(n > 0, 1.0 / n.clamp_min(1), 0.0)
+        return w
+
+    def forward(self, batch, mask=True, seeds=None, weights=None):
+        """Returns (reconstructions, loss, logs) — nanoGPT style. seeds: per-protein mask seeds (when
+        the batch brings no keep_ids); weights: the batch's loss weights (see forward_loss)."""
+        z, ids, keep, valid, layout, _ = self.forward_encoder(batch, mask, seeds)
         present = [m for m in MODALITIES if layout[m][1]]
         recon = self.forward_decoder(z, ids, keep, valid, layout, targets=present)
-        loss, logs = self.forward_loss(batch, recon, ids, keep, valid, layout, norm)
+        loss, logs = self.forward_loss(batch, recon, ids, keep, valid, layout, batch.get("loss_w", weights))
         absent = [m for m in MODALITIES if m not in present]
         unused = [mod for m in absent for mod in (self.enc.proj[m], self.dec[m], self.l[MODALITIES.index(m)])]
         return recon, loss + touch(unused), logs
-
-
-def loss_counts(counts, groups, seeds, config):
-    """Positions entering each (group, modality) mean of eq. 4 / eq. 12 for a whole global batch,
-    from its token counts [B, 3], loss groups [B] and mask seeds [B] alone (no features needed): every
-    process computes the same numbers for the global batch before its own forward pass."""
-    n = counts.clone()
-    if config.loss_on == "masked":
-        n = n - keep_mask(counts, config.M, config.alpha, seeds).sum(-1)          # masked positions
-    return {(g, m): int(n[groups == g, i].sum()) for g in groups.unique().tolist() for i, m in enumerate(MODALITIES)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -577,6 +513,9 @@ def gather_rows(x):
 
 
 class AMMAContrastive(nn.Module):
+    """The contrastive variant. Unlike AMMA's, its step picks the proteins of each pair on the host
+    (boolean indexing): it is an ablation, not tuned for GPU speed."""
+
     def __init__(self, config):
         super().__init__()
         c = self.config = config
@@ -599,7 +538,7 @@ class AMMAContrastive(nn.Module):
         z["seq"] = self.enc_con(z["seq"][:, None], one)[0][:, 0]                   # [B, D]
         return z, has
 
-    def forward(self, batch, mask=True, seeds=None, norm=None):
+    def forward(self, batch, mask=True, seeds=None, weights=None):
         """Eq. 15 over the proteins that have both modalities of each pair: (latents, loss, logs).
         Under DDP the latents of every process are gathered, so the negatives are the whole global
         batch, as on one GPU; each process returns 1 / world of the (identical) global loss."""
@@ -613,13 +552,16 @@ class AMMAContrastive(nn.Module):
             both = has[p] & has[q] if q in z else None
             if both is not None and both.sum() > 1:
                 l_pq = info_nce(z[p][both], z[q][both], self.config.tau, self.config.con_sim) / world
-                loss, logs[f"loss_{name}"] = loss + l_pq, l_pq.item()
+                loss, logs[f"loss_{name}"] = loss + l_pq, l_pq.detach()
         return z, loss, logs
 
 
 def build_model(config):
     return AMMAContrastive(config) if config.variant == "contrastive" else AMMA(config)
 
+
+# ----------------------------------------------------------------------------------------------
+# the checkpoint reader
 
 def read_checkpoint(path, map_location="cpu"):
     """An AMMA pretraining checkpoint: (AMMAConfig, checkpoint dict); a one-line error for anything else."""
@@ -651,94 +593,180 @@ def load_pretrained(path, map_location="cpu"):
     return model, config, ckpt
 
 
-# ----------------------------------------------------------------------------------------------
-# pretraining: configuration
+# ==============================================================================================
+# end of the model. What follows runs it: the data path, the run plumbing, pretraining, the CLI.
+# ==============================================================================================
 
-@dataclass
-class TrainConfig:
-    features: str = "features/pretrain"   # paired set (seq+str+func); '' for none
-    unpaired_seqstr: str = ""             # eq. 12: a seq+str set ...
-    unpaired_seqfunc: str = ""            # ... and a seq+func set, stepped together
-    out: str = "runs/amma"
-    epochs: int = 10
-    batch_size: int = 4                   # the GLOBAL batch: under DDP the processes split it
-    grad_accum: int = 1                   # micro-batches per process and step (same result, less memory)
-    lr: float = 1e-4
-    weight_decay: float = 0.05
-    step_size: int = 3                    # StepLR step in epochs (the paper gives only gamma)
-    gamma: float = 0.5
-    seed: int = 0
-    resume: bool = False                  # continue from <out>/checkpoint.pt
-    overwrite: bool = False               # start again in an --out that holds a run
-    init: str = ""                        # start from this checkpoint's weights (fresh optimiser)
-    continue_from: str = ""               # continue another run's schedule (weights, optimiser, epoch) in --out
-    max_len: int = 1022
-    num_workers: int = 2
-    log_every: int = 20
-    save_every_steps: int = 0             # step checkpoints (0 = off) ...
-    save_every_minutes: float = 30.0      # ... and/or every T minutes (0 = off); always at epoch ends
-    skip_bad: bool = False                # train without proteins whose feature files fail the check
-    limit_steps: int = 0                  # stop each epoch after this many steps (smoke tests); 0 = all
-    amp: str = "auto"                     # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
-    device: str = ""                      # '' = cuda if available else cpu
-
-
-HELP = {
-    "D": "width of Proj, Enc_multi and the decoders",
-    "n_layers": "Transformer layers of Enc_multi (and Enc_con)",
-    "n_heads": "attention heads",
-    "dec_layers": "Transformer layers of each decoder",
-    "mlp_ratio": "MLP width / D in every Transformer layer",
-    "dropout": "dropout in attention and MLPs (the paper gives none)",
-    "M": "tokens kept per protein (paper: 160)",
-    "alpha": "Dirichlet concentrations for seq str func; a larger alpha_m keeps more of modality m",
-    "variant": "asymmetric (AMMA) | symmetric (eq. 13) | no-aux (eq. 17) | contrastive (B.9)",
-    "loss_on": "'all' valid positions (eq. 4) or only the 'masked' ones",
-    "tau": "InfoNCE temperature of the contrastive variant",
-    "con_sim": "contrastive similarity: cosine of L2-normalised latents, or the plain dot product of eq. 16",
-    "target_norm": "reconstruction targets: none (eq. 4), token (each token standardised over its dims, "
-                   "MAE's norm_pix_loss) or dim (each feature dimension standardised by set statistics)",
-    "features": "paired feature set written by extract_features.py; the built-in demo is used when "
-                "it does not exist; '' for none",
-    "unpaired_seqstr": "seq+str feature set for the unpaired objective (eq. 12)",
-    "unpaired_seqfunc": "seq+func feature set for the unpaired objective (eq. 12)",
-    "out": "run directory: checkpoint.pt, log.jsonl",
-    "epochs": "epochs in all (paper: 10; with --continue-from, the epoch to stop after)",
-    "batch_size": "GLOBAL proteins per step (paper: 4): under torchrun the processes split it",
-    "grad_accum": "micro-batches per process and step: the same global batch in smaller pieces",
-    "lr": "AdamW learning rate (paper: 1e-4)",
-    "weight_decay": "AdamW weight decay (paper: 0.05)",
-    "step_size": "StepLR step size in epochs (the paper gives only gamma; we halve every 3 epochs)",
-    "gamma": "StepLR gamma (paper: 0.5)",
-    "seed": "seed of the initialisation, batch order, masks and dropout",
-    "resume": "continue from <out>/checkpoint.pt where it stopped (same result as an uninterrupted run)",
-    "overwrite": "start a new run in an --out that already holds one (its checkpoint and log are removed)",
-    "init": "initialise the weights from this checkpoint (fresh optimiser and schedule)",
-    "continue_from": "continue another run's finished checkpoint: weights, optimiser, StepLR and epoch count "
-                     "carry on (e.g. epochs 11-15 on unpaired data, Table 3); writes to --out",
-    "max_len": "residues kept per protein (ESM-1b's 1022)",
-    "num_workers": "DataLoader worker processes",
-    "log_every": "steps between lines of log.jsonl",
-    "save_every_steps": "also write checkpoint.pt every N steps (0 = off)",
-    "save_every_minutes": "also write checkpoint.pt every T minutes (0 = off)",
-    "skip_bad": "train without the proteins whose feature files fail the check before step 1",
-    "limit_steps": "cap on steps per epoch (smoke tests); 0 = all",
-    "amp": "auto: bf16 autocast on GPU, fp32 on CPU; bf16 or fp32 to force one",
-    "device": "cpu | cuda | cuda:1 ...; default: cuda when available",
-}
-
-# --preset: the model sizes the paper can be read as. B.3 says 111M parameters; the layers it states
-# (D = 512, 8 heads assumed) give 51.0M, and only D = 768 with 12 heads (all else as stated) gives 110.7M.
-PRESETS = {"paper": {}, "111m": dict(D=768, n_heads=12)}
-# The demo model: small enough to learn the synthetic demo in a few CPU minutes.
-DEMO = dict(D=128, n_layers=3, n_heads=4, dec_layers=1, M=48, epochs=6, batch_size=8, lr=1e-3,
-            step_size=4, num_workers=0, out="runs/demo")
-SAME_ON_RESUME = ("features", "unpaired_seqstr", "unpaired_seqfunc", "batch_size", "lr", "weight_decay",
-                  "step_size", "gamma", "seed", "max_len", "continue_from")
+try:
+    from tqdm import tqdm
+except ImportError:  # amma.py needs only torch: without tqdm there is no progress bar
+    class tqdm:
+        def __init__(self, *args, **kwargs): pass
+        def update(self, n=1): pass
+        def set_postfix(self, **kwargs): pass
+        def close(self): pass
 
 
 # ----------------------------------------------------------------------------------------------
-# pretraining: data plan (every random draw is a function of (seed, epoch, step, position))
+# the feature cache (the contract with extract_features.py; SPEC.md)
+
+def load_tensor(path):
+    """torch.load a cached tensor safely; a truncated or foreign file is a one-line ValueError."""
+    try:
+        x = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # zip errors, pickle errors, EOF: all mean the same thing here
+        raise ValueError(f"{path}: not a readable tensor file ({type(e).__name__}: {e})") from None
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError(f"{path}: expected a 2-D tensor [tokens, dim], got {type(x).__name__}")
+    return x
+
+
+def read_manifest(root):
+    """Rows of features/<set>/manifest.tsv as dicts (L and L_func as ints)."""
+    path = Path(root) / "manifest.tsv"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run extract_features.py first (or demo.py)")
+    lines = path.read_text().splitlines()
+    header = lines[0].split("\t")
+    for col in ("id", "L", "L_func", "modalities"):
+        if col not in header:
+            raise ValueError(f"{path}: column '{col}' missing from the header")
+    rows = []
+    for n, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        values = line.split("\t")
+        if len(values) != len(header):
+            raise ValueError(f"{path}:{n}: {len(values)} fields, the header has {len(header)}")
+        row = dict(zip(header, values))
+        row["L"], row["L_func"] = int(row["L"]), int(row["L_func"])
+        row["modalities"] = tuple(m for m in row["modalities"].split(",") if m)
+        rows.append(row)
+    return rows
+
+
+def feature_dims(root):
+    """The width of each modality of a feature set: info.json's dims, else the first files'."""
+    try:
+        dims = json.loads((Path(root) / "info.json").read_text())["dims"]
+        return {m: int(d) for m, d in dims.items() if m in MODALITIES}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    dims = {}
+    for row in read_manifest(root):
+        for m in row["modalities"]:
+            if m not in dims:
+                dims[m] = load_tensor(Path(root) / m / f"{row['id']}.pt").shape[1]
+        if len(dims) == 3:
+            break
+    return dims
+
+
+class FeatureDataset(torch.utils.data.Dataset):
+    """Per-protein cached features: {"id", "seq": [L, d], "str": [L, d] | None, "func": [L', d] | None}."""
+
+    def __init__(self, root, ids=None, modalities=MODALITIES, max_len=1022, max_text=512):
+        self.root, self.modalities = Path(root), tuple(modalities)
+        self.max_len, self.max_text = max_len, max_text
+        rows = {r["id"]: r for r in read_manifest(root)}
+        if ids is not None:
+            missing = [i for i in ids if i not in rows]
+            if missing:
+                raise ValueError(f"{root}: {len(missing)} ids not in manifest.tsv, e.g. {missing[0]}")
+            rows = {i: rows[i] for i in ids}
+        self.rows = list(rows.values())
+        if "seq" in self.modalities and any("seq" not in r["modalities"] for r in self.rows):
+            bad = next(r["id"] for r in self.rows if "seq" not in r["modalities"])
+            raise ValueError(f"{root}: protein {bad} has no sequence features (every protein needs seq)")
+
+    def __len__(self):
+        return len(self.rows)
+
+    def counts(self):
+        """Tokens per protein and modality, [N] lists of 3 ints, as __getitem__ returns them (0 where absent)."""
+        return [[min(r["L_func"], self.max_text) if m == "func" else min(r["L"], self.max_len)
+                 if m in self.modalities and m in r["modalities"] else 0 for m in MODALITIES] for r in self.rows]
+
+    def lengths(self):
+        """Tokens per protein in the full layout (2L + L'), for length bucketing."""
+        return [sum(c) for c in self.counts()]
+
+    def __getitem__(self, i):
+        row = self.rows[i]
+        item = {"id": row["id"]}
+        for m in MODALITIES:
+            x = None
+            if m in self.modalities and m in row["modalities"]:
+                x = load_tensor(self.root / m / f"{row['id']}.pt")
+                x = x[: self.max_text if m == "func" else self.max_len]
+            item[m] = x
+        if item["str"] is not None and item["seq"] is not None and len(item["str"]) != len(item["seq"]):
+            raise ValueError(f"{row['id']}: seq has {len(item['seq'])} rows but str has {len(item['str'])}")
+        return item
+
+
+# ----------------------------------------------------------------------------------------------
+# batches: padded to a few lengths, with their masks and loss weights (made in the loader workers)
+
+def padded_length(n):
+    """n rounded up on a ladder of 8 steps per octave (at most 12.5% padding): an epoch meets a few dozen
+    shapes, not one per length, so compiled kernels, CUDA graphs and allocator blocks are reused."""
+    step = 1 << max(n.bit_length() - 4, 0)
+    return max(-(-n // step) * step, 1)
+
+
+def _zeros(shape, dtype):
+    """A zero tensor, in shared memory inside a loader worker (so the batch is not copied once more)."""
+    x = torch.zeros(shape, dtype=dtype)
+    return x.share_memory_() if torch.utils.data.get_worker_info() is not None else x
+
+
+def collate(items, mask=None, pad=True):
+    """Pad a list of items into a batch: x [B, L, d] and lengths [B] per modality (L rounded up by
+    padded_length unless pad=False). A modality missing from every item is left out; missing for
+    some items has length 0. mask=(M, alpha) with items that carry a "seed" adds the encoder's
+    keep_ids / keep [B, K] (keep_indices) and all_kept (no slot is padding: attention needs no mask);
+    items with "loss_w" give loss_w [B, 3]; items with "group" give group [B]."""
+    batch = {"ids": [it["id"] for it in items]}
+    for m in MODALITIES:
+        xs = [it.get(m) for it in items]
+        present = [x for x in xs if x is not None]
+        if not present:
+            continue
+        d, dtype = present[0].shape[1], present[0].dtype
+        if any(x.shape[1] != d for x in present):
+            raise ValueError(f"{m} features of different widths in one batch: {sorted({x.shape[1] for x in present})}")
+        lengths = [0 if x is None else len(x) for x in xs]
+        L = max(lengths) if not pad else padded_length(max(lengths))
+        out = _zeros((len(items), max(L, 1), d), dtype)
+        for b, x in enumerate(xs):
+            if x is not None:
+                out[b, : len(x)] = x
+        batch[m], batch[m + "_len"] = out, torch.tensor(lengths)
+    if "group" in items[0]:
+        batch["group"] = torch.tensor([it["group"] for it in items])
+    if "loss_w" in items[0]:
+        batch["loss_w"] = torch.tensor([it["loss_w"] for it in items], dtype=torch.float32)    # [B, 3]
+    if mask is not None and "seed" in items[0]:
+        counts = torch.stack([batch[m + "_len"] if m in batch else torch.zeros(len(items), dtype=torch.long)
+                              for m in MODALITIES], 1)                                   # [B, 3]
+        widths = [batch[m].shape[1] if m in batch else 0 for m in MODALITIES]
+        seeds = [it["seed"] for it in items]
+        batch["keep_ids"], batch["keep"] = keep_indices(counts, widths, mask[0], mask[1], seeds)
+        batch["all_kept"] = bool(batch["keep"].all())
+    return batch
+
+
+def batch_to(batch, device):
+    """Move a batch to `device` (asynchronously from pinned memory); features become float32 (autocast
+    decides the compute dtype)."""
+    return {k: (v.to(device, non_blocking=True).float() if k in MODALITIES else
+                v.to(device, non_blocking=True) if torch.is_tensor(v) else v)
+            for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# the data plan (every random draw is a function of (seed, epoch, step, position))
 
 def bucket_batches(lengths, batch_size, seed, epoch):
     """Length-bucketed global batches: shuffle, sort by length inside chunks of 50 batches, cut into
@@ -754,14 +782,14 @@ def bucket_batches(lengths, batch_size, seed, epoch):
 
 
 class Sets(torch.utils.data.Dataset):
-    """Several feature sets behind one index: key (set name, index, loss group) -> item with its group."""
+    """Several feature sets behind one index: a key (set, index, group, seed, loss_w) -> the item with them."""
 
     def __init__(self, sets):
         self.sets = sets
 
     def __getitem__(self, key):
-        name, i, group = key
-        return {**self.sets[name][i], "group": group}
+        name, i, group, seed, loss_w = key
+        return {**self.sets[name][i], "group": group, "seed": seed, "loss_w": loss_w}
 
 
 def epoch_plan(tc, sets, epoch):
@@ -776,6 +804,30 @@ def epoch_plan(tc, sets, epoch):
         b = bucket_batches(sets["seqfunc"].lengths(), tc.batch_size, tc.seed + 2, epoch)
         plan += [[("seqstr", i, 0) for i in x] + [("seqfunc", j, 1) for j in y] for x, y in zip(a, b)]
     return plan
+
+
+def loss_weights(counts, groups, config, seeds):
+    """Eq. 4 / eq. 12 as weights for a whole global batch, from its token counts ([B] lists of 3 ints),
+    loss groups and mask seeds alone: weights[b][m] = 1 / (positions of b's group in modality m), so
+    every process knows the whole batch's normalisers before its own forward pass (plain Python,
+    on the host, before the step; loss_on='masked' draws the masks to count the masked positions)."""
+    n = [list(c) for c in counts]
+    if config.loss_on == "masked":
+        kept = keep_mask(torch.tensor(counts).view(-1, 3), config.M, config.alpha, seeds).sum(-1).tolist()
+        n = [[c - k for c, k in zip(cs, ks)] for cs, ks in zip(n, kept)]
+    total = {}
+    for g, cs in zip(groups, n):
+        total[g] = [t + c for t, c in zip(total.get(g, [0, 0, 0]), cs)]
+    return [[1.0 / t if t else 0.0 for t in total[g]] for g in groups]
+
+
+def step_keys(tc, mc, sets, counts, plan, epoch, s):
+    """The keys of global batch s: (set, index, group, mask seed, loss weights) per protein."""
+    keys = plan[s]
+    seeds = [seed_hash(tc.seed, epoch, s, j) for j in range(len(keys))]
+    groups = [g for _, _, g in keys]
+    weights = loss_weights([counts[name][i] for name, i, _ in keys], groups, mc, seeds)
+    return [(name, i, g, seed, w) for (name, i, g), seed, w in zip(keys, seeds, weights)]
 
 
 def check_batch_split(batch_size, world, accum, hint=""):
@@ -800,34 +852,20 @@ def rank_share(n, rank, world, accum):
     return [list(range(bounds[p], bounds[p + 1])) for p in range(rank * accum, (rank + 1) * accum)]
 
 
-def make_loader(dataset, batches, num_workers, pin):
-    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
-                                       num_workers=num_workers, pin_memory=pin, persistent_workers=False)
+def epoch_steps(plan, first, n_steps, rank, world, accum):
+    """[(step, this process's micro-batches as position lists)] from `first` on (partial batches skipped)."""
+    parts = {s: rank_share(len(plan[s]), rank, world, accum) for s in range(n_steps)}
+    return [(s, parts[s]) for s in range(first, n_steps) if parts[s] is not None], any(parts.values())
 
 
-def feature_dims(root):
-    """Feature widths read from the files of the first protein that has each modality."""
-    dims = {}
-    for row in read_manifest(root):
-        for m in row["modalities"]:
-            if m not in dims:
-                dims[m] = load_tensor(Path(root) / m / f"{row['id']}.pt").shape[1]
-        if len(dims) == 3:
-            break
-    return dims
+def make_loader(dataset, batches, num_workers, pin, collate_fn=collate):
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate_fn,
+                                       num_workers=num_workers, pin_memory=pin, persistent_workers=False,
+                                       prefetch_factor=4 if num_workers else None)
 
 
 # ----------------------------------------------------------------------------------------------
-# pretraining: the feature-set check before step 1
-
-def set_widths(root):
-    """The width of each modality of a feature set: info.json's dims, else the first file's."""
-    try:
-        dims = json.loads((Path(root) / "info.json").read_text())["dims"]
-        return {m: int(d) for m, d in dims.items() if m in MODALITIES}
-    except (OSError, ValueError, KeyError, TypeError):
-        return feature_dims(root)
-
+# the feature-set check before step 1
 
 def _check_file(path, rows, width):
     try:
@@ -849,10 +887,11 @@ def check_feature_files(root, rows, modalities=MODALITIES, widths=None, workers=
     """Every feature file of `rows` (manifest rows) for `modalities`: exists, loads, has the manifest's
     rows (L, or L_func for func) and the set's width, and is finite. Returns {id: 'm: reason'} of the
     bad proteins. Files are read by `workers` threads; a file that passed before with the same size,
-    modification time and expected shape is not read again (root/.checked.tsv, where writable)."""
+    modification time and expected shape is not read again (root/.checked.tsv, where writable).
+    Under DDP each process reads 1 / world of the files and the results are gathered."""
     from concurrent.futures import ThreadPoolExecutor
     root = Path(root)
-    widths = set_widths(root) if widths is None else widths
+    widths = feature_dims(root) if widths is None else widths
     cache_path = root / ".checked.tsv"
     try:
         cache = set(cache_path.read_text().splitlines())
@@ -870,15 +909,25 @@ def check_feature_files(root, rows, modalities=MODALITIES, widths=None, workers=
                     key = None
                 if key not in cache:
                     jobs.append((r["id"], m, path, r["L_func" if m == "func" else "L"], widths.get(m), key))
+    rank, world = (torch.distributed.get_rank(), world_size()) if world_size() > 1 else (0, 1)
+    mine = jobs[rank::world]
     with ThreadPoolExecutor(workers) as pool:
-        results = list(pool.map(lambda j: _check_file(*j[2:5]), jobs))
-    bad = {}
-    for (pid, m, _, _, _, key), why in zip(jobs, results):
+        results = list(pool.map(lambda j: _check_file(*j[2:5]), mine))
+    bad, passed = {}, []
+    for (pid, m, _, _, _, key), why in zip(mine, results):
         if why is None:
-            cache.add(key)
+            passed.append(key)
         else:
             bad.setdefault(pid, f"{m}: {why}")
-    if jobs:
+    if world > 1:
+        box = [None] * world
+        torch.distributed.all_gather_object(box, (bad, passed))
+        bad, passed = {}, []
+        for b, p in box:
+            bad.update(b)
+            passed += p
+    cache.update(k for k in passed if k)
+    if jobs and rank == 0:
         try:
             atomic_write_text(cache_path, "\n".join(sorted(k for k in cache if k)) + "\n")
         except OSError:
@@ -886,22 +935,17 @@ def check_feature_files(root, rows, modalities=MODALITIES, widths=None, workers=
     return bad
 
 
-def find_bad_files(checks, out, skip_bad, main):
-    """The check before step 1: checks = {name: (root, manifest rows, modalities)}. Rank 0 reads the files
-    (check_feature_files) and tells the other processes. Bad files are listed in <out>/bad_files.tsv and
-    are an error that names them unless skip_bad. Returns the {(name, id)} of the bad proteins."""
+def find_bad_files(checks, out, skip_bad, is_main):
+    """The check before step 1: checks = {name: (root, manifest rows, modalities)}; every process reads
+    its share of the files (check_feature_files). Bad files are listed in <out>/bad_files.tsv and are
+    an error that names them unless skip_bad. Returns the {(name, id)} of the bad proteins."""
     bad = {}
-    if main:
-        for name, (root, rows, modalities) in checks.items():
-            bad.update({(name, pid): f"{root}/{why.split(':')[0]}/{pid}.pt: {why.split(': ', 1)[1]}"
-                        for pid, why in check_feature_files(root, rows, modalities).items()})
-    if world_size() > 1:
-        box = [bad]
-        torch.distributed.broadcast_object_list(box, src=0)
-        bad = box[0]
+    for name, (root, rows, modalities) in checks.items():
+        bad.update({(name, pid): f"{root}/{why.split(':')[0]}/{pid}.pt: {why.split(': ', 1)[1]}"
+                    for pid, why in check_feature_files(root, rows, modalities).items()})
     if bad:
         listing = sorted(bad.values())
-        if main:
+        if is_main:
             out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(out / "bad_files.tsv", "\n".join(listing) + "\n")
         if not skip_bad:
@@ -912,10 +956,10 @@ def find_bad_files(checks, out, skip_bad, main):
     return set(bad)
 
 
-def screen_sets(sets, tc, out, main, say):
+def screen_sets(sets, tc, out, is_main, say):
     """Check every set before step 1 (find_bad_files); with --skip-bad its bad proteins are left out."""
     bad = find_bad_files({name: (ds.root, ds.rows, ds.modalities) for name, ds in sets.items()}, out,
-                         tc.skip_bad, main)
+                         tc.skip_bad, is_main)
     if bad:
         for name, ds in sets.items():
             ds.rows = [r for r in ds.rows if (name, r["id"]) not in bad]
@@ -923,20 +967,29 @@ def screen_sets(sets, tc, out, main, say):
 
 
 # ----------------------------------------------------------------------------------------------
-# pretraining: processes, precision, run directory, interruption
+# run plumbing shared with finetune.py: processes, precision, optimiser, steps, meters, run directory
 
 def setup_distributed(tc):
     """DDP only when launched by torchrun (RANK set): returns rank, world size, device."""
+    from datetime import timedelta
     if "RANK" not in os.environ:
         device = torch.device(tc.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         return 0, 1, device
     cuda = torch.cuda.is_available() and tc.device != "cpu"
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if cuda else "gloo")
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if not torch.distributed.is_initialized():   # an explicit timeout: a dead rank is an error, not a hang
+        torch.distributed.init_process_group("nccl" if cuda else "gloo",
+                                             timeout=timedelta(minutes=getattr(tc, "dist_timeout", 30)))
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     return rank, world, torch.device(f"cuda:{torch.cuda.current_device()}" if cuda else "cpu")
+
+
+def wrap_ddp(model, world):
+    """DDP over the processes (gradients bucketed in place: no extra copy per step); the model alone without."""
+    if world == 1:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)
 
 
 def amp_context(amp, device):
@@ -946,6 +999,121 @@ def amp_context(amp, device):
     if amp == "bf16" or (amp == "auto" and device.type == "cuda"):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
+
+
+def make_optimizer(params, name, device, **kw):
+    """Adam or AdamW, fused into a few kernels on a GPU (foreach on the CPU)."""
+    Opt = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
+    return Opt(params, fused=True, **kw) if device.type == "cuda" else Opt(params, **kw)
+
+
+def maybe_compile(model, tc):
+    """--compile: the forward pass and loss as one torch.compile'd graph (fullgraph: a graph break is an
+    error, not a silent slowdown); --cuda-graphs also replays them as CUDA graphs per shape."""
+    if not (tc.compile or tc.cuda_graphs):
+        return model
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)   # bucketed shapes
+    return torch.compile(model, fullgraph=True, mode="reduce-overhead" if tc.cuda_graphs else None)
+
+
+def strip(batch):
+    """The tensors of a batch (and its all_kept flag) without the id strings: a compiled step guards on
+    every input it reads, and the ids are not for the model."""
+    return {k: v for k, v in batch.items() if k != "ids"}
+
+
+class BrokenBatch(Exception):
+    """A batch that could not be read after the check before step 1 (a file changed or broke)."""
+
+
+def micro_batches(loader, n, device):
+    """The next n micro-batches of `loader`, each moved to `device` as it is needed."""
+    for _ in range(n):
+        try:
+            batch = next(loader)
+        except (ValueError, FileNotFoundError, RuntimeError) as e:
+            raise BrokenBatch(last_line(e)) from None
+        yield batch_to(batch, device)
+
+
+def train_step(net, opt, batches, loss_fn, world, dropout_seeds):
+    """One optimiser step over this process's micro-batches of a global batch. loss_fn(batch) -> (loss,
+    logs) gives each micro-batch's share of the global batch's loss; DDP averages gradients over the
+    processes, so the loss is scaled by world to sum them. Returns the summed loss and logs, as
+    device tensors: nothing here waits for the device."""
+    opt.zero_grad(set_to_none=True)
+    total, logs = 0.0, {}
+    last = len(dropout_seeds) - 1
+    for k, (batch, seed) in enumerate(zip(batches, dropout_seeds)):
+        torch.manual_seed(seed)                                                # dropout, per micro-batch
+        with net.no_sync() if world > 1 and k < last else nullcontext():
+            loss, parts = loss_fn(batch)
+            (loss * world).backward()
+        total = total + loss.detach()
+        logs = {m: logs.get(m, 0.0) + torch.nan_to_num(v) for m, v in parts.items()}
+    opt.step()
+    return total, logs
+
+
+class Meter:
+    """Losses summed on the device, read back only at log and save points (one small transfer).
+    `epoch` is the epoch's running sum of the step losses in float64, exact across a resume; `interval`
+    sums (loss, parts...) since the last log line; `first_bad` is the first step whose loss was not
+    finite (-1: none)."""
+
+    def __init__(self, names, device, epoch_sum=0.0):
+        self.names, self.device = names, device
+        self.epoch = torch.tensor(epoch_sum, dtype=torch.float64, device=device)
+        self.interval = torch.zeros(1 + len(names), dtype=torch.float64, device=device)
+        self.first_bad = torch.tensor(-1, dtype=torch.long, device=device)
+        self.zero = torch.zeros((), dtype=torch.float64, device=device)
+        self.steps = 0
+
+    def add(self, loss, logs, step):
+        loss = loss.double()
+        self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss), step, self.first_bad)
+        self.epoch += loss
+        self.interval += torch.stack([loss] + [logs[m].double() if m in logs else self.zero for m in self.names])
+        self.steps += 1
+
+    def read(self, flags=()):
+        """Global values (summed over the processes) as Python numbers: (epoch sum, interval sums, first
+        bad step or -1, flags summed over the processes). The one host sync of a read point."""
+        vec = torch.cat([self.epoch[None], self.interval, torch.tensor([float(f) for f in flags], dtype=torch.float64,
+                                                                       device=self.device)])
+        bad = self.first_bad.double()
+        if world_size() > 1:
+            torch.distributed.all_reduce(vec)
+            bad = torch.where(bad < 0, float("inf"), bad)
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MIN)
+            bad = torch.where(torch.isinf(bad), -1.0, bad)
+        values, bad = vec.tolist(), int(bad.item())
+        n = 1 + len(self.names)
+        return values[0], values[1:1 + n], bad, values[1 + n:]
+
+    def reset_interval(self):
+        self.interval.zero_()
+        self.steps = 0
+
+
+def stop_if_bad(bad, epoch, ckpt):
+    if bad >= 0:
+        raise SystemExit(f"error: the loss is not finite at epoch {epoch + 1} step {bad + 1}; stopping (the last "
+                         f"checkpoint, from before that step, is {ckpt})")
+
+
+def read_point(tc, state, s, n_steps, world, stop, last_save):
+    """Whether step s ends at a read point: a log line, a step checkpoint, the epoch's end; on one process
+    also as soon as a signal came or a timed checkpoint is due (under DDP those are agreed at read points)."""
+    if s + 1 == n_steps or state["epoch_steps"] % tc.log_every == 0:
+        return True
+    if tc.save_every_steps and state["steps_done"] % tc.save_every_steps == 0:
+        return True
+    return world == 1 and (stop.signum is not None or save_due(tc, last_save))
+
+
+def save_due(tc, last_save):
+    return bool(tc.save_every_minutes) and time.time() - last_save > 60 * tc.save_every_minutes
 
 
 def progress(total, desc, disable=False, initial=0):
@@ -975,12 +1143,13 @@ class Interrupt:
         for sig, handler in self.old.items():
             signal.signal(sig, handler)
 
-    def exit(self, where, path, main):
+    def exit(self, where, path, is_main):
         """Leave after a checkpoint was written at `where`."""
-        if main:
-            print(f"\ninterrupted ({signal.Signals(self.signum).name}) at {where}: {path} written; continue with "
+        signum = self.signum or signal.SIGTERM          # under DDP another process may have been signalled
+        if is_main:
+            print(f"\ninterrupted ({signal.Signals(signum).name}) at {where}: {path} written; continue with "
                   f"the same command and --resume", file=sys.stderr, flush=True)
-        raise SystemExit(128 + self.signum)
+        raise SystemExit(128 + signum)
 
 
 def all_sum(x):
@@ -990,7 +1159,7 @@ def all_sum(x):
     return x
 
 
-def prepare_out(out, resume, overwrite, main, say, files=("checkpoint.pt", "log.jsonl")):
+def prepare_out(out, resume, overwrite, is_main, say, files=("checkpoint.pt", "log.jsonl")):
     """The run directory. Returns the checkpoint to resume or None. A new run never lands silently in a
     directory that holds one: it needs --resume (continue it) or --overwrite (remove it, start again)."""
     if resume and overwrite:
@@ -1005,11 +1174,26 @@ def prepare_out(out, resume, overwrite, main, say, files=("checkpoint.pt", "log.
     if held and not overwrite:
         raise SystemExit(f"error: {out} already holds a run ({', '.join(held)}): --resume continues it, "
                          "--overwrite starts it again, or choose another --out")
-    if held and main:
+    if held and is_main:
         for f in held:
             (out / f).unlink()
         say(f"--overwrite: removed {', '.join(held)} from {out}")
     return None
+
+
+def check_same(saved, now, keys, source, what="settings"):
+    """A checkpoint to continue must have been made with the same values of `keys`."""
+    differ = [k for k in keys if saved.get(k) != now.get(k)]
+    if differ:
+        raise SystemExit(f"error: {source} was made with other {what} ({', '.join(differ)}); use the same flags "
+                         f"to resume, or another --out")
+
+
+def load_training_state(ckpt, model, opt, sched, state):
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    sched.load_state_dict(ckpt["scheduler"])
+    state.update({k: ckpt[k] for k in state})
 
 
 def new_run_id():
@@ -1033,8 +1217,62 @@ def to_plain(config):
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
 
 
+def last_line(e):
+    """The message of an error, without the worker traceback a DataLoader wraps around it."""
+    lines = [l for l in str(e).strip().splitlines() if l.strip()]
+    return lines[-1].strip() if lines else type(e).__name__
+
+
 # ----------------------------------------------------------------------------------------------
-# pretraining: the loop
+# pretraining: configuration
+
+@dataclass
+class TrainConfig:
+    features: str = arg("features/pretrain", "paired feature set written by extract_features.py; the built-in demo "
+                        "is used when it does not exist; '' for none")
+    unpaired_seqstr: str = arg("", "seq+str feature set for the unpaired objective (eq. 12)")
+    unpaired_seqfunc: str = arg("", "seq+func feature set for the unpaired objective (eq. 12), stepped with it")
+    out: str = arg("runs/amma", "run directory: checkpoint.pt, log.jsonl")
+    epochs: int = arg(10, "epochs in all (paper: 10; with --continue-from, the epoch to stop after)")
+    batch_size: int = arg(4, "GLOBAL proteins per step (paper: 4): under torchrun the processes split it")
+    grad_accum: int = arg(1, "micro-batches per process and step: the same global batch in smaller pieces")
+    lr: float = arg(1e-4, "AdamW learning rate (paper: 1e-4)")
+    weight_decay: float = arg(0.05, "AdamW weight decay (paper: 0.05), on every parameter")
+    step_size: int = arg(3, "StepLR step size in epochs (the paper gives only gamma; we halve every 3 epochs)")
+    gamma: float = arg(0.5, "StepLR gamma (paper: 0.5)")
+    seed: int = arg(0, "seed of the initialisation, batch order, masks and dropout")
+    resume: bool = arg(False, "continue from <out>/checkpoint.pt where it stopped (same result as an uninterrupted run)")
+    overwrite: bool = arg(False, "start a new run in an --out that already holds one (its checkpoint and log are removed)")
+    init: str = arg("", "initialise the weights from this checkpoint (fresh optimiser and schedule)")
+    continue_from: str = arg("", "continue another run's finished checkpoint: weights, optimiser, StepLR and epoch "
+                             "count carry on (e.g. epochs 11-15 on unpaired data, Table 3); writes to --out")
+    max_len: int = arg(1022, "residues kept per protein (ESM-1b's 1022)")
+    num_workers: int = arg(2, "DataLoader worker processes (they read the files and make the masks)")
+    log_every: int = arg(20, "steps between lines of log.jsonl (and between reads of the losses from the device)")
+    save_every_steps: int = arg(0, "also write checkpoint.pt every N steps (0 = off)")
+    save_every_minutes: float = arg(30.0, "also write checkpoint.pt every T minutes (0 = off); always at epoch ends")
+    skip_bad: bool = arg(False, "train without the proteins whose feature files fail the check before step 1")
+    limit_steps: int = arg(0, "cap on steps per epoch (smoke tests); 0 = all")
+    amp: str = arg("auto", "auto: bf16 autocast on GPU, fp32 on CPU; bf16 or fp32 to force one",
+                   choices=("auto", "bf16", "fp32"))
+    compile: bool = arg(False, "torch.compile the forward pass and loss (fullgraph); off by default")
+    cuda_graphs: bool = arg(False, "--compile with CUDA graphs (mode reduce-overhead): replays each batch shape")
+    dist_timeout: int = arg(30, "minutes a collective may wait for another process under torchrun before the run fails")
+    device: str = arg("", "cpu | cuda | cuda:1 ...; default: cuda when available")
+
+
+# --preset: the model sizes the paper can be read as. B.3 says 111M parameters; the layers it states
+# (D = 512, 8 heads assumed) give 51.0M, and only D = 768 with 12 heads (all else as stated) gives 110.7M.
+PRESETS = {"paper": {}, "111m": dict(D=768, n_heads=12)}
+# The demo model: small enough to learn the synthetic demo in a few CPU minutes.
+DEMO = dict(D=128, n_layers=3, n_heads=4, dec_layers=1, M=48, epochs=6, batch_size=8, lr=1e-3,
+            step_size=4, num_workers=0, out="runs/demo")
+SAME_ON_RESUME = ("features", "unpaired_seqstr", "unpaired_seqfunc", "batch_size", "lr", "weight_decay",
+                  "step_size", "gamma", "seed", "max_len", "continue_from")
+
+
+# ----------------------------------------------------------------------------------------------
+# pretraining: the pieces of the loop
 
 def load_sets(tc):
     """{"paired": ..., "seqstr": ..., "seqfunc": ...}: the sets this run trains on; empty ones are errors."""
@@ -1071,56 +1309,18 @@ def target_statistics(model, sets, n=256, seed=0):
         getattr(model, f"target_std_{m}").copy_((s2 / k - mean ** 2).clamp_min(1e-12).sqrt().float())
 
 
-def pretrain(mc, tc, quiet=False):
-    """The pretraining loop. Returns the list of per-epoch mean losses."""
-    rank, world, device = setup_distributed(tc)
-    try:
-        return _pretrain(mc, tc, quiet, rank, world, device)
-    finally:
-        if world > 1:
-            torch.distributed.destroy_process_group()
-
-
-def _pretrain(mc, tc, quiet, rank, world, device):
-    main = rank == 0
-    say = print if main and not quiet else (lambda *a, **k: None)
-    check_batch_split(tc.batch_size, world, tc.grad_accum)
-    if mc.variant == "contrastive" and tc.grad_accum > 1:
-        raise SystemExit("error: AMMA-contrastive takes its negatives from the whole batch: --grad-accum would "
-                         "shrink them to each micro-batch; use more processes or a GPU with more memory")
-    out = Path(tc.out)
-    resume_path = prepare_out(out, tc.resume, tc.overwrite, main, say)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-    sets = load_sets(tc)
-    screen_sets(sets, tc, out, main, say)
-    counts = {name: ds.counts() for name, ds in sets.items()}                  # [N, 3] per set
-
-    torch.manual_seed(tc.seed)
-    model = build_model(mc).to(device)
-    n_params = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=tc.step_size, gamma=tc.gamma)
-    state = dict(next_epoch=0, next_step=0, history=[], epoch_loss=0.0, epoch_steps=0, steps_done=0)
-    source = None
-    if resume_path or tc.continue_from:
-        source = resume_path or Path(tc.continue_from)
+def restore(model, opt, sched, state, mc, tc, resume_path, sets, device):
+    """Start the run where it should: --resume, --continue-from, --init or fresh. Returns the source."""
+    source = resume_path or (Path(tc.continue_from) if tc.continue_from else None)
+    if source:
         config, ckpt = read_checkpoint(source, map_location=device)
-        if to_plain(config) != to_plain(mc):
-            differ = [k for k, v in to_plain(mc).items() if to_plain(config).get(k) != v]
-            raise SystemExit(f"error: {source} has another model config ({', '.join(differ)}) than this run")
+        check_same(to_plain(config), to_plain(mc), list(to_plain(mc)), source, "model config")
         if resume_path:
-            differ = [k for k in SAME_ON_RESUME if ckpt.get("train_config", {}).get(k) != getattr(tc, k)]
-            if differ:
-                raise SystemExit(f"error: {source} was made with other settings ({', '.join(differ)}); use the "
-                                 f"same flags to resume, or another --out")
+            check_same(ckpt.get("train_config", {}), to_plain(tc), SAME_ON_RESUME, source)
         elif ckpt.get("next_step", 0):
             raise SystemExit(f"error: {source} stopped inside epoch {ckpt['next_epoch'] + 1}: finish it with "
                              f"--resume first, then continue from it")
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        state.update({k: ckpt[k] for k in state})
+        load_training_state(ckpt, model, opt, sched, state)
         if not resume_path:
             state.update(next_step=0, epoch_loss=0.0, epoch_steps=0)
             if state["next_epoch"] >= tc.epochs:
@@ -1133,31 +1333,98 @@ def _pretrain(mc, tc, quiet, rank, world, device):
         model.load_state_dict(init_model.state_dict())
     elif mc.variant != "contrastive" and mc.target_norm == "dim":
         target_statistics(model, sets, seed=tc.seed)
+    return source
 
+
+def banner(mc, tc, sets, n_params, world, device, autocast, run, source, state):
+    return (f"AMMA {mc.variant}: {n_params / 1e6:.1f}M parameters, dims {mc.dims()}, D={mc.D}, heads {mc.n_heads}, "
+            f"M={mc.M}, alpha={mc.alpha}; data {', '.join(f'{k} {v.root} ({len(v)})' for k, v in sets.items())}; "
+            f"global batch {tc.batch_size} = {world} process(es) x {tc.grad_accum} micro-batch(es); {device}"
+            f"{', bf16' if isinstance(autocast, torch.autocast) else ''}{', compiled' if tc.compile or tc.cuda_graphs else ''}"
+            f"; run {run}" + (f"; from {source} at epoch {state['next_epoch'] + 1} step {state['next_step']}" if source else ""))
+
+
+class RunLog:
+    """log.jsonl of rank 0: one JSON object a line, each with the run id (a no-op on the other ranks)."""
+
+    def __init__(self, path, run, enabled):
+        self.run, self.file = run, open(path, "a") if enabled else None
+
+    def write(self, **record):
+        if self.file:
+            self.file.write(json.dumps({"run": self.run, **record}) + "\n")
+            self.file.flush()
+
+    def close(self):
+        if self.file:
+            self.file.close()
+
+
+def log_step(log, meter, interval, epoch, s, lr, present):
+    """One log line: the mean loss (and each modality's part and share of it) over the steps since the last line."""
+    n = max(meter.steps, 1)
+    loss = interval[0] / n
+    parts = {k: v / n for k, v in zip(meter.names, interval[1:]) if k[5:] in present}
+    shares = {f"share_{k[5:]}": v / loss for k, v in parts.items() if loss}
+    log.write(epoch=epoch + 1, step=s + 1, loss=loss, steps_averaged=meter.steps, **parts, **shares, lr=lr)
+    meter.reset_interval()
+    return loss
+
+
+def pretrain(mc, tc, quiet=False):
+    """The pretraining loop. Returns the list of per-epoch mean losses."""
+    rank, world, device = setup_distributed(tc)
+    try:
+        return _pretrain(mc, tc, quiet, rank, world, device)
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
+
+
+def _pretrain(mc, tc, quiet, rank, world, device):
+    is_main = rank == 0
+    say = print if is_main and not quiet else (lambda *a, **k: None)
+    check_batch_split(tc.batch_size, world, tc.grad_accum)
+    if mc.variant == "contrastive" and tc.grad_accum > 1:
+        raise SystemExit("error: AMMA-contrastive takes its negatives from the whole batch: --grad-accum would "
+                         "shrink them to each micro-batch; use more processes or a GPU with more memory")
+    out = Path(tc.out)
+    resume_path = prepare_out(out, tc.resume, tc.overwrite, is_main, say)
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    sets = load_sets(tc)
+    screen_sets(sets, tc, out, is_main, say)
+    counts = {name: ds.counts() for name, ds in sets.items()}                  # [N] x 3 token counts per set
+    present = [m for m in MODALITIES if any(m in ds.modalities for ds in sets.values())]
+
+    torch.manual_seed(tc.seed)
+    model = build_model(mc).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    opt = make_optimizer(model.parameters(), "adamw", device, lr=tc.lr, weight_decay=tc.weight_decay)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=tc.step_size, gamma=tc.gamma)
+    state = dict(next_epoch=0, next_step=0, history=[], epoch_loss=0.0, epoch_steps=0, steps_done=0)
+    source = restore(model, opt, sched, state, mc, tc, resume_path, sets, device)
     if state["next_epoch"] >= tc.epochs:
         say(f"{out}: all {tc.epochs} epochs are done already ({resume_path}); nothing to do")
         return state["history"]
-    ddp = world > 1
-    net = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
+    net = maybe_compile(wrap_ddp(model, world), tc)
     autocast = amp_context(tc.amp, device)
     run = new_run_id()
-    data = Sets(sets)
-    say(f"AMMA {mc.variant}: {n_params / 1e6:.1f}M parameters, dims {mc.dims()}, D={mc.D}, heads {mc.n_heads}, "
-        f"M={mc.M}, alpha={mc.alpha}; data {', '.join(f'{k} {v.root} ({len(v)})' for k, v in sets.items())}; "
-        f"global batch {tc.batch_size} = {world} process(es) x {tc.grad_accum} micro-batch(es); {device}"
-        f"{', bf16' if isinstance(autocast, torch.autocast) else ''}; run {run}"
-        + (f"; from {source} at epoch {state['next_epoch'] + 1} step {state['next_step']}" if source else ""))
-    log = open(out / "log.jsonl", "a") if main else None
-    if log:
-        log.write(json.dumps({"run": run, "event": "start", "from": [state["next_epoch"], state["next_step"]],
-                              "source": str(source or ""), "n_params": n_params, "world": world,
-                              "config": to_plain(mc), "train_config": to_plain(tc)}) + "\n")
-        log.flush()
+    say(banner(mc, tc, sets, n_params, world, device, autocast, run, source, state))
+    log = RunLog(out / "log.jsonl", run, is_main)
+    log.write(event="start", **{"from": [state["next_epoch"], state["next_step"]]}, source=str(source or ""),
+              n_params=n_params, world=world, config=to_plain(mc), train_config=to_plain(tc))
+    collate_fn = _collate_masked(mc)
+
+    def loss_fn(batch):
+        with autocast:
+            _, loss, logs = net(strip(batch))
+        return loss, logs
 
     def save(next_epoch, next_step):
-        """Write checkpoint.pt (rank 0) at this position; a run that has not stepped yet writes none."""
+        """checkpoint.pt (rank 0) at this position; a run that has not stepped yet writes none."""
         state.update(next_epoch=next_epoch, next_step=next_step)
-        if main and state["steps_done"]:
+        if is_main and state["steps_done"]:
             atomic_save({"kind": "pretrain", "model": model.state_dict(), "optimizer": opt.state_dict(),
                          "scheduler": sched.state_dict(), **state, "n_params": n_params, "run": run,
                          "config": to_plain(mc), "train_config": to_plain(tc)}, out / "checkpoint.pt")
@@ -1169,61 +1436,44 @@ def _pretrain(mc, tc, quiet, rank, world, device):
                 state.update(next_epoch=epoch, next_step=0, epoch_loss=0.0, epoch_steps=0)
             plan = epoch_plan(tc, sets, epoch)
             n_steps = min(len(plan), tc.limit_steps or len(plan))
-            shares = {s: rank_share(len(plan[s]), rank, world, tc.grad_accum) for s in range(n_steps)}
-            steps = [s for s in range(state["next_step"], n_steps) if shares[s] is not None]
-            if not any(v is not None for v in shares.values()):
+            steps, any_step = epoch_steps(plan, state["next_step"], n_steps, rank, world, tc.grad_accum)
+            if not any_step:
                 raise SystemExit(f"error: 0 pretraining steps in epoch {epoch + 1}: {sum(map(len, sets.values()))} "
                                  f"proteins, global batch {tc.batch_size}, {world} process(es) x --grad-accum "
                                  f"{tc.grad_accum}")
-            micro = [[plan[s][j] for j in part] for s in steps for part in shares[s]]
-            loader = iter(make_loader(data, micro, tc.num_workers, device.type == "cuda"))
-            bar = progress(n_steps, f"epoch {epoch + 1}/{tc.epochs}", not main or quiet, state["next_step"])
+            keys = {s: step_keys(tc, mc, sets, counts, plan, epoch, s) for s, _ in steps}
+            micro = [[keys[s][j] for j in part] for s, parts in steps for part in parts]
+            loader = iter(make_loader(Sets(sets), micro, tc.num_workers, device.type == "cuda", collate_fn))
+            bar = progress(n_steps, f"epoch {epoch + 1}/{tc.epochs}", not is_main or quiet, state["next_step"])
+            meter = Meter([f"loss_{m}" for m in MODALITIES], device, state["epoch_loss"] if is_main else 0.0)
             t0 = time.time()
-            for s in steps:
-                keys = plan[s]
-                seeds = protein_seeds(len(keys), tc.seed, epoch, s)
-                groups = torch.tensor([g for _, _, g in keys])
-                norm = loss_counts(torch.stack([counts[name][i] for name, i, _ in keys]), groups, seeds, mc)
-                opt.zero_grad(set_to_none=True)
-                tally = torch.zeros(6, dtype=torch.float64)                  # loss, seq, str, func, bad, stop
-                for k, part in enumerate(shares[s]):
-                    try:
-                        batch = batch_to(next(loader), device)
-                    except (ValueError, FileNotFoundError, RuntimeError) as e:    # a file broke after the check
-                        save(epoch, s)
-                        saved = f"{out / 'checkpoint.pt'} written; " if state["steps_done"] else ""
-                        raise ValueError(f"{last_line(e)} (epoch {epoch + 1}, step {s + 1}: {saved}fix the file or "
-                                         f"use --skip-bad, then --resume)") from None
-                    torch.manual_seed(mix(tc.seed, epoch, s, rank * tc.grad_accum + k))   # dropout, per micro-batch
-                    with net.no_sync() if ddp and k + 1 < len(shares[s]) else nullcontext():
-                        with autocast:
-                            _, loss, logs = net(batch, seeds=seeds[part], norm=norm)
-                        (loss * world).backward()                              # DDP averages: undo it
-                    tally[0] += loss.item()
-                    tally[1:4] += torch.tensor([logs.get(f"loss_{m}", 0.0) for m in MODALITIES], dtype=torch.float64)
-                tally[4], tally[5] = float(not math.isfinite(tally[0])), float(stop.signum is not None)
-                tally = all_sum(tally.to(device)).cpu()
-                if tally[4]:
-                    raise SystemExit(f"error: the loss is not finite at epoch {epoch + 1} step {s + 1}; stopping "
-                                     f"(the last checkpoint is {out / 'checkpoint.pt'})")
-                opt.step()
-                state["epoch_loss"] += tally[0].item()
+            for s, parts in steps:
+                seeds = [seed_hash(tc.seed, epoch, s, rank * tc.grad_accum + k) for k in range(len(parts))]
+                try:
+                    loss, logs = train_step(net, opt, micro_batches(loader, len(parts), device), loss_fn, world, seeds)
+                except BrokenBatch as e:                                        # a file broke after the check
+                    stop_if_bad(meter.read()[2], epoch, out / "checkpoint.pt")
+                    save(epoch, s)
+                    saved = f"{out / 'checkpoint.pt'} written; " if state["steps_done"] else ""
+                    raise ValueError(f"{e} (epoch {epoch + 1}, step {s + 1}: {saved}fix the file or use "
+                                     f"--skip-bad, then --resume)") from None
+                meter.add(loss, logs, s)
                 state.update(epoch_steps=state["epoch_steps"] + 1, steps_done=state["steps_done"] + 1)
                 bar.update(1)
-                bar.set_postfix(loss=f"{tally[0].item():.4f}", refresh=False)
-                if log and (state["epoch_steps"] % tc.log_every == 0 or s + 1 == n_steps):
-                    parts = {f"loss_{m}": tally[1 + i].item() for i, m in enumerate(MODALITIES)
-                             if any(norm.get((g, m)) for g in groups.unique().tolist())}
-                    shares_ = {f"share_{m[5:]}": v / tally[0].item() for m, v in parts.items() if tally[0]}
-                    log.write(json.dumps({"run": run, "epoch": epoch + 1, "step": s + 1, "loss": tally[0].item(),
-                                          **parts, **shares_, "lr": opt.param_groups[0]["lr"]}) + "\n")
-                    log.flush()
-                if tally[5]:
+                if not read_point(tc, state, s, n_steps, world, stop, last_save):
+                    continue
+                epoch_sum, interval, bad, (stopping, due) = meter.read((stop.signum is not None, save_due(tc, last_save)))
+                stop_if_bad(bad, epoch, out / "checkpoint.pt")
+                state["epoch_loss"] = epoch_sum
+                if state["epoch_steps"] % tc.log_every == 0 or s + 1 == n_steps:
+                    bar.set_postfix(loss=f"{log_step(log, meter, interval, epoch, s, opt.param_groups[0]['lr'], present):.4f}",
+                                    refresh=False)
+                if stopping:
                     bar.close()
                     save(epoch, s + 1)
-                    stop.exit(f"epoch {epoch + 1}, step {s + 1} of {n_steps}", out / "checkpoint.pt", main)
-                due = tc.save_every_minutes and time.time() - last_save > 60 * tc.save_every_minutes
-                if s + 1 < n_steps and (due or (tc.save_every_steps and state["steps_done"] % tc.save_every_steps == 0)):
+                    stop.exit(f"epoch {epoch + 1}, step {s + 1} of {n_steps}", out / "checkpoint.pt", is_main)
+                every = tc.save_every_steps and state["steps_done"] % tc.save_every_steps == 0
+                if s + 1 < n_steps and (due or every):
                     save(epoch, s + 1)
                     last_save = time.time()
             bar.close()
@@ -1231,52 +1481,54 @@ def _pretrain(mc, tc, quiet, rank, world, device):
             state["history"].append(state["epoch_loss"] / max(state["epoch_steps"], 1))
             save(epoch + 1, 0)
             last_save = time.time()
-            if log:
-                log.write(json.dumps({"run": run, "epoch": epoch + 1, "epoch_loss": state["history"][-1],
-                                      "steps": state["epoch_steps"], "seconds": round(time.time() - t0, 1)}) + "\n")
-                log.flush()
+            log.write(epoch=epoch + 1, epoch_loss=state["history"][-1], steps=state["epoch_steps"],
+                      seconds=round(time.time() - t0, 1))
             say(f"epoch {epoch + 1}/{tc.epochs}  loss {state['history'][-1]:.4f}  ({state['epoch_steps']} steps, "
                 f"{time.time() - t0:.0f}s)  -> {out / 'checkpoint.pt'}")
-    if log:
-        log.close()
+    log.close()
     return state["history"]
+
+
+def _collate_masked(mc):
+    """collate with this model's mask sampler (M, alpha): picklable, for the loader workers."""
+    from functools import partial
+    return partial(collate, mask=(mc.M, tuple(mc.alpha)))
 
 
 # ----------------------------------------------------------------------------------------------
 # command line
 
+def add_config_flags(p, dc, skip=(), defaults_shown=True):
+    """One flag per field of the dataclass dc, with the help and choices of its arg(...) metadata."""
+    for f in fields(dc):
+        if f.name in skip:
+            continue
+        name, meta = "--" + f.name.replace("_", "-"), f.metadata
+        default = " ".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+        shown = f" (default: {default!r})" if defaults_shown and default not in ("", None) else ""
+        if f.type is bool or isinstance(f.default, bool):
+            p.add_argument(name, action="store_true", help=meta["help"])
+        elif isinstance(f.default, tuple):
+            p.add_argument(name, type=float, nargs=len(f.default), default=None, help=meta["help"] + shown)
+        else:
+            p.add_argument(name, type=type(f.default), choices=meta.get("choices"), default=None,
+                           help=meta["help"] + shown)
+
+
 def build_parser():
     p = argparse.ArgumentParser(
-        description="AMMA pretraining (and, with --analyze, the analyses of analyze.py).",
+        description="AMMA pretraining (the analyses of the paper are analyze.py's).",
         epilog="Defaults are the paper's (B.1). Feature widths are read from the files. --batch-size is the "
                "global batch: torchrun's processes split it. The demo (used when --features does not exist) "
                "shrinks the model and schedule unless you set those flags yourself. Exit status: 0 done, "
                "1 or 2 an error (one line), 130 / 143 interrupted (a checkpoint was written: --resume).")
     p.add_argument("--pretrain", action="store_true", help="run pretraining")
-    p.add_argument("--analyze", action="store_true", help="run analyze.py with the remaining arguments")
     p.add_argument("--preset", choices=tuple(PRESETS), default=None,
                    help="model size: paper (D 512, 8 heads: 51.0M parameters, the stated layers) or 111m "
                         "(D 768, 12 heads: 110.7M, the count of B.3); flags given explicitly win")
-    for dc in (AMMAConfig, TrainConfig):
-        for f in fields(dc):
-            if f.name in ("d_seq", "d_str", "d_func"):
-                continue  # always read from the feature files
-            name = "--" + f.name.replace("_", "-")
-            default = " ".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
-            kw = dict(default=None, help=f"{HELP[f.name]} (default: {default!r})")
-            if f.type is bool or isinstance(f.default, bool):
-                p.add_argument(name, action="store_true", help=HELP[f.name])
-            elif isinstance(f.default, tuple):
-                p.add_argument(name, type=float, nargs=3, **kw)
-            elif f.name in CHOICES:
-                p.add_argument(name, choices=CHOICES[f.name], **kw)
-            else:
-                p.add_argument(name, type=type(f.default), **kw)
+    add_config_flags(p, AMMAConfig, skip=("d_seq", "d_str", "d_func"))   # widths: read from the feature files
+    add_config_flags(p, TrainConfig)
     return p
-
-
-CHOICES = {"variant": VARIANTS, "loss_on": ("all", "masked"), "con_sim": ("cosine", "dot"),
-           "target_norm": ("none", "token", "dim"), "amp": ("auto", "bf16", "fp32")}
 
 
 def configs_from_args(args, overrides=None):
@@ -1291,30 +1543,32 @@ def configs_from_args(args, overrides=None):
     return mc, tc, given
 
 
+def demo_overrides(args, is_main):
+    """No feature set: the built-in demo corpus (demo.py), its model and schedule; it resumes itself."""
+    import demo  # not needed with real features
+    if is_main:
+        print(f"no feature set at {TrainConfig.features}: pretraining on the built-in demo instead "
+              f"(synthetic features, not real ESM-1b/GearNet/PubMedBERT ones; the demo run resumes itself)")
+    overrides = {**DEMO, "features": str(demo.ensure_demo_features("features/demo"))}
+    if not args.overwrite and (Path(args.out or DEMO["out"]) / "checkpoint.pt").exists():
+        overrides["resume"] = True
+    return overrides
+
+
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if "--analyze" in argv:
-        import analyze  # the analyses live next door to keep this file about the model
-        return analyze.main([a for a in argv if a != "--analyze"])
     args = build_parser().parse_args(argv)
     if not args.pretrain:
         build_parser().print_help()
         return None
-    main_proc = os.environ.get("RANK", "0") == "0"
-    overrides = None
+    is_main = os.environ.get("RANK", "0") == "0"
     for flag, path in (("--features", args.features), ("--unpaired-seqstr", args.unpaired_seqstr),
                        ("--unpaired-seqfunc", args.unpaired_seqfunc)):
         if path and not (Path(path) / "manifest.tsv").exists():
             raise SystemExit(f"error: {flag} {path}: {path}/manifest.tsv not found: extract features first "
                              f"(extract_features.py){', or leave out --features to run the built-in demo' if flag == '--features' else ''}")
+    overrides = None
     if args.features is None and not args.unpaired_seqstr and not (Path(TrainConfig.features) / "manifest.tsv").exists():
-        import demo  # the built-in demo corpus (demo.py); not needed with real features
-        if main_proc:
-            print(f"no feature set at {TrainConfig.features}: pretraining on the built-in demo instead "
-                  f"(synthetic features, not real ESM-1b/GearNet/PubMedBERT ones; the demo run resumes itself)")
-        overrides = {**DEMO, "features": str(demo.ensure_demo_features("features/demo"))}
-        if not args.overwrite and (Path(args.out or DEMO["out"]) / "checkpoint.pt").exists():
-            overrides["resume"] = True
+        overrides = demo_overrides(args, is_main)
     mc, tc, _ = configs_from_args(args, overrides)
     try:
         if tc.features or tc.unpaired_seqstr:
@@ -1326,15 +1580,9 @@ def main(argv=None):
         history = pretrain(mc, tc)
     except (ValueError, FileNotFoundError) as e:  # bad input files: one line, no traceback
         raise SystemExit(f"error: {last_line(e)}") from None
-    if history and main_proc:
+    if history and is_main:
         print(f"loss: first epoch {history[0]:.4f}, last epoch {history[-1]:.4f}; checkpoint in {tc.out}/checkpoint.pt")
     return history
-
-
-def last_line(e):
-    """The message of an error, without the worker traceback a DataLoader wraps around it."""
-    lines = [l for l in str(e).strip().splitlines() if l.strip()]
-    return lines[-1].strip() if lines else type(e).__name__
 
 
 if __name__ == "__main__":
