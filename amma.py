@@ -264,8 +264,8 @@ def Proj(d_in, D):
 
 def token_counts(batch, layout=None):
     """Valid tokens per protein and modality [B, 3] (0 for a modality the batch or the protein lacks)."""
-    B = len(batch["ids"])
-    device = next((batch[m + "_len"].device for m in MODALITIES if m + "_len" in batch), "cpu")
+    any_len = next(batch[m + "_len"] for m in MODALITIES if m + "_len" in batch)
+    B, device = len(any_len), any_len.device
     return torch.stack([batch[m + "_len"] if m in batch and (layout is None or layout[m][1])
                         else torch.zeros(B, dtype=torch.long, device=device) for m in MODALITIES], 1)
 

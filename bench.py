@@ -420,6 +420,112 @@ def run_finetune(args, device, report):
     report["finetune"] = rows
 
 
+# ----------------------------------------------------------------------------------------------
+# host syncs and dispatched ops per training step (the CPU proxies of GPU idling)
+
+class SyncCounter:
+    """Counts, between optimizer steps, in this process and outside DataLoader code: host syncs (every
+    tensor-to-Python read: .item(), .tolist(), bool(t), float(t), int(t), and every op whose output shape
+    depends on the data: nonzero, unique, masked_select, boolean-mask indexing) and all dispatched ops
+    (about one kernel launch each on a GPU). A TorchDispatchMode sees the ops; the Python reads are
+    wrapped. per_step[i] holds the counts between step i + 1 and step i + 2 (i = 0: steps 1 to 2)."""
+
+    READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
+
+    def __init__(self):
+        self.per_step, self.active, self.quiet = [], False, 0
+
+    def __enter__(self):
+        from torch.optim import optimizer as _optim
+        from torch.utils._python_dispatch import TorchDispatchMode
+        counter = self
+        aten = torch.ops.aten
+        shape_ops = {getattr(aten, name) for name in ("nonzero", "_unique", "_unique2", "unique_dim", "unique_consecutive",
+                                                      "masked_select", "argwhere", "nonzero_static") if hasattr(aten, name)}
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if counter.active and not counter.quiet:
+                    counter.per_step[-1]["ops"] += 1
+                    packet = func.overloadpacket
+                    boolean_index = packet is aten.index and any(
+                        isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in (args[1] if len(args) > 1 else ()) if t is not None)
+                    if packet in shape_ops or boolean_index or packet is aten._local_scalar_dense:
+                        counter.per_step[-1]["syncs"] += 1
+                return func(*args, **(kwargs or {}))
+
+        self.saved = {name: getattr(torch.Tensor, name) for name in self.READS}
+        for name, method in self.saved.items():
+            setattr(torch.Tensor, name, self._wrap(method))
+        self.next_saved = torch.utils.data.dataloader._BaseDataLoaderIter.__next__
+        torch.utils.data.dataloader._BaseDataLoaderIter.__next__ = self._quiet(self.next_saved)
+        self.hooks = [_optim.register_optimizer_step_pre_hook(lambda *a: self._pause()),
+                      _optim.register_optimizer_step_post_hook(lambda *a: self._start())]
+        self.mode = Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+        for name, method in self.saved.items():
+            setattr(torch.Tensor, name, method)
+        torch.utils.data.dataloader._BaseDataLoaderIter.__next__ = self.next_saved
+        for h in self.hooks:
+            h.remove()
+        self.active = False
+
+    def _pause(self):
+        self.active = False
+
+    def _start(self):
+        self.per_step.append({"syncs": 0, "ops": 0})
+        self.active = True
+
+    def _wrap(self, method):
+        def read(t, *args, **kwargs):
+            if self.active and not self.quiet:
+                self.per_step[-1]["syncs"] += 1
+            self.quiet += 1                   # the read's own _local_scalar_dense is not counted again
+            try:
+                return method(t, *args, **kwargs)
+            finally:
+                self.quiet -= 1
+        return read
+
+    def _quiet(self, method):
+        def call(*args, **kwargs):
+            self.quiet += 1
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self.quiet -= 1
+        return call
+
+    def mean(self, key, first=2, last=11):
+        """Mean per step over steps first..last (the counts between step k and k + 1, k = first - 1 ...)."""
+        rows = self.per_step[first - 2:last - 1]
+        return sum(r[key] for r in rows) / max(len(rows), 1)
+
+
+def count_demo_steps(tmp, steps=12):
+    """SyncCounter around amma.main and finetune.main (GO-MF from scratch) on the demo's features,
+    --num-workers 0: mean syncs and ops per step over steps 2-11, for each."""
+    import demo
+    import finetune as ft
+    root = demo.ensure_demo_features(Path(tmp) / "demo")
+    figures = {}
+    with SyncCounter() as pre:
+        amma.main(["--pretrain", "--features", str(root), "--D", "128", "--n-layers", "3", "--n-heads", "4",
+                   "--dec-layers", "1", "--M", "48", "--batch-size", "8", "--epochs", "1", "--limit-steps", str(steps),
+                   "--num-workers", "0", "--out", str(Path(tmp) / "pre"), "--device", "cpu"])
+    figures["pretrain"] = {k: pre.mean(k) for k in ("syncs", "ops")}
+    with SyncCounter() as fine:
+        ft.main(["--task", "go-mf", "--from-scratch", "--features", str(root), "--epochs", "1", "--limit-steps",
+                 str(steps), "--num-workers", "0", "--out", str(Path(tmp) / "ft"), "--device", "cpu"])
+    figures["finetune"] = {k: fine.mean(k) for k in ("syncs", "ops")}
+    return figures
+
+
 def positive_int(text):
     value = int(text)
     if value < 1:

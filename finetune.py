@@ -62,7 +62,8 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -70,6 +71,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import amma
+from amma import arg
 from metrics import aupr, fmax
 
 TASKS = ("ec", "go-mf", "go-cc", "go-bp")
@@ -87,52 +89,52 @@ DEMO_FT = dict(epochs=6, batch_size=8, lr=2e-4, lr_head=2e-3, optimizer="adamw",
 UNUSED_KEYS = ("l.", "dec.", "dec_modality_embed", "target_")   # pretraining-only parts of an AMMA checkpoint
 
 
-def _opt(default, help, **kw):
-    return field(default=default, metadata=dict(help=help, **kw))
-
-
 @dataclass
 class FinetuneConfig:
-    task: str = _opt("go-mf", "downstream task", choices=TASKS)
-    ckpt: str = _opt("", "AMMA pretraining checkpoint (runs/<name>/checkpoint.pt)")
-    from_scratch: bool = _opt(False, "random-init encoder instead of --ckpt (a no-pretraining baseline)")
-    features: str = _opt("", "feature set with labels_<task>.json (default features/ec for ec, features/go for go-*)")
-    out: str = _opt("", "output folder (default runs/<checkpoint folder>/<task>, runs/scratch/<task>)")
-    esm: str = _opt("auto", "finetune: ESM in the loop on the manifest's sequences, trained with the rest (the "
+    task: str = arg("go-mf", "downstream task", choices=TASKS)
+    ckpt: str = arg("", "AMMA pretraining checkpoint (runs/<name>/checkpoint.pt)")
+    from_scratch: bool = arg(False, "random-init encoder instead of --ckpt (a no-pretraining baseline)")
+    features: str = arg("", "feature set with labels_<task>.json (default features/ec for ec, features/go for go-*)")
+    out: str = arg("", "output folder (default runs/<checkpoint folder>/<task>, runs/scratch/<task>)")
+    esm: str = arg("auto", "finetune: ESM in the loop on the manifest's sequences, trained with the rest (the "
                     "paper's B.2 protocol); frozen: the cached sequence features, ESM not updated (faster); auto: "
                     "finetune when info.json says the features came from a real ESM model, else frozen",
                     choices=("auto", "finetune", "frozen"))
-    esm_weights: str = _opt("", "local weights of the feature set's ESM model for --esm finetune (default: the "
+    esm_weights: str = arg("", "local weights of the feature set's ESM model for --esm finetune (default: the "
                             "path in info.json, else fair-esm's cache/download)")
-    esm_checkpointing: bool = _opt(False, "activation checkpointing of the ESM layers (--esm finetune): much "
+    esm_checkpointing: bool = arg(False, "activation checkpointing of the ESM layers (--esm finetune): much "
                                    "less memory for about a third more time")
-    readout: str = _opt("cls", "protein vector for the head: cls (the [CLS] output, B.2) or mean (mean of the "
+    readout: str = arg("cls", "protein vector for the head: cls (the [CLS] output, B.2) or mean (mean of the "
                         "sequence tokens' outputs; [CLS] gets no gradient in pretraining)", choices=("cls", "mean"))
-    cutoff: int = _opt(95, "test-set sequence identity cutoff (%%): keep chains with test_identity[id][cutoff] == 1",
+    cutoff: int = arg(95, "test-set sequence identity cutoff (%%): keep chains with test_identity[id][cutoff] == 1",
                        choices=CUTOFFS)
-    epochs: int = _opt(None, "epochs (paper: 100 EC, 50 GO)")
-    batch_size: int = _opt(None, "GLOBAL proteins per step (paper: 1 EC/GO-MF/GO-CC, 4 GO-BP): torchrun's "
+    epochs: int = arg(None, "epochs (paper: 100 EC, 50 GO)")
+    batch_size: int = arg(None, "GLOBAL proteins per step (paper: 1 EC/GO-MF/GO-CC, 4 GO-BP): torchrun's "
                            "processes split it")
-    grad_accum: int = _opt(1, "micro-batches per process and step (the same global batch in smaller pieces)")
-    optimizer: str = _opt(None, "paper: adamw for EC and GO-BP, adam for GO-MF and GO-CC", choices=("adam", "adamw"))
-    lr: float = _opt(1e-5, "lr of every pretrained parameter (Proj, embeddings, [CLS], Enc_multi, ESM)")
-    lr_head: float = _opt(1e-4, "lr of the two-layer head")
-    weight_decay: float = _opt(None, "weight decay of all parameters (default: torch's, adam 0, adamw 0.01)")
-    gamma: float = _opt(0.95, "ExponentialLR decay per epoch")
-    eval_batch_size: int = _opt(16, "proteins per evaluation batch (sorted by length)")
-    max_len: int = _opt(1022, "residues per protein (the first max_len are kept)")
-    seed: int = _opt(0, "random seed (head init, batch order, dropout)")
-    resume: bool = _opt(False, "continue from <out>/checkpoint.pt (mid-epoch too: same result as uninterrupted)")
-    overwrite: bool = _opt(False, "start again in an --out that holds a run")
-    save_every_steps: int = _opt(0, "also write checkpoint.pt every N steps (0 = off)")
-    save_every_minutes: float = _opt(30.0, "also write checkpoint.pt every T minutes (0 = off)")
-    skip_bad: bool = _opt(False, "leave out proteins whose feature files fail the check before step 1")
-    num_workers: int = _opt(2, "data loader workers")
-    limit_steps: int = _opt(0, "cap on training steps per epoch (smoke tests); 0 = all")
-    amp: str = _opt("auto", "auto: bf16 autocast on GPU, fp32 on CPU; bf16 or fp32 to force one",
+    grad_accum: int = arg(1, "micro-batches per process and step (the same global batch in smaller pieces)")
+    optimizer: str = arg(None, "paper: adamw for EC and GO-BP, adam for GO-MF and GO-CC", choices=("adam", "adamw"))
+    lr: float = arg(1e-5, "lr of every pretrained parameter (Proj, embeddings, [CLS], Enc_multi, ESM)")
+    lr_head: float = arg(1e-4, "lr of the two-layer head")
+    weight_decay: float = arg(None, "weight decay of all parameters (default: torch's, adam 0, adamw 0.01)")
+    gamma: float = arg(0.95, "ExponentialLR decay per epoch")
+    eval_batch_size: int = arg(16, "proteins per evaluation batch (sorted by length)")
+    max_len: int = arg(1022, "residues per protein (the first max_len are kept)")
+    seed: int = arg(0, "random seed (head init, batch order, dropout)")
+    resume: bool = arg(False, "continue from <out>/checkpoint.pt (mid-epoch too: same result as uninterrupted)")
+    overwrite: bool = arg(False, "start again in an --out that holds a run")
+    log_every: int = arg(50, "steps between reads of the loss from the device (the progress bar's figure)")
+    save_every_steps: int = arg(0, "also write checkpoint.pt every N steps (0 = off)")
+    save_every_minutes: float = arg(30.0, "also write checkpoint.pt every T minutes (0 = off)")
+    skip_bad: bool = arg(False, "leave out proteins whose feature files fail the check before step 1")
+    num_workers: int = arg(2, "data loader workers")
+    limit_steps: int = arg(0, "cap on training steps per epoch (smoke tests); 0 = all")
+    amp: str = arg("auto", "auto: bf16 autocast on GPU, fp32 on CPU; bf16 or fp32 to force one",
                     choices=("auto", "bf16", "fp32"))
-    device: str = _opt("", "'' = cuda if available else cpu")
-    demo: bool = _opt(False, "use the built-in demo (automatic when the feature set does not exist)")
+    compile: bool = arg(False, "torch.compile the model's forward pass (fullgraph); off by default")
+    cuda_graphs: bool = arg(False, "--compile with CUDA graphs (mode reduce-overhead)")
+    dist_timeout: int = arg(30, "minutes a collective may wait for another process under torchrun")
+    device: str = arg("", "'' = cuda if available else cpu")
+    demo: bool = arg(False, "use the built-in demo (automatic when the feature set does not exist)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,7 +222,7 @@ class TaskSet(torch.utils.data.Dataset):
 
     def __getitem__(self, k):
         row = self.rows[self.ids[k]]
-        item = {"id": row["id"], "index": k, "seq": None, "str": None, "func": None}
+        item = {"id": row["id"], "index": k, "target": self.targets[k], "seq": None, "str": None, "func": None}
         for m in self.cached:
             if m in row["modalities"]:
                 item[m] = amma.load_tensor(self.root / m / f"{row['id']}.pt")[: self.max_len]
@@ -232,12 +234,46 @@ class TaskSet(torch.utils.data.Dataset):
         return item
 
 
-def collate_task(items):
-    batch = amma.collate(items)                     # ids, seq/str [B, L, d] and their lengths [B]
+def collate_task(items, vocab=None):
+    """amma.collate (ids, seq/str [B, L, d], lengths [B]) plus index [B] and target [B, C]; with ESM in the
+    loop also its tokens [B, W + 2] (vocab: esm_vocab), made here in the loader worker."""
+    batch = amma.collate(items)
     batch["index"] = torch.tensor([it["index"] for it in items])
-    if "sequence" in items[0]:
+    if "target" in items[0]:
+        batch["target"] = torch.stack([it["target"] for it in items])
+    if "sequence" in items[0] and vocab is None:                 # tokenised by the model (a host step)
         batch["sequence"] = [it["sequence"] for it in items]
+    elif "sequence" in items[0]:
+        width = batch["str"].shape[1] if "str" in batch else amma.padded_length(max(len(it["sequence"]) for it in items))
+        batch["tokens"] = esm_tokens([it["sequence"] for it in items], vocab, width)
+        batch["seq_len"] = torch.tensor([len(it["sequence"]) for it in items])
     return batch
+
+
+def esm_vocab(alphabet):
+    """What tokenising needs of a fair-esm Alphabet, as plain data (for the loader workers): a byte ->
+    token table (unknown letters -> <unk>), the special tokens and whether BOS / EOS are added."""
+    table = torch.full((256,), alphabet.unk_idx, dtype=torch.long)
+    for tok, i in alphabet.tok_to_idx.items():
+        if len(tok) == 1:
+            table[ord(tok)] = i
+    return dict(table=table, pad=alphabet.padding_idx, bos=alphabet.cls_idx, eos=alphabet.eos_idx,
+                prepend_bos=bool(alphabet.prepend_bos), append_eos=bool(alphabet.append_eos))
+
+
+def esm_tokens(sequences, vocab, width):
+    """Token ids [B, bos + width + eos] as fair-esm's BatchConverter makes them (BOS, residues, EOS,
+    padding), the residues padded to `width` (a padded_length: few shapes); one table look-up per protein."""
+    bos, eos = int(vocab["prepend_bos"]), int(vocab["append_eos"])
+    tokens = torch.full((len(sequences), bos + width + eos), vocab["pad"], dtype=torch.long)
+    for b, s in enumerate(sequences):
+        ids = vocab["table"][torch.frombuffer(bytearray(s.encode("ascii", "replace")), dtype=torch.uint8).long()]
+        tokens[b, bos:bos + len(s)] = ids
+        if bos:
+            tokens[b, 0] = vocab["bos"]
+        if eos:
+            tokens[b, bos + len(s)] = vocab["eos"]
+    return tokens
 
 
 def read_info(root):
@@ -283,7 +319,7 @@ def load_task(cfg):
     return data, sets, info, counts
 
 
-def feature_widths(root, esm):
+def encoder_dims(root, esm):
     """seq/str widths the encoder will see: read from the feature files (ESM's width when it runs in the loop)."""
     dims = {m: d for m, d in amma.feature_dims(root).items() if m in ("seq", "str")}
     if esm is not None:
@@ -295,33 +331,80 @@ def feature_widths(root, esm):
 # model
 
 class SeqInLoop(nn.Module):
-    """A fair-esm model run on residue strings: per-residue features of one layer, BOS/EOS dropped,
-    padded to [B, L, d] with zeros and lengths [B]. Its heads (lm_head, contact_head) are frozen: the
-    representation does not use them. checkpointing=True recomputes each layer's activations in the
-    backward pass instead of storing them (memory of one layer instead of 33)."""
+    """A fair-esm model run on token ids made in the loader (collate_task): per-residue features of one
+    layer, BOS/EOS dropped, [B, W, d] with zeros past each length. Its forward is the kit's own over
+    fair-esm's modules (esm_layer_outputs): attention through scaled_dot_product_attention (fused kernels,
+    bf16 softmax under autocast) and no host round trip. Its heads (lm_head, contact_head) and any layer
+    after `layer` are frozen: the representation does not use them. checkpointing=True recomputes each
+    layer's activations in the backward pass instead of storing them (memory of one layer, not 33)."""
 
     def __init__(self, model, alphabet, layer, checkpointing=False):
         super().__init__()
         self.model, self.layer = model, layer
-        self.converter = alphabet.get_batch_converter()
+        self.vocab = esm_vocab(alphabet)
         self.bos = int(alphabet.prepend_bos)
         self.width = model.embed_tokens.embedding_dim
         tied = {id(p) for p in model.embed_tokens.parameters()}
-        for head in (model.lm_head, getattr(model, "contact_head", None)):
+        frozen = [model.lm_head, getattr(model, "contact_head", None), *model.layers[layer:]]
+        for head in frozen:
             for p in head.parameters() if head is not None else ():
                 if id(p) not in tied:
                     p.requires_grad_(False)
         if checkpointing:
             model.layers = nn.ModuleList(Checkpointed(layer) for layer in model.layers)
 
-    def forward(self, sequences):
-        device = self.model.embed_tokens.weight.device
-        _, _, tokens = self.converter([(str(k), s) for k, s in enumerate(sequences)])   # [B, 1 + L + 1]
-        rep = self.model(tokens.to(device), repr_layers=[self.layer])["representations"][self.layer]  # [B, T, d]
-        lengths = torch.tensor([len(s) for s in sequences], device=device)
-        x = rep[:, self.bos:self.bos + int(lengths.max())]                             # [B, L, d]
-        valid = torch.arange(x.shape[1], device=device)[None, :] < lengths[:, None]   # [B, L]
+    def forward(self, tokens, lengths):
+        rep = esm_representation(self.model, tokens, self.layer)                       # [B, T, d]
+        W = tokens.shape[1] - self.bos - int(self.vocab["append_eos"])
+        x = rep[:, self.bos:self.bos + W]                                              # [B, W, d]
+        valid = torch.arange(W, device=x.device)[None, :] < lengths[:, None]           # [B, W]
         return {"seq": x * valid[..., None], "seq_len": lengths}
+
+
+def esm_attention(attn, x, allowed):
+    """fair-esm's MultiheadAttention (q scaled, rotary for ESM-2) as one scaled_dot_product_attention.
+    x [B, T, E]; allowed [B, 1, 1, T] (True = attend) or None."""
+    B, T, E = x.shape
+    H = attn.num_heads
+    q, k, v = (proj(x).view(B, T, H, E // H).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+    q = q * attn.scaling                                                               # (B, H, T, hd)
+    if attn.rot_emb is not None:
+        q, k = attn.rot_emb(q, k)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=1.0)       # (B, H, T, hd)
+    return attn.out_proj(y.transpose(1, 2).reshape(B, T, E))
+
+
+def esm_layer(layer, x, allowed):
+    """fair-esm's pre-LN TransformerLayer: attention and the GELU MLP, each with its residual."""
+    x = x + esm_attention(layer.self_attn, layer.self_attn_layer_norm(x), allowed)
+    return x + layer.fc2(F.gelu(layer.fc1(layer.final_layer_norm(x))))              # erf GELU, as fair-esm
+
+
+def esm_representation(model, tokens, layer):
+    """The representation fair-esm returns for `layer` (model(tokens, repr_layers=[layer])), computed by
+    the kit: embeddings (ESM-2's token-dropout scaling, ESM-1b's learned positions), the layers up to
+    `layer` and, for the last one, emb_layer_norm_after. Padding tokens are masked as keys; no `.any()`."""
+    if any(getattr(l, "layer", l).self_attn.bias_k is not None for l in model.layers):              # ESM-1 (not 1b): fair-esm's forward
+        return model(tokens, repr_layers=[layer])["representations"][layer]
+    padding = tokens.eq(model.padding_idx)                                             # [B, T]
+    x = model.embed_scale * model.embed_tokens(tokens)
+    if getattr(model, "token_dropout", False) or getattr(getattr(model, "args", None), "token_dropout", False):
+        masked = tokens.eq(model.mask_idx)
+        x = x.masked_fill(masked[..., None], 0.0)
+        observed = masked.sum(-1).to(x.dtype) / (~padding).sum(-1)
+        x = x * (1 - 0.15 * 0.8) / (1 - observed)[:, None, None]
+    if getattr(model, "embed_positions", None) is not None:                          # ESM-1b
+        x = x + model.embed_positions(tokens)
+        if getattr(model, "emb_layer_norm_before", None):
+            x = model.emb_layer_norm_before(x)
+    x = x * (1 - padding[..., None].type_as(x))
+    allowed = ~padding[:, None, None, :]                                               # (B, 1, 1, T)
+    for l in model.layers[:layer]:
+        if isinstance(l, Checkpointed) and l.training and torch.is_grad_enabled():
+            x = torch.utils.checkpoint.checkpoint(esm_layer, l.layer, x, allowed, use_reentrant=False)
+        else:
+            x = esm_layer(getattr(l, "layer", l), x, allowed)
+    return model.emb_layer_norm_after(x) if layer == len(model.layers) else x
 
 
 class Checkpointed(nn.Module):
@@ -383,9 +466,13 @@ class FunctionModel(nn.Module):
 
     def forward(self, batch):
         if self.esm is not None:
-            batch = {**batch, **self.esm(batch["sequence"])}
+            if "tokens" not in batch:                                          # sequences not tokenised in collate
+                width = amma.padded_length(max(map(len, batch["sequence"])))
+                batch = {**batch, "tokens": esm_tokens(batch["sequence"], self.esm.vocab, width).to(self.head[0].weight.device),
+                         "seq_len": torch.tensor([len(s) for s in batch["sequence"]], device=self.head[0].weight.device)}
+            batch = {**batch, **self.esm(batch["tokens"], batch["seq_len"])}
         if self.contrastive:
-            z, _ = self.con.latents({"ids": batch["ids"], "seq": batch["seq"], "seq_len": batch["seq_len"]})
+            z, _ = self.con.latents({"seq": batch["seq"], "seq_len": batch["seq_len"]})
             h, idle = z["seq"], []                                             # [B, D]
         else:
             z = self.enc(batch, mask=False, modalities=("seq", "str"))[0]     # [B, 1+N, D], seq slots first
@@ -411,7 +498,7 @@ def read_pretrained(path):
     return mc, ckpt
 
 
-def check_widths(mc, dims, ckpt, features):
+def check_dims(mc, dims, ckpt, features):
     for m, d in dims.items():
         if getattr(mc, f"d_{m}") != d:
             raise SystemExit(f"error: {ckpt} was pretrained on {m} features of width {getattr(mc, f'd_{m}')}, "
@@ -430,13 +517,14 @@ def load_backbone(model, state_dict):
     return missing, unexpected
 
 
-def build_optimizer(model, cfg):
-    """Two groups: every trainable non-head parameter at cfg.lr, the head at cfg.lr_head (frozen ones left out)."""
+def build_optimizer(model, cfg, device=None):
+    """Two groups: every trainable non-head parameter at cfg.lr, the head at cfg.lr_head (frozen ones left
+    out); fused on a GPU."""
     body = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.")]
     head = [p for p in model.head.parameters() if p.requires_grad]
     groups = [{"params": body, "lr": cfg.lr}, {"params": head, "lr": cfg.lr_head}]
-    Opt = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return Opt(groups, weight_decay=cfg.weight_decay)
+    device = device or model.head[0].weight.device
+    return amma.make_optimizer(groups, cfg.optimizer, torch.device(device), weight_decay=cfg.weight_decay)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -447,7 +535,7 @@ def shard(n, rank, world):
     return list(range(rank, n, world))
 
 
-def merge_shards(parts, n):
+def merge_predictions(parts, n):
     """[(indices, predictions [k, C])] from every rank -> predictions [n, C] in index order."""
     idx = [i for ids, _ in parts for i in ids]
     if sorted(idx) != list(range(n)):
@@ -465,7 +553,8 @@ def predict(model, dataset, cfg, device, rank=0, world=1, autocast=None):
     model.eval()
     mine = sorted(shard(len(dataset), rank, world), key=lambda k: dataset.lengths[k])
     batches = [mine[i:i + cfg.eval_batch_size] for i in range(0, len(mine), cfg.eval_batch_size)]
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate_task,
+    vocab = model.esm.vocab if getattr(model, "esm", None) is not None else None
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=partial(collate_task, vocab=vocab),
                                          num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
     ids, preds = [], [torch.zeros(0, dataset.targets.shape[1])]
     for batch in loader:
@@ -476,7 +565,7 @@ def predict(model, dataset, cfg, device, rank=0, world=1, autocast=None):
     if world > 1:
         parts = [None] * world
         torch.distributed.all_gather_object(parts, (ids, torch.cat(preds)))
-    return merge_shards(parts, len(dataset))
+    return merge_predictions(parts, len(dataset))
 
 
 def scores(pred, target):
@@ -556,27 +645,14 @@ def finetune(cfg, quiet=False):
             torch.distributed.destroy_process_group()
 
 
-def _finetune(cfg, quiet, rank, world, device):
-    main_proc = rank == 0
-    say = print if main_proc and not quiet else (lambda *a, **k: None)
-    amma.check_batch_split(cfg.batch_size, world, cfg.grad_accum, hint="; a batch-1 task (EC, GO-MF, GO-CC in "
-                           "the paper) uses several GPUs best as independent runs side by side, one per GPU "
-                           "(GPUS=\"0 1 2 3\" bash ablations.sh)")
-    out = default_out(cfg)
-    resume_path = amma.prepare_out(out, cfg.resume, cfg.overwrite, main_proc, say,
-                                   files=("checkpoint.pt", "best.pt", "results.json"))
-    data, sets, info, counts = load_task(cfg)
-    sets = screen_task(sets, cfg, out, main_proc, say)
-    counts.update({s: len(ds) for s, ds in sets.items()})
-    n_classes = len(data["terms"])
-
-    # model: the pretrained encoder (or a fresh one) + head; ESM in the loop with --esm finetune
+def build_function_model(cfg, info, n_classes, device):
+    """The pretrained encoder (or a fresh one), ESM in the loop with --esm finetune, and the head."""
     torch.manual_seed(cfg.seed)
     mc, pre = read_pretrained(cfg.ckpt) if cfg.ckpt else (None, None)
     esm, esm_name = build_esm(info, cfg, device) if cfg.esm == "finetune" else (None, "")
-    dims = feature_widths(cfg.features, esm)
+    dims = encoder_dims(cfg.features, esm)
     if cfg.ckpt:
-        check_widths(mc, dims, cfg.ckpt, cfg.features)
+        check_dims(mc, dims, cfg.ckpt, cfg.features)
     else:
         model_fields = {f.name for f in fields(amma.AMMAConfig)}
         size = {k: v for k, v in amma.DEMO.items() if k in model_fields} if cfg.demo else {}   # demo: demo model
@@ -586,51 +662,85 @@ def _finetune(cfg, quiet, rank, world, device):
         load_backbone(model, pre["model"])
     if "str" not in dims and not model.contrastive:   # no structure in the whole set (e.g. sequences only)
         model.enc.proj["str"].requires_grad_(False)
-    model.to(device)
-    opt = build_optimizer(model, cfg)
-    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=cfg.gamma)
+    return model.to(device), mc, esm_name
 
+
+def banner(cfg, mc, model, counts, n_classes, n_params, world, device, autocast, esm_name, info):
+    lines = [f"finetuning {'from scratch' if not cfg.ckpt else cfg.ckpt} ({mc.variant}, D={mc.D}, {n_params / 1e6:.1f}M "
+             f"trainable) on {cfg.task}: {n_classes} classes, train/valid/test {counts['train']}/{counts['valid']}/"
+             f"{counts['test']} (test at <{cfg.cutoff}% identity, of {counts['test_before_cutoff']}); {cfg.optimizer}, "
+             f"global batch {cfg.batch_size} = {world} process(es) x {cfg.grad_accum}, {cfg.epochs} epochs, lr {cfg.lr:g} / "
+             f"head {cfg.lr_head:g}, wd {cfg.weight_decay:g}; readout {cfg.readout}; {device}"
+             f"{', bf16' if isinstance(autocast, torch.autocast) else ''}{', compiled' if cfg.compile or cfg.cuda_graphs else ''}"]
+    esm = model.esm
+    lines.append(f"protocol: {PROTOCOLS['esm-' + cfg.esm]}" + (
+        f" ({esm_name}, layer {esm.layer}{', activation checkpointing' if cfg.esm_checkpointing else ''})" if esm else
+        " (--esm finetune runs ESM in the loop, the paper's B.2)"))
+    if info.get("tiny") or info.get("synthetic"):
+        lines.append(f"note: {cfg.features} holds {'synthetic' if info.get('synthetic') else 'tiny random-init encoder'} "
+                     f"features: the numbers say nothing about real proteins")
+    return "\n".join(lines)
+
+
+def evaluate(model, sets, cfg, device, rank, world, autocast, epoch, state, t0, lrs):
+    """Score valid and test after an epoch: the epoch's record (appended to state['history']); True when
+    it is the best so far by validation Fmax."""
+    pred = {sp: predict(model, sets[sp], cfg, device, rank, world, autocast) for sp in ("valid", "test")}
+    record = {"epoch": epoch + 1, "train_loss": state["epoch_loss"] / max(state["epoch_steps"], 1), "lr": lrs[0],
+              "lr_head": lrs[1], **{sp: scores(pred[sp], sets[sp].targets) for sp in ("valid", "test")},
+              "seconds": round(time.time() - t0, 1)}
+    state["history"].append(record)
+    best = state["best"]
+    if best is None or record["valid"]["fmax"] > best["valid"]["fmax"]:
+        state["best"] = {k: record[k] for k in ("epoch", "valid", "test")}
+        return record, True
+    return record, False
+
+
+def epoch_line(record, cfg, best):
+    v, t = record["valid"], record["test"]
+    return (f"epoch {record['epoch']}/{cfg.epochs}  loss {record['train_loss']:.4f}  valid Fmax {100 * v['fmax']:.1f} "
+            f"AUPR {100 * v['aupr']:.1f}  test Fmax {100 * t['fmax']:.1f} AUPR {100 * t['aupr']:.1f}  "
+            f"({record['seconds']:.0f}s){'  *' if best else ''}")
+
+
+def _finetune(cfg, quiet, rank, world, device):
+    is_main = rank == 0
+    say = print if is_main and not quiet else (lambda *a, **k: None)
+    amma.check_batch_split(cfg.batch_size, world, cfg.grad_accum, hint="; a batch-1 task (EC, GO-MF, GO-CC in "
+                           "the paper) uses several GPUs best as independent runs side by side, one per GPU "
+                           "(GPUS=\"0 1 2 3\" bash ablations.sh)")
+    out = default_out(cfg)
+    resume_path = amma.prepare_out(out, cfg.resume, cfg.overwrite, is_main, say,
+                                   files=("checkpoint.pt", "best.pt", "results.json"))
+    data, sets, info, counts = load_task(cfg)
+    sets = screen_task(sets, cfg, out, is_main, say)
+    counts.update({s: len(ds) for s, ds in sets.items()})
+    n_classes = len(data["terms"])
+    model, mc, esm_name = build_function_model(cfg, info, n_classes, device)
+    opt = build_optimizer(model, cfg, device)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=cfg.gamma)
     state = dict(next_epoch=0, next_step=0, history=[], best=None, epoch_loss=0.0, epoch_steps=0, steps_done=0)
     if resume_path:
         ck = torch.load(resume_path, map_location="cpu", weights_only=True)
-        differ = [k for k in SAME_ON_RESUME if ck["config"].get(k) != amma.to_plain(cfg).get(k)]
-        if differ:
-            raise SystemExit(f"error: {resume_path} was made with other settings ({', '.join(differ)}); "
-                             f"use the same flags or another --out")
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        state.update({k: ck[k] for k in state})
+        amma.check_same(ck["config"], amma.to_plain(cfg), SAME_ON_RESUME, resume_path)
+        amma.load_training_state(ck, model, opt, sched, state)
         say(f"resuming from {resume_path} at epoch {state['next_epoch'] + 1}, step {state['next_step']}")
-
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    protocol = f"esm-{cfg.esm}"
     autocast = amma.amp_context(cfg.amp, device)
-    say(f"finetuning {'from scratch' if not cfg.ckpt else cfg.ckpt} ({mc.variant}, D={mc.D}, {n_params / 1e6:.1f}M "
-        f"trainable) on {cfg.task}: {n_classes} classes, train/valid/test {counts['train']}/{counts['valid']}/"
-        f"{counts['test']} (test at <{cfg.cutoff}% identity, of {counts['test_before_cutoff']}); {cfg.optimizer}, "
-        f"global batch {cfg.batch_size} = {world} process(es) x {cfg.grad_accum}, {cfg.epochs} epochs, lr {cfg.lr:g} / "
-        f"head {cfg.lr_head:g}, wd {cfg.weight_decay:g}; readout {cfg.readout}; {device}"
-        f"{', bf16' if isinstance(autocast, torch.autocast) else ''}")
-    say(f"protocol: {PROTOCOLS[protocol]}" + (f" ({esm_name}, layer {esm.layer}"
-                                             f"{', activation checkpointing' if cfg.esm_checkpointing else ''})" if esm else
-                                             " (--esm finetune runs ESM in the loop, the paper's B.2)"))
-    if info.get("tiny") or info.get("synthetic"):
-        say(f"note: {cfg.features} holds {'synthetic' if info.get('synthetic') else 'tiny random-init encoder'} "
-            f"features: the numbers say nothing about real proteins")
+    say(banner(cfg, mc, model, counts, n_classes, n_params, world, device, autocast, esm_name, info))
     if state["next_epoch"] >= cfg.epochs and state["best"] is not None:
         say(f"{out}: all {cfg.epochs} epochs are done already; its results:")
-
-    ddp = world > 1
-    net = nn.parallel.DistributedDataParallel(model) if ddp else model
+    net = amma.maybe_compile(amma.wrap_ddp(model, world), cfg)
     train, baseline = sets["train"], frequency_baseline(sets)
+    collate_fn = partial(collate_task, vocab=model.esm.vocab if model.esm else None)
     ckpt_path, best_path = out / "checkpoint.pt", out / "best.pt"
-    if main_proc:
+    if is_main:
         out.mkdir(parents=True, exist_ok=True)
 
     def save(next_epoch, next_step):
         state.update(next_epoch=next_epoch, next_step=next_step)
-        if main_proc and state["steps_done"]:
+        if is_main and state["steps_done"]:
             amma.atomic_save({"kind": "finetune", "model": model.state_dict(), "optimizer": opt.state_dict(),
                               "scheduler": sched.state_dict(), **state, "config": amma.to_plain(cfg),
                               "model_config": amma.to_plain(mc)}, ckpt_path)
@@ -644,68 +754,60 @@ def _finetune(cfg, quiet, rank, world, device):
             net.train()
             plan = amma.bucket_batches(train.lengths, cfg.batch_size, cfg.seed, epoch)
             n_steps = min(len(plan), cfg.limit_steps or len(plan))
-            shares = {s: amma.rank_share(len(plan[s]), rank, world, cfg.grad_accum) for s in range(n_steps)}
-            steps = [s for s in range(state["next_step"], n_steps) if shares[s] is not None]
-            micro = [[plan[s][j] for j in part] for s in steps for part in shares[s]]
-            loader = iter(torch.utils.data.DataLoader(train, batch_sampler=micro, collate_fn=collate_task,
-                                                      num_workers=cfg.num_workers, pin_memory=device.type == "cuda"))
-            bar = amma.progress(n_steps, f"epoch {epoch + 1}/{cfg.epochs}", not main_proc or quiet, state["next_step"])
-            for s in steps:
+            steps, _ = amma.epoch_steps(plan, state["next_step"], n_steps, rank, world, cfg.grad_accum)
+            micro = [[plan[s][j] for j in part] for s, parts in steps for part in parts]
+            loader = iter(amma.make_loader(train, micro, cfg.num_workers, device.type == "cuda", collate_fn))
+            bar = amma.progress(n_steps, f"epoch {epoch + 1}/{cfg.epochs}", not is_main or quiet, state["next_step"])
+            meter = amma.Meter([], device, state["epoch_loss"] if is_main else 0.0)
+            for s, parts in steps:
                 norm = len(plan[s]) * n_classes                                 # BCE: mean over the global batch
-                opt.zero_grad(set_to_none=True)
-                tally = torch.zeros(3, dtype=torch.float64)                    # loss, not finite, stop
-                for k, part in enumerate(shares[s]):
-                    batch = next(loader)
-                    target = train.targets[batch["index"]].to(device)           # [b, C]
-                    torch.manual_seed(amma.mix(cfg.seed, epoch, s, rank * cfg.grad_accum + k))   # dropout
-                    with net.no_sync() if ddp and k + 1 < len(shares[s]) else contextlib.nullcontext():
-                        with autocast:
-                            logits = net(amma.batch_to(batch, device))          # [b, C]
-                        loss = F.binary_cross_entropy_with_logits(logits.float(), target, reduction="sum") / norm
-                        (loss * world).backward()                              # DDP averages: undo it
-                    tally[0] += loss.item()
-                tally[1], tally[2] = float(not math.isfinite(tally[0])), float(stop.signum is not None)
-                tally = amma.all_sum(tally.to(device)).cpu()
-                if tally[1]:
-                    raise SystemExit(f"error: the loss is not finite at epoch {epoch + 1} step {s + 1}; stopping")
-                opt.step()
-                state["epoch_loss"] += tally[0].item()
+                seeds = [amma.seed_hash(cfg.seed, epoch, s, rank * cfg.grad_accum + k) for k in range(len(parts))]
+                batches = amma.micro_batches(loader, len(parts), device)
+                loss, _ = amma.train_step(net, opt, batches, partial(bce_loss, net, autocast, norm), world, seeds)
+                meter.add(loss, {}, s)
                 state.update(epoch_steps=state["epoch_steps"] + 1, steps_done=state["steps_done"] + 1)
                 bar.update(1)
-                bar.set_postfix(loss=f"{tally[0].item():.4f}", refresh=False)
-                if tally[2]:
+                if not amma.read_point(cfg, state, s, n_steps, world, stop, last_save):
+                    continue
+                epoch_sum, interval, bad, (stopping, due) = meter.read((stop.signum is not None, amma.save_due(cfg, last_save)))
+                amma.stop_if_bad(bad, epoch, ckpt_path)
+                state["epoch_loss"] = epoch_sum
+                bar.set_postfix(loss=f"{interval[0] / max(meter.steps, 1):.4f}", refresh=False)
+                meter.reset_interval()
+                if stopping:
                     bar.close()
                     save(epoch, s + 1)
-                    stop.exit(f"epoch {epoch + 1}, step {s + 1} of {n_steps}", ckpt_path, main_proc)
-                due = cfg.save_every_minutes and time.time() - last_save > 60 * cfg.save_every_minutes
+                    stop.exit(f"epoch {epoch + 1}, step {s + 1} of {n_steps}", ckpt_path, is_main)
                 if s + 1 < n_steps and (due or (cfg.save_every_steps and state["steps_done"] % cfg.save_every_steps == 0)):
                     save(epoch, s + 1)
                     last_save = time.time()
             bar.close()
-            lr, lr_head = opt.param_groups[0]["lr"], opt.param_groups[1]["lr"]
+            lrs = [g["lr"] for g in opt.param_groups]
             sched.step()
-            pred = {sp: predict(model, sets[sp], cfg, device, rank, world, autocast) for sp in ("valid", "test")}
-            record = {"epoch": epoch + 1, "train_loss": state["epoch_loss"] / max(state["epoch_steps"], 1), "lr": lr,
-                      "lr_head": lr_head, **{sp: scores(pred[sp], sets[sp].targets) for sp in ("valid", "test")},
-                      "seconds": round(time.time() - t0, 1)}
-            state["history"].append(record)
-            best = state["best"]
-            if best is None or record["valid"]["fmax"] > best["valid"]["fmax"]:
-                state["best"] = best = {k: record[k] for k in ("epoch", "valid", "test")}
-                if main_proc:
-                    amma.atomic_save({"kind": "finetune-best", "model": model.state_dict(), "epoch": epoch,
-                                      "config": amma.to_plain(cfg), "model_config": amma.to_plain(mc),
-                                      "terms": data["terms"]}, best_path)
+            record, is_best = evaluate(model, sets, cfg, device, rank, world, autocast, epoch, state, t0, lrs)
+            if is_best and is_main:
+                amma.atomic_save({"kind": "finetune-best", "model": model.state_dict(), "epoch": epoch,
+                                  "config": amma.to_plain(cfg), "model_config": amma.to_plain(mc),
+                                  "terms": data["terms"]}, best_path)
             save(epoch + 1, 0)
             last_save = time.time()
-            v, t = record["valid"], record["test"]
-            say(f"epoch {epoch + 1}/{cfg.epochs}  loss {record['train_loss']:.4f}  valid Fmax {100 * v['fmax']:.1f} "
-                f"AUPR {100 * v['aupr']:.1f}  test Fmax {100 * t['fmax']:.1f} AUPR {100 * t['aupr']:.1f}  "
-                f"({record['seconds']:.0f}s){'  *' if best['epoch'] == epoch + 1 else ''}")
-            if main_proc:
+            say(epoch_line(record, cfg, is_best))
+            if is_main:
                 result = results_dict(cfg, mc, data, info, counts, state, baseline, world, n_params)
                 write_json(result, out / "results.json")
-    if not main_proc:
+    return finish(cfg, mc, data, info, counts, state, baseline, world, n_params, out, result, is_main, say)
+
+
+def bce_loss(net, autocast, norm, batch):
+    """A micro-batch's share of the global batch's mean binary cross-entropy (fp32 logits)."""
+    with autocast:
+        logits = net(amma.strip(batch))                                       # [b, C]
+    return F.binary_cross_entropy_with_logits(logits.float(), batch["target"], reduction="sum") / norm, {}
+
+
+def finish(cfg, mc, data, info, counts, state, baseline, world, n_params, out, result, is_main, say):
+    """results.json (also for a finished run resumed) and the table; None on ranks other than 0."""
+    if not is_main:
         return None
     if state["best"] is None:
         raise SystemExit(f"error: no epoch was trained (--epochs {cfg.epochs})")

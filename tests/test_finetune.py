@@ -250,9 +250,9 @@ def test_eval_shards_gather_each_protein_once_in_order(tmp_path):
         shards = [ft.shard(len(ds), r, world) for r in range(world)]
         assert sorted(i for s in shards for i in s) == list(range(len(ds)))        # no padding, no duplicates
         parts = [(s, one[s]) for s in reversed(shards)]                             # any gather order
-        assert torch.equal(ft.merge_shards(parts, len(ds)), one)
+        assert torch.equal(ft.merge_predictions(parts, len(ds)), one)
     with pytest.raises(RuntimeError, match="exactly once"):
-        ft.merge_shards([([0, 1, 2], one[:3]), ([2, 3], one[2:4])], 4)             # a padded sampler's duplicate
+        ft.merge_predictions([([0, 1, 2], one[:3]), ([2, 3], one[2:4])], 4)             # a padded sampler's duplicate
 
 
 # ---- the demo ----------------------------------------------------------------------------------

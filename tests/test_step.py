@@ -1,0 +1,123 @@
+"""The GPU-first training step, proved on the CPU: no host syncs per step (counted), compiled == eager,
+the kit's ESM forward == fair-esm's, and amma.py's model part running on its own."""
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import amma
+import bench
+import finetune as ft
+from conftest import ROOT, write_features
+
+
+# ---- no host syncs ---------------------------------------------------------------------------
+
+def test_training_steps_read_nothing_back_from_the_device(tmp_path):
+    """A new .item(), bool(t), boolean-mask index or unique in a step fails here (it was 47 and 6 per step)."""
+    figures = bench.count_demo_steps(tmp_path)
+    assert figures["pretrain"]["syncs"] <= 0.1, figures
+    assert figures["finetune"]["syncs"] <= 0.1, figures
+    assert figures["pretrain"]["ops"] > 100                                   # the counter saw the step
+
+
+def test_sync_counter_counts_what_it_says():
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with bench.SyncCounter() as counter:
+        for i in range(4):
+            loss = model(torch.randn(3, 4)).pow(2).mean()
+            loss.backward()
+            opt.step()
+            x = torch.randn(5)
+            loss.item(), bool(x.sum() > 0), x[x > 0], x.tolist()               # 4 syncs in every interval
+    assert [r["syncs"] for r in counter.per_step] == [4, 4, 4, 4]
+
+
+# ---- masks made with the batch ---------------------------------------------------------------
+
+def test_collate_masks_equal_the_encoders_own():
+    """keep_ids made in collate (the loader workers) are the ones the encoder draws from the same seeds."""
+    torch.manual_seed(0)
+    model = amma.AMMA(amma.AMMAConfig(d_seq=12, d_str=20, d_func=8, D=32, n_layers=2, n_heads=4, dec_layers=1, M=24))
+    g = torch.Generator().manual_seed(1)
+    items = [{"id": f"p{i}", "seq": torch.randn(L, 12, generator=g), "str": torch.randn(L, 20, generator=g),
+              "func": torch.randn(Lf, 8, generator=g), "seed": amma.seed_hash(0, 1, 2, i)}
+             for i, (L, Lf) in enumerate([(9, 3), (30, 7), (5, 0)])]
+    items[2]["func"] = None
+    batch = amma.collate(items, mask=(24, (1.0, 2.0, 2.0)))
+    assert batch["seq"].shape[1] == amma.padded_length(30) == 30 and amma.padded_length(37) == 40
+    own = model.enc({k: v for k, v in batch.items() if k not in ("keep_ids", "keep")}, seeds=[it["seed"] for it in items])
+    made = model.enc(batch)
+    assert torch.equal(own.ids, made.ids) and torch.equal(own.keep, made.keep)
+    assert made.keep.sum(1).tolist() == [21, 24, 10]                          # min(M, 2L + L')
+
+
+# ---- torch.compile == eager ------------------------------------------------------------------
+
+def test_compiled_pretraining_equals_eager(tmp_path):
+    """--compile (inductor, fullgraph) on the CPU: the logged losses of 4 steps equal eager's to 1e-4
+    (relative); the compiled kernels reassociate float sums, so not bit for bit."""
+    root = write_features(tmp_path / "f", [20] * 8)                            # one shape: one compilation
+    logs = {}
+    for how in ("eager", "compiled"):
+        mc = amma.AMMAConfig(d_seq=12, d_str=20, d_func=8, D=32, n_layers=1, n_heads=4, dec_layers=1, M=24)
+        tc = amma.TrainConfig(features=str(root), out=str(tmp_path / how), batch_size=2, num_workers=0, lr=1e-3,
+                              epochs=1, limit_steps=4, log_every=1, compile=how == "compiled")
+        amma.pretrain(mc, tc, quiet=True)
+        lines = (tmp_path / how / "log.jsonl").read_text().splitlines()
+        logs[how] = [float(re.search(r'"loss": ([0-9.e-]+)', l).group(1)) for l in lines if '"step"' in l]
+    assert len(logs["eager"]) == 4
+    assert logs["compiled"] == pytest.approx(logs["eager"], rel=1e-4)
+
+
+# ---- ESM in the loop: the kit's forward over fair-esm's weights ------------------------------
+
+@pytest.mark.parametrize("arch", ["esm1b", "esm2"])
+def test_esm_forward_equals_fair_esm(tmp_path, arch):
+    import replicas
+    make = replicas.write_esm1b if arch == "esm1b" else replicas.write_esm2
+    model = make(tmp_path / "esm.pt", layers=3)
+    import esm
+    alphabet = esm.data.Alphabet.from_architecture("ESM-1b")
+    seqs = ["MKTAYIAKQRQISFVKSHFSRQ", "GSHMLE", "ACDEFGHIKLMNPQRSTVWYXBZ"]
+    _, _, reference_tokens = alphabet.get_batch_converter()([(str(i), s) for i, s in enumerate(seqs)])
+    vocab = ft.esm_vocab(alphabet)
+    tokens = ft.esm_tokens(seqs, vocab, amma.padded_length(max(map(len, seqs))))
+    assert torch.equal(tokens[:, :reference_tokens.shape[1]], reference_tokens)   # then padding only
+    assert (tokens[:, reference_tokens.shape[1]:] == alphabet.padding_idx).all()
+    with torch.no_grad():
+        for layer in (2, 3):                                                  # inside, and the last (final LN)
+            ref = model(reference_tokens, repr_layers=[layer])["representations"][layer]
+            ours = ft.esm_representation(model, tokens, layer)
+            for b, s in enumerate(seqs):
+                n = len(s) + 2
+                assert torch.allclose(ours[b, :n], ref[b, :n], atol=1e-5), (arch, layer, (ours[b, :n] - ref[b, :n]).abs().max())
+
+
+# ---- amma.py's model part, alone ---------------------------------------------------------------
+
+def test_the_model_part_of_amma_py_runs_alone():
+    text = (ROOT / "amma.py").read_text()
+    marker = text.index("# end of the model")
+    namespace = {"__name__": "copied_amma"}
+    exec(compile(text[:marker], "amma_model_part", "exec"), namespace)        # a fresh namespace: no amma module
+    assert "collate" not in namespace and "FeatureDataset" not in namespace and "tqdm" not in namespace
+    torch.manual_seed(0)
+    config = namespace["AMMAConfig"](d_seq=12, d_str=20, d_func=8, D=32, n_layers=2, n_heads=4, dec_layers=1, M=24)
+    model = namespace["AMMA"](config)
+    g = torch.Generator().manual_seed(0)
+    batch = {"seq": torch.randn(2, 16, 12, generator=g), "str": torch.randn(2, 16, 20, generator=g),
+             "func": torch.randn(2, 6, 8, generator=g), "seq_len": torch.tensor([16, 11]),
+             "str_len": torch.tensor([16, 11]), "func_len": torch.tensor([6, 4])}
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for step in range(30):
+        _, loss, logs = model(batch, seeds=namespace["protein_seeds"](2, 0, step))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert set(logs) == {"loss_seq", "loss_str", "loss_func"}
+    assert losses[-1] < 0.6 * losses[0]
