@@ -1013,7 +1013,7 @@ def maybe_compile(model, tc):
     if not (tc.compile or tc.cuda_graphs):
         return model
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)   # bucketed shapes
-    return torch.compile(model, fullgraph=True, mode="reduce-overhead" if tc.cuda_graphs else None)
+    return torch.compile(model, fullgraph=True, dynamic=True, mode="reduce-overhead" if tc.cuda_graphs else None)
 
 
 def strip(batch):
@@ -1022,7 +1022,7 @@ def strip(batch):
     return {k: v for k, v in batch.items() if k != "ids"}
 
 
-class BrokenBatch(Exception):
+class BrokenBatch(ValueError):
     """A batch that could not be read after the check before step 1 (a file changed or broke)."""
 
 
@@ -1381,9 +1381,8 @@ def pretrain(mc, tc, quiet=False):
             torch.distributed.destroy_process_group()
 
 
-def _pretrain(mc, tc, quiet, rank, world, device):
-    is_main = rank == 0
-    say = print if is_main and not quiet else (lambda *a, **k: None)
+def open_sets(tc, mc, world, is_main, say):
+    """The run directory and the checked feature sets: (out, sets, the checkpoint to resume or None)."""
     check_batch_split(tc.batch_size, world, tc.grad_accum)
     if mc.variant == "contrastive" and tc.grad_accum > 1:
         raise SystemExit("error: AMMA-contrastive takes its negatives from the whole batch: --grad-accum would "
@@ -1394,9 +1393,34 @@ def _pretrain(mc, tc, quiet, rank, world, device):
         out.mkdir(parents=True, exist_ok=True)
     sets = load_sets(tc)
     screen_sets(sets, tc, out, is_main, say)
+    return out, sets, resume_path
+
+
+def at_read_point(meter, tc, state, stop, save, ckpt, epoch, s, n_steps, last_save, bar, write_log, is_main):
+    """The one host sync of a read point: the losses (stopping on a non-finite one), the log line, and the
+    checkpoint a signal or the schedule asks for. Returns the time of the last save. Shared with finetune.py."""
+    epoch_sum, interval, bad, (stopping, due) = meter.read((stop.signum is not None, save_due(tc, last_save)))
+    stop_if_bad(bad, epoch, ckpt)
+    state["epoch_loss"] = epoch_sum
+    if state["epoch_steps"] % tc.log_every == 0 or s + 1 == n_steps:
+        bar.set_postfix(loss=f"{write_log(interval):.4f}", refresh=False)
+        meter.reset_interval()
+    if stopping:
+        bar.close()
+        save(epoch, s + 1)
+        stop.exit(f"epoch {epoch + 1}, step {s + 1} of {n_steps}", ckpt, is_main)
+    if s + 1 < n_steps and (due or (tc.save_every_steps and state["steps_done"] % tc.save_every_steps == 0)):
+        save(epoch, s + 1)
+        return time.time()
+    return last_save
+
+
+def _pretrain(mc, tc, quiet, rank, world, device):
+    is_main = rank == 0
+    say = print if is_main and not quiet else (lambda *a, **k: None)
+    out, sets, resume_path = open_sets(tc, mc, world, is_main, say)
     counts = {name: ds.counts() for name, ds in sets.items()}                  # [N] x 3 token counts per set
     present = [m for m in MODALITIES if any(m in ds.modalities for ds in sets.values())]
-
     torch.manual_seed(tc.seed)
     model = build_model(mc).to(device)
     n_params = sum(p.numel() for p in model.parameters())
@@ -1407,14 +1431,11 @@ def _pretrain(mc, tc, quiet, rank, world, device):
     if state["next_epoch"] >= tc.epochs:
         say(f"{out}: all {tc.epochs} epochs are done already ({resume_path}); nothing to do")
         return state["history"]
-    net = maybe_compile(wrap_ddp(model, world), tc)
-    autocast = amp_context(tc.amp, device)
-    run = new_run_id()
+    net, autocast, run, ckpt = maybe_compile(wrap_ddp(model, world), tc), amp_context(tc.amp, device), new_run_id(), out / "checkpoint.pt"
     say(banner(mc, tc, sets, n_params, world, device, autocast, run, source, state))
     log = RunLog(out / "log.jsonl", run, is_main)
     log.write(event="start", **{"from": [state["next_epoch"], state["next_step"]]}, source=str(source or ""),
               n_params=n_params, world=world, config=to_plain(mc), train_config=to_plain(tc))
-    collate_fn = _collate_masked(mc)
 
     def loss_fn(batch):
         with autocast:
@@ -1427,55 +1448,30 @@ def _pretrain(mc, tc, quiet, rank, world, device):
         if is_main and state["steps_done"]:
             atomic_save({"kind": "pretrain", "model": model.state_dict(), "optimizer": opt.state_dict(),
                          "scheduler": sched.state_dict(), **state, "n_params": n_params, "run": run,
-                         "config": to_plain(mc), "train_config": to_plain(tc)}, out / "checkpoint.pt")
+                         "config": to_plain(mc), "train_config": to_plain(tc)}, ckpt)
 
     last_save = time.time()
     with Interrupt() as stop:
         for epoch in range(state["next_epoch"], tc.epochs):
-            if epoch != state["next_epoch"] or state["next_step"] == 0:
-                state.update(next_epoch=epoch, next_step=0, epoch_loss=0.0, epoch_steps=0)
-            plan = epoch_plan(tc, sets, epoch)
-            n_steps = min(len(plan), tc.limit_steps or len(plan))
-            steps, any_step = epoch_steps(plan, state["next_step"], n_steps, rank, world, tc.grad_accum)
-            if not any_step:
-                raise SystemExit(f"error: 0 pretraining steps in epoch {epoch + 1}: {sum(map(len, sets.values()))} "
-                                 f"proteins, global batch {tc.batch_size}, {world} process(es) x --grad-accum "
-                                 f"{tc.grad_accum}")
-            keys = {s: step_keys(tc, mc, sets, counts, plan, epoch, s) for s, _ in steps}
-            micro = [[keys[s][j] for j in part] for s, parts in steps for part in parts]
-            loader = iter(make_loader(Sets(sets), micro, tc.num_workers, device.type == "cuda", collate_fn))
+            steps, n_steps, loader, keys = pretraining_epoch(tc, mc, sets, counts, state, epoch, rank, world, device)
             bar = progress(n_steps, f"epoch {epoch + 1}/{tc.epochs}", not is_main or quiet, state["next_step"])
-            meter = Meter([f"loss_{m}" for m in MODALITIES], device, state["epoch_loss"] if is_main else 0.0)
-            t0 = time.time()
+            meter, t0 = Meter([f"loss_{m}" for m in MODALITIES], device, state["epoch_loss"] if is_main else 0.0), time.time()
             for s, parts in steps:
                 seeds = [seed_hash(tc.seed, epoch, s, rank * tc.grad_accum + k) for k in range(len(parts))]
                 try:
                     loss, logs = train_step(net, opt, micro_batches(loader, len(parts), device), loss_fn, world, seeds)
                 except BrokenBatch as e:                                        # a file broke after the check
-                    stop_if_bad(meter.read()[2], epoch, out / "checkpoint.pt")
+                    stop_if_bad(meter.read()[2], epoch, ckpt)
                     save(epoch, s)
-                    saved = f"{out / 'checkpoint.pt'} written; " if state["steps_done"] else ""
-                    raise ValueError(f"{e} (epoch {epoch + 1}, step {s + 1}: {saved}fix the file or use "
-                                     f"--skip-bad, then --resume)") from None
+                    raise ValueError(f"{e} (epoch {epoch + 1}, step {s + 1}: {f'{ckpt} written; ' if state['steps_done'] else ''}"
+                                     f"fix the file or use --skip-bad, then --resume)") from None
                 meter.add(loss, logs, s)
                 state.update(epoch_steps=state["epoch_steps"] + 1, steps_done=state["steps_done"] + 1)
                 bar.update(1)
-                if not read_point(tc, state, s, n_steps, world, stop, last_save):
-                    continue
-                epoch_sum, interval, bad, (stopping, due) = meter.read((stop.signum is not None, save_due(tc, last_save)))
-                stop_if_bad(bad, epoch, out / "checkpoint.pt")
-                state["epoch_loss"] = epoch_sum
-                if state["epoch_steps"] % tc.log_every == 0 or s + 1 == n_steps:
-                    bar.set_postfix(loss=f"{log_step(log, meter, interval, epoch, s, opt.param_groups[0]['lr'], present):.4f}",
-                                    refresh=False)
-                if stopping:
-                    bar.close()
-                    save(epoch, s + 1)
-                    stop.exit(f"epoch {epoch + 1}, step {s + 1} of {n_steps}", out / "checkpoint.pt", is_main)
-                every = tc.save_every_steps and state["steps_done"] % tc.save_every_steps == 0
-                if s + 1 < n_steps and (due or every):
-                    save(epoch, s + 1)
-                    last_save = time.time()
+                if read_point(tc, state, s, n_steps, world, stop, last_save):
+                    line = lambda interval: log_step(log, meter, interval, epoch, s, opt.param_groups[0]["lr"], present)
+                    last_save = at_read_point(meter, tc, state, stop, save, ckpt, epoch, s, n_steps, last_save, bar,
+                                              line, is_main)
             bar.close()
             sched.step()
             state["history"].append(state["epoch_loss"] / max(state["epoch_steps"], 1))
@@ -1484,9 +1480,26 @@ def _pretrain(mc, tc, quiet, rank, world, device):
             log.write(epoch=epoch + 1, epoch_loss=state["history"][-1], steps=state["epoch_steps"],
                       seconds=round(time.time() - t0, 1))
             say(f"epoch {epoch + 1}/{tc.epochs}  loss {state['history'][-1]:.4f}  ({state['epoch_steps']} steps, "
-                f"{time.time() - t0:.0f}s)  -> {out / 'checkpoint.pt'}")
+                f"{time.time() - t0:.0f}s)  -> {ckpt}")
     log.close()
     return state["history"]
+
+
+def pretraining_epoch(tc, mc, sets, counts, state, epoch, rank, world, device):
+    """One epoch's plan from where the run stands: this process's steps, their count, and the loader of
+    its micro-batches (each protein keyed with its mask seed and loss weights)."""
+    if state["next_epoch"] != epoch or state["next_step"] == 0:
+        state.update(next_epoch=epoch, next_step=0, epoch_loss=0.0, epoch_steps=0)
+    plan = epoch_plan(tc, sets, epoch)
+    n_steps = min(len(plan), tc.limit_steps or len(plan))
+    steps, any_step = epoch_steps(plan, state["next_step"], n_steps, rank, world, tc.grad_accum)
+    if not any_step:
+        raise SystemExit(f"error: 0 pretraining steps in epoch {epoch + 1}: {sum(map(len, sets.values()))} "
+                         f"proteins, global batch {tc.batch_size}, {world} process(es) x --grad-accum {tc.grad_accum}")
+    keys = {s: step_keys(tc, mc, sets, counts, plan, epoch, s) for s, _ in steps}
+    micro = [[keys[s][j] for j in part] for s, parts in steps for part in parts]
+    loader = iter(make_loader(Sets(sets), micro, tc.num_workers, device.type == "cuda", _collate_masked(mc)))
+    return steps, n_steps, loader, keys
 
 
 def _collate_masked(mc):

@@ -80,23 +80,40 @@ def make_items(c, L, Lf, seed=0):
              "func": torch.randn(lf, c.d_func, generator=g).half()} for i, (l, lf) in enumerate(zip(L, Lf))]
 
 
+def kit_batches(c, items, batches, pin=False):
+    """Batches as the kit's loader makes them (masks, loss weights, padded lengths), collated before any
+    timing: the timed loop is the step alone, fed from (pinned) memory as the loader workers feed it."""
+    from functools import partial
+    out = []
+    for i, idx in enumerate(batches):
+        seeds = [amma.seed_hash(0, 0, i, j) for j in range(len(idx))]
+        counts = [[len(items[j]["seq"]), len(items[j]["str"]), len(items[j]["func"])] for j in idx]
+        weights = amma.loss_weights(counts, [0] * len(idx), c, seeds)
+        batch = partial(amma.collate, mask=(c.M, c.alpha))(
+            [{**items[j], "seed": sd, "loss_w": w} for j, sd, w in zip(idx, seeds, weights)])
+        out.append({k: v.pin_memory() if pin and torch.is_tensor(v) else v for k, v in batch.items()})
+    return out
+
+
 def bench_kit(c, items, batches, device, steps):
-    """Proteins/s and tokens/s of the kit's batched training step."""
+    """Proteins/s and tokens/s of the kit's batched training step (amma.train_step on loader-made batches)."""
     model = amma.AMMA(c).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    opt = amma.make_optimizer(model.parameters(), "adamw", device, lr=1e-4, weight_decay=0.05)
+    autocast = amma.amp_context("auto", device)
+    ready = kit_batches(c, items, batches[: steps + 1], pin=device.type == "cuda")
+
+    def loss_fn(batch):
+        with autocast:
+            _, loss, logs = model(amma.strip(batch))
+        return loss, logs
+
     n_prot = n_tok = 0
     flops = 0.0
-    for i, idx in enumerate(batches[: steps + 1]):
+    for i, (idx, batch) in enumerate(zip(batches, ready)):
         if i == 1:  # the first step is warm-up
             sync(device)
             t = time.perf_counter()
-        batch = amma.batch_to(amma.collate([items[j] for j in idx]), device)
-        with autocast:
-            _, loss, _ = model(batch, seeds=amma.protein_seeds(len(idx), 0, 0, i))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        amma.train_step(model, opt, [amma.batch_to(batch, device)], loss_fn, 1, [i])
         if i >= 1:
             n_prot += len(idx)
             n_tok += sum(2 * len(items[j]["seq"]) + len(items[j]["func"]) for j in idx)
@@ -304,12 +321,12 @@ def run_check(args, report):
     report["check"] = rows
 
 
-def esm1b_architecture(layers=33):
+def esm1b_architecture(layers=33, dim=1280):
     """fair-esm's ESM-1b (ProteinBertModel, arch roberta_large: 1280 wide, 20 heads, FFN 5120), random weights."""
     import esm
     alphabet = esm.data.Alphabet.from_architecture("ESM-1b")
-    args = argparse.Namespace(arch="roberta_large", layers=layers, embed_dim=1280, ffn_embed_dim=5120,
-                              attention_heads=20, max_positions=1024, emb_layer_norm_before=True,
+    args = argparse.Namespace(arch="roberta_large", layers=layers, embed_dim=dim, ffn_embed_dim=4 * dim,
+                              attention_heads=20 if dim == 1280 else 4, max_positions=1024, emb_layer_norm_before=True,
                               final_bias=True, token_dropout=False)
     return esm.model.esm1.ProteinBertModel(args, alphabet), alphabet
 
@@ -526,6 +543,264 @@ def count_demo_steps(tmp, steps=12):
     return figures
 
 
+# ----------------------------------------------------------------------------------------------
+# --gpu-report: one command, one prepared run on a lent GPU (the CPU proxies elsewhere)
+
+SPEC_BF16_TFLOPS = {"H200": 989, "H100 SXM": 989, "H100 80GB HBM3": 989, "H100 PCIe": 756, "H100 NVL": 835,
+                    "A100": 312, "L40S": 362, "RTX 4090": 165, "RTX 3090": 71, "A6000": 155}   # dense, no sparsity
+PRETRAIN_GFLOP = 140.3          # analytic training FLOPs per protein-step at the paper config (README)
+GOALS = {"pretrain_proteins_per_s": 2000, "ec_ms_per_step": 8.0}
+
+
+def spec_peak(name):
+    return next((v * 1e12 for k, v in SPEC_BF16_TFLOPS.items() if k.lower() in name.lower()), None)
+
+
+class Clock:
+    """Milliseconds between marks: CUDA events on a GPU (no sync until read), perf_counter on the CPU."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        self.marks = []
+
+    def mark(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            self.marks.append(e)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def intervals(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:])]
+        return [1e3 * (b - a) for a, b in zip(self.marks, self.marks[1:])]
+
+
+def percentile(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+
+def profile_steps(step, n, device):
+    """Kernels per step, GPU busy fraction and attention kernel names over n steps (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    t = time.perf_counter()
+    with profile(activities=acts) as prof:
+        for _ in range(n):
+            step()
+        sync(device)
+    wall = time.perf_counter() - t
+    events = prof.events()
+    kernels = [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+    if not kernels:                                        # CPU: the dispatched aten ops stand in for kernels
+        kernels = [e for e in events if e.name.startswith("aten::")]
+    busy = sum(getattr(e, "device_time", 0) or 0 for e in kernels) / 1e6 / wall if device.type == "cuda" else float("nan")
+    attention = sorted({e.name for e in kernels if any(k in e.name.lower() for k in ("flash", "fmha", "attention",
+                                                                                     "efficient", "sdpa"))})
+    return {"kernels_per_step": len(kernels) / n, "busy_fraction": busy, "attention_kernels": attention[:8]}
+
+
+def count_cuda_syncs(step, n):
+    """Host syncs per step as CUDA reports them (torch.cuda.set_sync_debug_mode('warn'))."""
+    import warnings
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(n):
+                step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message).lower() for w in caught) / n
+
+
+def report_pretrain(args, device, tiny):
+    """Pretraining at the paper config (batch 4) on synthetic in-memory batches: eager and compiled."""
+    c = amma.AMMAConfig(**(dict(d_seq=32, d_str=48, d_func=16, D=32, n_layers=2, n_heads=4, dec_layers=1, M=24)
+                           if tiny else {}))
+    n = 4 * (8 if tiny else 64)
+    L, Lf = realistic_lengths(n)
+    if tiny:
+        L, Lf = [max(8, l // 20) for l in L], [max(4, f // 20) for f in Lf]
+    items = make_items(c, L, Lf)
+    batches = amma.bucket_batches([2 * l + f for l, f in zip(L, Lf)], 4, seed=0, epoch=0)
+    ready = kit_batches(c, items, batches, pin=device.type == "cuda")
+    autocast = amma.amp_context("auto", device)
+    tc = amma.TrainConfig(compile=False)
+    results, losses = {}, {}
+    for mode in ("eager", "compiled"):
+        torch.manual_seed(0)
+        model = amma.AMMA(c).to(device)
+        opt = amma.make_optimizer(model.parameters(), "adamw", device, lr=1e-4, weight_decay=0.05)
+        tc.compile = mode == "compiled"
+        net = amma.maybe_compile(model, tc)
+        state = {"i": 0, "losses": []}
+
+        def loss_fn(batch):
+            with autocast:
+                _, loss, logs = net(amma.strip(batch))
+            return loss, logs
+
+        def step():
+            b = ready[state["i"] % len(ready)]
+            loss, _ = amma.train_step(net, opt, [amma.batch_to(b, device)], loss_fn, 1, [state["i"]])
+            state["i"] += 1
+            state["losses"].append(loss)
+            return loss
+
+        t_warm = time.perf_counter()
+        for _ in range(len(ready) if mode == "compiled" else 3):              # every shape compiled once
+            step()
+        sync(device)
+        warm = time.perf_counter() - t_warm
+        first = [float(x) for x in state["losses"]]
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        clock, t = Clock(device), time.perf_counter()
+        clock.mark()
+        while time.perf_counter() - t < args.report_seconds:
+            step()
+            clock.mark()
+        ms = clock.intervals()
+        opt_clock = Clock(device)
+        for _ in range(10):                                                    # the optimiser alone
+            opt_clock.mark()
+            opt.step()
+        opt_clock.mark()
+        r = {"warmup_s": round(warm, 1), "steps": len(ms), "p50_ms": percentile(ms, 0.5), "p90_ms": percentile(ms, 0.9)}
+        r["proteins_per_s"] = 4e3 / r["p50_ms"]
+        peak = spec_peak(torch.cuda.get_device_name()) if device.type == "cuda" else None
+        r["spec_peak_fraction"] = r["proteins_per_s"] * PRETRAIN_GFLOP * 1e9 / peak if peak else None
+        r["optimizer_ms"] = percentile(opt_clock.intervals(), 0.5)
+        r.update(profile_steps(step, 5, device))
+        r["syncs_per_step"] = count_cuda_syncs(step, 20) if device.type == "cuda" else None
+        r["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
+        losses[mode] = first
+        results[mode] = r
+    n_cmp = min(len(losses["eager"]), len(losses["compiled"]))
+    results["compiled_vs_eager_max_rel_loss_diff"] = max(
+        (abs(a - b) / max(abs(a), 1e-12) for a, b in zip(losses["eager"][:n_cmp], losses["compiled"][:n_cmp])), default=None)
+    return results
+
+
+def report_finetune(args, device, tiny):
+    """EC finetuning with the ESM-1b architecture (random weights) in the loop: ms per step split into
+    forward / backward / optimiser at batch 1 (297 residues), and peak memory at 1022 residues."""
+    import finetune as ft
+    esm_model, alphabet = esm1b_architecture(layers=2 if tiny else 33, dim=32 if tiny else 1280)
+    L = 30 if tiny else 297
+    mc = amma.AMMAConfig(**(dict(d_seq=32, d_str=48, D=32, n_layers=2, n_heads=4) if tiny else {}))
+
+    def build(checkpointing):
+        torch.manual_seed(0)
+        model = ft.FunctionModel(mc, 538, ft.SeqInLoop(esm_model, alphabet, len(esm_model.layers), checkpointing))
+        model = model.to(device).train()
+        return model, ft.build_optimizer(model, ft.FinetuneConfig(optimizer="adamw", weight_decay=0.01), device)
+
+    def batch_of(b, n):
+        g = torch.Generator().manual_seed(b)
+        seq = "".join("ACDEFGHIKLMNPQRSTVWY"[i] for i in torch.randint(20, (n,), generator=g).tolist())
+        items = [{"id": str(i), "index": i, "target": (torch.rand(538, generator=g) < 0.01).float(), "seq": None,
+                  "func": None, "str": torch.randn(n, mc.d_str, generator=g).half(), "sequence": seq} for i in range(b)]
+        return amma.batch_to(ft.collate_task(items, ft.esm_vocab(alphabet)), device)
+
+    autocast = amma.amp_context("auto", device)
+    model, opt = build(False)
+    batch = batch_of(1, L)
+    parts = {"forward": [], "backward": [], "optimizer": []}
+    n_steps = 20 if tiny else 300
+    for i in range(n_steps + 5):
+        clock = Clock(device)
+        clock.mark()
+        with autocast:
+            logits = model(amma.strip(batch))
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), batch["target"])
+        clock.mark()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        clock.mark()
+        opt.step()
+        clock.mark()
+        if i >= 5:
+            for k, v in zip(parts, clock.intervals()):
+                parts[k].append(v)
+    r = {k: percentile(v, 0.5) for k, v in parts.items()}
+    r["ms_per_step"] = sum(r.values())
+    r["ec_hours"] = 1.5e6 * r["ms_per_step"] / 1e3 / 3600        # EC: 15k proteins x 100 epochs at batch 1
+    memory = {}
+    if device.type == "cuda":
+        for b in (1, 4):
+            for ck in (False, True):
+                del model, opt
+                torch.cuda.empty_cache()
+                model, opt = build(ck)
+                torch.cuda.reset_peak_memory_stats()
+                big = batch_of(b, 1022)
+                for _ in range(2):
+                    with autocast:
+                        loss = model(amma.strip(big)).float().sum()
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                memory[f"batch {b}{', checkpointing' if ck else ''}"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    r["peak_memory_gib_1022"] = memory
+    return r
+
+
+def run_gpu_report(args, device, report):
+    """What a lent GPU is asked: the figures README quotes, and PASS/FAIL against the goals."""
+    tiny = args.report_scale == "tiny"
+    print(f"== gpu report: {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}; torch {torch.__version__}, "
+          f"CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}; {time.strftime('%Y-%m-%d')}")
+    out = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
+           "cuda": torch.version.cuda, "date": time.strftime("%Y-%m-%d")}
+    if device.type != "cuda" and not tiny:                         # the CPU proxies
+        import tempfile
+        with tempfile.TemporaryDirectory() as tmp:
+            figures = count_demo_steps(tmp)
+        for k, v in figures.items():
+            print(f"   {k} (demo, between optimizer steps 2-11): {v['syncs']:.1f} host syncs per step, "
+                  f"{v['ops']:.0f} dispatched ops per step (each about one kernel launch on a GPU)")
+        out["cpu_proxies"] = figures
+        report["gpu_report"] = out
+        return
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        peak = spec_peak(torch.cuda.get_device_name())
+        measured = matmul_peak(device, torch.bfloat16, n=8192, reps=20)
+        print(f"   bf16 matmul 8192^3: {measured / 1e12:.0f} TFLOP/s; spec dense bf16 peak: "
+              f"{peak / 1e12 if peak else float('nan'):.0f} TFLOP/s")
+        out.update(spec_peak_tflops=peak and peak / 1e12, matmul_tflops=measured / 1e12)
+    pre = report_pretrain(args, device, tiny)
+    for mode in ("eager", "compiled"):
+        r = pre[mode]
+        print(f"   pretraining {mode}: p50 {r['p50_ms']:.2f} ms, p90 {r['p90_ms']:.2f} ms per step of 4 -> "
+              f"{r['proteins_per_s']:.0f} proteins/s"
+              + (f" = {100 * r['spec_peak_fraction']:.1f}% of spec bf16 peak" if r["spec_peak_fraction"] else "")
+              + f"; {r['kernels_per_step']:.0f} kernels/step, busy {r['busy_fraction']:.2f}, optimiser "
+              f"{r['optimizer_ms']:.2f} ms, syncs/step {r['syncs_per_step']}, peak memory {r['peak_memory_gib']} GiB, "
+              f"warm-up {r['warmup_s']} s; attention kernels: {', '.join(r['attention_kernels']) or '-'}")
+    print(f"   compiled vs eager losses (same seeds, same batches): max relative difference "
+          f"{pre['compiled_vs_eager_max_rel_loss_diff']:.2e}")
+    fine = report_finetune(args, device, tiny)
+    print(f"   EC finetuning, ESM-1b in the loop, batch 1: {fine['ms_per_step']:.2f} ms per step (forward "
+          f"{fine['forward']:.2f}, backward {fine['backward']:.2f}, optimiser {fine['optimizer']:.2f}); EC's 1.5M "
+          f"protein-steps: {fine['ec_hours']:.1f} h")
+    for k, v in fine["peak_memory_gib_1022"].items():
+        print(f"   peak memory at 1022 residues, {k}: {v:.1f} GiB")
+    best = max(pre["eager"]["proteins_per_s"], pre["compiled"]["proteins_per_s"])
+    verdicts = {"pretraining >= 2,000 proteins/s": best >= GOALS["pretrain_proteins_per_s"],
+                "EC finetuning <= 8 ms per step": fine["ms_per_step"] <= GOALS["ec_ms_per_step"]}
+    for goal, ok in verdicts.items():
+        print(f"   {'PASS' if ok else 'FAIL'}: {goal}")
+    out.update(pretrain=pre, finetune=fine, verdicts=verdicts)
+    report["gpu_report"] = out
+
+
 def positive_int(text):
     value = int(text)
     if value < 1:
@@ -537,6 +812,12 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", choices=("pretrain", "metrics", "extract", "check", "esm-memory", "finetune"))
+    p.add_argument("--gpu-report", action="store_true",
+                   help="the GPU figures of README (under 5 minutes on one H100/H200); on a CPU: host syncs and "
+                        "dispatched ops per step, the proxies of GPU idling (under 2 minutes)")
+    p.add_argument("--report-seconds", type=float, default=60.0, help="--gpu-report: timed seconds per pretraining mode")
+    p.add_argument("--report-scale", choices=("paper", "tiny"), default="paper",
+                   help="--gpu-report at tiny sizes: the GPU code path run end to end on any device (a smoke test)")
     p.add_argument("--steps", type=positive_int, default=4, help="timed training steps per row (>= 1)")
     p.add_argument("--skip-loop", action="store_true", help="skip the loop-per-protein reference")
     p.add_argument("--json", default="", help="also write the figures to this JSON file")
@@ -550,6 +831,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     report = {}
+    if args.gpu_report:
+        run_gpu_report(args, device, report)
+        args.only = "none"
     if args.only in (None, "metrics"):
         run_metrics(report)
     if args.only in (None, "pretrain"):

@@ -748,15 +748,9 @@ def _finetune(cfg, quiet, rank, world, device):
     result, last_save = None, time.time()
     with amma.Interrupt() as stop:
         for epoch in range(state["next_epoch"], cfg.epochs):
-            if epoch != state["next_epoch"] or state["next_step"] == 0:
-                state.update(next_epoch=epoch, next_step=0, epoch_loss=0.0, epoch_steps=0)
             t0 = time.time()
             net.train()
-            plan = amma.bucket_batches(train.lengths, cfg.batch_size, cfg.seed, epoch)
-            n_steps = min(len(plan), cfg.limit_steps or len(plan))
-            steps, _ = amma.epoch_steps(plan, state["next_step"], n_steps, rank, world, cfg.grad_accum)
-            micro = [[plan[s][j] for j in part] for s, parts in steps for part in parts]
-            loader = iter(amma.make_loader(train, micro, cfg.num_workers, device.type == "cuda", collate_fn))
+            plan, steps, n_steps, loader = finetuning_epoch(cfg, train, state, epoch, rank, world, device, collate_fn)
             bar = amma.progress(n_steps, f"epoch {epoch + 1}/{cfg.epochs}", not is_main or quiet, state["next_step"])
             meter = amma.Meter([], device, state["epoch_loss"] if is_main else 0.0)
             for s, parts in steps:
@@ -767,20 +761,9 @@ def _finetune(cfg, quiet, rank, world, device):
                 meter.add(loss, {}, s)
                 state.update(epoch_steps=state["epoch_steps"] + 1, steps_done=state["steps_done"] + 1)
                 bar.update(1)
-                if not amma.read_point(cfg, state, s, n_steps, world, stop, last_save):
-                    continue
-                epoch_sum, interval, bad, (stopping, due) = meter.read((stop.signum is not None, amma.save_due(cfg, last_save)))
-                amma.stop_if_bad(bad, epoch, ckpt_path)
-                state["epoch_loss"] = epoch_sum
-                bar.set_postfix(loss=f"{interval[0] / max(meter.steps, 1):.4f}", refresh=False)
-                meter.reset_interval()
-                if stopping:
-                    bar.close()
-                    save(epoch, s + 1)
-                    stop.exit(f"epoch {epoch + 1}, step {s + 1} of {n_steps}", ckpt_path, is_main)
-                if s + 1 < n_steps and (due or (cfg.save_every_steps and state["steps_done"] % cfg.save_every_steps == 0)):
-                    save(epoch, s + 1)
-                    last_save = time.time()
+                if amma.read_point(cfg, state, s, n_steps, world, stop, last_save):
+                    last_save = amma.at_read_point(meter, cfg, state, stop, save, ckpt_path, epoch, s, n_steps, last_save,
+                                                   bar, lambda interval: interval[0] / max(meter.steps, 1), is_main)
             bar.close()
             lrs = [g["lr"] for g in opt.param_groups]
             sched.step()
@@ -796,6 +779,19 @@ def _finetune(cfg, quiet, rank, world, device):
                 result = results_dict(cfg, mc, data, info, counts, state, baseline, world, n_params)
                 write_json(result, out / "results.json")
     return finish(cfg, mc, data, info, counts, state, baseline, world, n_params, out, result, is_main, say)
+
+
+def finetuning_epoch(cfg, train, state, epoch, rank, world, device, collate_fn):
+    """One epoch's length-bucketed global batches from where the run stands, this process's steps and
+    the loader of its micro-batches."""
+    if epoch != state["next_epoch"] or state["next_step"] == 0:
+        state.update(next_epoch=epoch, next_step=0, epoch_loss=0.0, epoch_steps=0)
+    plan = amma.bucket_batches(train.lengths, cfg.batch_size, cfg.seed, epoch)
+    n_steps = min(len(plan), cfg.limit_steps or len(plan))
+    steps, _ = amma.epoch_steps(plan, state["next_step"], n_steps, rank, world, cfg.grad_accum)
+    micro = [[plan[s][j] for j in part] for s, parts in steps for part in parts]
+    loader = iter(amma.make_loader(train, micro, cfg.num_workers, device.type == "cuda", collate_fn))
+    return plan, steps, n_steps, loader
 
 
 def bce_loss(net, autocast, norm, batch):
