@@ -6,6 +6,7 @@ import io
 import json
 import os
 import urllib.error
+import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -427,7 +428,7 @@ def test_ec_torchdrug_archive(tmp_path, capsys, monkeypatch):
 
         def __exit__(self, *a):
             return False
-    monkeypatch.setattr(ef.urllib.request, "urlopen", lambda url, timeout: Response(b"not torchdrug's zip"))
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: Response(b"not torchdrug's zip"))
     assert ef.main(["--source", "ec", "--download", "--data", str(tmp_path / "other.zip"), "--data-dir",
                     str(tmp_path / "dl"), "--encoders", "tiny", "--out", str(tmp_path / "h")]) == 2
     err = capsys.readouterr().err
