@@ -74,10 +74,13 @@ Choices made here:
 """
 import argparse
 import csv
+import difflib
+import hashlib
 import json
 import os
 import pickle
 import re
+import shutil
 import sys
 import tempfile
 import types
@@ -178,7 +181,12 @@ class ExtractConfig:
                      "average ESM over overlapping windows (GearNet then sees the whole chain)",
                      choices=("crop", "sliding"))
     on_mismatch: str = _opt("skip", "given sequence disagrees with the structure's residues: skip the "
-                            "protein (reported) or use the structure's sequence", choices=("skip", "structure"))
+                            "protein (reported) or use the structure's sequence (a few substitutions at most)",
+                            choices=("skip", "structure"))
+    chain: str = _opt(None, "structure folders: the chain to read from every file (default: the chain the file "
+                      "name names, 1ABC-A.pdb -> A; else the file's only chain)")
+    all_chains: bool = _opt(False, "structure folders: a file with several chains and no chain in its name gives "
+                            "one protein per chain, <id>_<chain> (default: such a file fails)")
     shard: str = _opt("0/1", "i/n: do only the ids at sorted positions i, i+n, i+2n, ... (i = 0..n-1)")
     merge: bool = _opt(False, "only merge the shard manifests of --out into manifest.tsv")
     overwrite: bool = _opt(False, "recompute files that already exist")
@@ -671,20 +679,18 @@ def prepare(p, cfg, modalities):
     """Read and check one protein's inputs; InputError (one line) when they are unusable. Sets p.sha:
     seq = the sequence the encoder sees (+ the window setting when --long sliding applies), str = the
     structure file's content + the residues used, func = the four text fields."""
-    if not p.id or "/" in p.id or p.id.startswith("."):
-        raise InputError(f"id {p.id!r} cannot be a file name")
+    if not p.id:
+        raise InputError("empty id")
     seq, structure_sha = p.sequence, ""
     if p.structure is not None:
-        s = read_structure(p.structure)
+        s = read_structure(p.structure, p.read_chain)
+        if p.chain_rule == "one chain" and "," in s["chain"]:
+            raise InputError(f"{structure_name(p.structure)} holds chains {s['chain']} and its name names none: "
+                             "name it <id>-<chain>.pdb, or pass --chain C, or --all-chains (each chain its own "
+                             "protein <id>_<chain>)")
         if seq is not None and seq != s["sequence"]:
-            gap = subsequence_gap(s["sequence"], seq)
-            if gap is not None:
-                what = (f"sequence mismatch: {structure_name(p.structure)} residue {gap + 1} ({s['residue_ids'][gap]} "
-                        f"{s['sequence'][gap]}) is not in the given sequence in order")
-                if cfg.on_mismatch == "skip":
-                    raise InputError(what + " (--on-mismatch structure uses the structure's sequence)")
-                log(f"warning: {p.id}: {what}; using the structure's sequence", err=True)
-        seq, p.chain, structure_sha = s["sequence"], s["chain"], s["sha"]
+            check_pair(p, s, seq, cfg)
+        seq, p.chain, structure_sha, p.residue_report = s["sequence"], s["chain"], s["sha"], s["report"]
         p.graph_input = {k: s[k] for k in ("residue_type", "ca", "chain_index")}
     if seq is None:
         raise InputError("no sequence and no structure")
@@ -708,6 +714,48 @@ def prepare(p, cfg, modalities):
     return p
 
 
+SAFE_ID = re.compile(r"[^/\\~\x00-\x1f\x7f]+")  # ids outside it (or too long) get a hashed file name
+MAX_NAME_BYTES = 200  # file systems allow 255 bytes; room for '.pt' and the temporary '.<name>.<pid>.tmp'
+
+
+def feature_file(pid):
+    """File name of a protein's features in <set>/<modality>/: '<id>.pt', or, for an id that cannot be a
+    file name (over 200 bytes, '/', '\\', '~', control characters, a leading '.'), a stable hashed name
+    '<readable prefix>~<16 hex digits of blake2b(id)>.pt'; the manifest keeps the real id. A real id never
+    holds '~', so a hashed name is never another protein's. (amma.py needs the same function to read them.)"""
+    raw = pid.encode("utf-8", "surrogatepass")
+    if SAFE_ID.fullmatch(pid) and not pid.startswith(".") and len(raw) <= MAX_NAME_BYTES:
+        return f"{pid}.pt"
+    prefix = re.sub(r"[^A-Za-z0-9_.-]", "_", pid.lstrip("."))[:40]
+    return f"{prefix}~{hashlib.blake2b(raw, digest_size=8).hexdigest()}.pt"
+
+
+def unmatched_residues(structure_seq, given, min_block=4):
+    """How many of the structure's residues have no counterpart in the given sequence: those outside the
+    in-order common blocks of >= min_block residues (difflib); unrelated sequences share few such blocks."""
+    blocks = difflib.SequenceMatcher(None, structure_seq, given, autojunk=False).get_matching_blocks()
+    return len(structure_seq) - sum(b.size for b in blocks if b.size >= min(min_block, len(structure_seq)))
+
+
+def check_pair(p, s, given, cfg):
+    """A given sequence (FASTA / TSV) beside a structure must be the structure's residues with some missing
+    (in order, few unmatched); otherwise InputError naming both lengths (--on-mismatch structure: a few
+    substitutions are accepted with a warning and the structure's sequence is used; more are an error)."""
+    ours = s["sequence"]
+    gap, unmatched = subsequence_gap(ours, given), unmatched_residues(ours, given)
+    few = max(5, len(ours) // 50)
+    if gap is None and unmatched <= few:
+        return
+    where = (f"residue {gap + 1} ({s['residue_ids'][gap]} {ours[gap]}) is not in the given sequence in order"
+             if gap is not None else f"{unmatched} of its residues match nothing in the given sequence")
+    what = f"sequence mismatch: {structure_name(p.structure)} has {len(ours)} residues, the given sequence {len(given)}; {where}"
+    if cfg.on_mismatch == "skip":
+        raise InputError(what + " (--on-mismatch structure uses the structure's sequence)")
+    if unmatched > few:
+        raise InputError(f"{what}: {unmatched} residues differ, more than {few} substitutions; not the same protein")
+    log(f"warning: {p.id}: {what}; using the structure's sequence", err=True)
+
+
 def save_tensor(x, path):
     """float16 copy of x written to a temporary file next to path, then renamed over it; InputError
     (nothing written) when a value is NaN or infinite, from the encoder or beyond float16's 65504."""
@@ -719,10 +767,14 @@ def save_tensor(x, path):
     if not torch.isfinite(y).all():
         raise InputError(f"a value is not finite in float16 (max |value| "
                          f"{x.detach().float().abs().max().item():.4g}; float16 holds up to 65504); nothing written")
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(y, tmp)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(y, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
+        tmp.unlink(missing_ok=True)
+        raise OutputError(path, e) from None
 
 
 def check_existing(path, length=None):
@@ -741,8 +793,68 @@ def check_existing(path, length=None):
 
 
 def write_text_atomic(path, text):
-    """amma.atomic_write_text (a temporary file renamed over `path`)."""
-    atomic_write_text(path, text)
+    """amma.atomic_write_text (a temporary file renamed over `path`); OutputError when it cannot be
+    written, the temporary file removed."""
+    try:
+        atomic_write_text(path, text)
+    except OSError as e:
+        Path(f"{path}.{os.getpid()}.tmp").unlink(missing_ok=True)  # amma.atomic_write_text's temporary name
+        raise OutputError(path, e) from None
+
+
+class OutputError(FatalError):
+    """A file of the feature set cannot be written (disk full, read-only, no permission): one line naming
+    the path and the free space there; the run stops (exit status 2), nothing partial is left."""
+
+    def __init__(self, path, error):
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else full_reason(error)
+        super().__init__(f"cannot write {path}: {reason} ({free_space(path)} free there); nothing partial "
+                         "is left, run again when there is room (finished files are kept)")
+
+
+def free_space(path):
+    """Free space on the file system of path (its nearest existing folder), e.g. '1.2 GB'."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError:
+        return "unknown space"
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if free >= size:
+            return f"{free / size:.1f} {unit}"
+    return f"{free} B"
+
+
+TEMP_NAME = re.compile(r"^\.?(?P<name>.+)\.(?P<pid>\d+)\.tmp$")  # .<id>.pt.<pid>.tmp, manifest.tsv.<pid>.tmp
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a process of another user
+        return True
+    return True
+
+
+def remove_stale_temps(out):
+    """Remove the temporary files that dead processes (killed, out of disk) left in `out` and its modality
+    folders; returns their names (reported in the log and summary.json). Files of living processes (another
+    shard writing now) are left alone."""
+    removed = []
+    for folder in (out, *(out / m for m in MODALITIES)):
+        for path in sorted(folder.glob("*.tmp")) if folder.is_dir() else ():
+            m = TEMP_NAME.match(path.name)
+            if m and not pid_alive(int(m.group("pid"))):
+                path.unlink(missing_ok=True)
+                removed.append(str(path.relative_to(out)))
+    if removed:
+        log(f"{out}: removed {len(removed)} temporary files of dead processes ({', '.join(removed[:3])}"
+            f"{', ...' if len(removed) > 3 else ''})", err=True)
+    return removed
 
 
 BASE_COLUMNS = ("id", "L", "L_func", "modalities", "sequence", "L_full", "structure", "chain")
@@ -814,7 +926,7 @@ def kept_rows(out, rows, todo_ids):
             continue
         try:
             for m in filter(None, r["modalities"].split(",")):
-                check_existing(out / m / f"{pid}.pt", None if m == "func" else int(r["L"]))
+                check_existing(out / m / feature_file(pid), None if m == "func" else int(r["L"]))
         except (ValueError, OSError):
             continue
         kept.append(r)
@@ -830,7 +942,7 @@ def write_info(out, rows, names=None, base=None, union=False):
     for m in MODALITIES:
         row = next((r for r in rows if m in r["modalities"].split(",")), None)
         if row is not None:
-            dims[m] = check_existing(out / m / f"{row['id']}.pt")[1]
+            dims[m] = check_existing(out / m / feature_file(row["id"]))[1]
             encoders[m] = (names or {}).get(m) or encoders.get(m, "?")
     dims = {m: dims[m] for m in MODALITIES if m in dims}
     info = {"encoders": {m: encoders.get(m, "?") for m in dims}, "dims": dims}
@@ -904,13 +1016,9 @@ def encode_residues(encoder, jobs, cfg, save, fail, desc):
     sums, counts = {}, {}
     for batch in progress(token_batches([b - a for _, a, b in segments], cfg.toks_per_batch, extra=2), desc):
         segs = [segments[k] for k in batch]
-        try:
-            reps = encoder([jobs[j][1][a:b] for j, a, b in segs])
-        except Exception as e:  # e.g. out of memory: these proteins fail, the run goes on
-            for j, _, _ in segs:
-                fail(jobs[j][0], f"{desc}: {type(e).__name__}: {full_reason(e)}")
-            continue
-        for (j, a, b), rep in zip(segs, reps):
+        done = run_isolated(lambda part: encoder([jobs[j][1][a:b] for j, a, b in part]), segs,
+                            lambda seg, reason: fail(jobs[seg[0]][0], f"{desc}: {reason}"))
+        for (j, a, b), rep in done:
             if j not in sums:
                 sums[j] = rep.new_zeros(len(jobs[j][1]), rep.shape[1])
                 counts[j] = rep.new_zeros(len(jobs[j][1]), 1)
@@ -921,18 +1029,24 @@ def encode_residues(encoder, jobs, cfg, save, fail, desc):
                 save(jobs[j][0], sums.pop(j) / counts.pop(j))
 
 
+def run_isolated(encode, items, fail):
+    """[(item, output)] of encode(items); when the batch raises (one bad protein, out of memory), each
+    item is retried alone, so only the items that fail alone are lost: fail(item, reason) names them."""
+    try:
+        return list(zip(items, encode(items)))
+    except Exception as e:  # any error of an encoder: the run goes on
+        if len(items) == 1:
+            fail(items[0], f"{type(e).__name__}: {full_reason(e)}")
+            return []
+    return [pair for item in items for pair in run_isolated(encode, [item], fail)]
+
+
 def encode_batches(encode, proteins, lengths, budget, desc, save, fail):
-    """Length-sorted batches under a token budget through `encode(group) -> [features]`; a batch that
-    fails (e.g. out of memory) fails its proteins and the run goes on."""
+    """Length-sorted batches under a token budget through `encode(group) -> [features]`; a protein that
+    breaks its batch is retried alone (run_isolated) and fails by name, the rest of the batch is kept."""
     for batch in progress(token_batches(lengths, budget), desc):
         group = [proteins[k] for k in batch]
-        try:
-            feats = encode(group)
-        except Exception as e:
-            for p in group:
-                fail(p, f"{desc}: {type(e).__name__}: {full_reason(e)}")
-            continue
-        for p, x in zip(group, feats):
+        for p, x in run_isolated(encode, group, lambda q, reason: fail(q, f"{desc}: {reason}")):
             save(p, x)
 
 
@@ -979,6 +1093,8 @@ class Tally:
     rows: list = field(default_factory=list)        # manifest rows of the proteins handled
     done: int = 0                                   # proteins with at least one file written
     skipped: int = 0                                # proteins whose files were all up to date
+    residues: dict = field(default_factory=dict)    # id -> read_structure's report (remapped / dropped residues)
+    stale_temps_removed: list = field(default_factory=list)  # temporary files of dead processes, removed
 
     def fail(self, p, reason):
         """Leave protein p (or an id) out with a one-line reason; the first reason counts."""
@@ -1009,7 +1125,7 @@ def files_to_write(ready, out, cfg, previous, names, tally):
     pending = {m: [] for m in MODALITIES}
     for p in ready:
         for m in p.modalities:
-            path = out / m / f"{p.id}.pt"
+            path = out / m / feature_file(p.id)
             if path.exists() and not cfg.overwrite:
                 why = stale_reason(p, m, previous, names)
                 if why is None:
@@ -1041,7 +1157,7 @@ def encode_pending(pending, encoders, out, cfg, device, tally):
     def saver(m):
         def save(p, x):
             try:
-                save_tensor(x, out / m / f"{p.id}.pt")
+                save_tensor(x, out / m / feature_file(p.id))
             except InputError as e:
                 tally.fail(p, f"{m}: {e}")
                 return
@@ -1069,6 +1185,8 @@ def extract_chunk(chunk, out, cfg, modalities, ctx, tally):
             continue
         if p.note:
             tally.notes[p.id] = p.note
+        if p.residue_report:
+            tally.residues[p.id] = p.residue_report
     pending = files_to_write(ready, out, cfg, ctx["previous"], ctx["names"], tally)
     busy = encode_pending(pending, ctx["encoders"], out, cfg, ctx["device"], tally)
     for p in ready:
@@ -1082,6 +1200,7 @@ def extract_set(proteins, out, cfg, modalities, source, label_sets=(), encoders=
     FatalError when there is nothing to do or no protein is usable (the summary is written first)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    stale = remove_stale_temps(out)
     check_info(out, cfg, modalities)
     for labels in label_sets:
         write_labels(out, **labels)
@@ -1102,7 +1221,7 @@ def extract_set(proteins, out, cfg, modalities, source, label_sets=(), encoders=
     same_encoders = not encoder_clash(out, names)
     # rows of this manifest for ids not handled yet: kept while the run goes on, so a killed run keeps them
     pending_rows = read_manifest_rows(manifest) if same_encoders else {}
-    tally = Tally()
+    tally = Tally(stale_temps_removed=stale)
     for start in range(0, len(todo), CHUNK):
         chunk = todo[start:start + CHUNK]
         extract_chunk(chunk, out, cfg, modalities, ctx, tally)
@@ -1138,6 +1257,7 @@ def finish_set(out, cfg, modalities, source, todo, tally, ctx, manifest, same_en
                "skipped": tally.skipped, "recomputed": {k: "; ".join(v) for k, v in sorted(tally.recomputed.items())},
                "failed": dict(sorted(failed.items())), "rewritten": tally.rewritten,
                "notes": dict(sorted(tally.notes.items())), "duplicate_ids": sorted(duplicates),
+               "residues": dict(sorted(tally.residues.items())), "stale_temps_removed": tally.stale_temps_removed,
                "tiny": cfg.encoders == "tiny", "encoders": info["encoders"],
                "exit_status": EXIT_PARTIAL if failed else EXIT_OK}
     name = f"summary.shard-{shard_i}-of-{shard_n}.json" if shard_n > 1 else "summary.json"
@@ -1162,6 +1282,9 @@ def print_summary(s, path):
         log(f"  failed {pid}: {reason}")
     if len(s["failed"]) > 20:
         log(f"  ... {len(s['failed']) - 20} more in {path}")
+    if s["residues"]:
+        log(f"  residues: {len(s['residues'])} proteins had residues remapped, read as unknown or dropped "
+            f"(modified residues, ions, missing C-alpha; counts per protein under 'residues' in {path})")
     for pid, note in list(s["notes"].items())[:5]:
         log(f"  note {pid}: {note}")
     if len(s["notes"]) > 5:
@@ -1189,6 +1312,18 @@ def build_parser():
             meta["help"] += f" (default: {shown})"
         parser.add_argument(flag, default=f.default, **meta)
     return parser
+
+
+def check_out(out):
+    """--out must be a folder this process can write, or a path that can become one; FatalError (one line)
+    otherwise. Nothing is created here (a run that fails on its inputs leaves no empty folder)."""
+    probe = out.absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise FatalError(f"--out {out}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise FatalError(f"--out {out}: {probe} is not writable (read-only file system or no permission)")
 
 
 def extract_alphafold(cfg, out, modalities, encoders):
@@ -1234,6 +1369,7 @@ def main(argv=None):
             raise FatalError("--pick PAIRED SEQSTR SEQFUNC: counts >= 0, with --source alphafold (--af-dir)")
         name = f"demo-{cfg.encoders}" if cfg.source == "demo" else cfg.source  # features/demo: demo.py's own set
         out = Path(cfg.out or f"features/{name}")
+        check_out(out)  # before any reading: a bad --out is a one-line error at once
         if cfg.encoders == "tiny":
             log("encoders: TINY -- small random-init models of the real architectures (ESM-2 6 layers, "
                 "GearNet-Edge [32]*6, 2-layer BERT); for tests and the demo, not for results")

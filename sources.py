@@ -128,17 +128,21 @@ def _open(path):
 
 
 def read_fasta(path):
-    """[(id, sequence)] in file order; id = first word of the header line."""
+    """[(id, sequence)] in file order; id = first word of the header line. Text before the first header
+    is a FatalError naming the line (a lost header would silently drop or merge a sequence)."""
     records, name, chunks = [], None, []
     with _open(path) as f:
         try:
-            for line in f:
+            for lineno, line in enumerate(f, start=1):
                 line = line.strip()
                 if line.startswith(">"):
                     if name is not None:
                         records.append((name, "".join(chunks)))
                     name, chunks = (line[1:].split() or [""])[0], []
-                elif line and name is not None:
+                elif line and name is None:
+                    raise FatalError(f"{path}:{lineno}: text before the first '>' header ({line[:40]!r}): a "
+                                     "header line is missing, or the file is not FASTA")
+                elif line:
                     chunks.append(line)
         except UnicodeDecodeError as e:
             raise FatalError(f"{path}: not UTF-8 text ({e})") from None
@@ -318,13 +322,70 @@ def structure_stem(name):
 
 def index_structures(directory, torchdrug_names=False):
     """{id: path} of the structure files directly in `directory`, id = the file's stem (with
-    torchdrug_names, the part before the first '_': '1ABC-A_12.pdb' -> '1ABC-A')."""
-    index = {}
+    torchdrug_names, the part before the first '_': '1ABC-A_12.pdb' -> '1ABC-A'). Two files of one id
+    (twin.pdb and twin.pdb.gz): the first in name order is used, the other named in a warning."""
+    index, twins = {}, {}
     for path in sorted(Path(directory).iterdir()):
         stem = structure_stem(path.name)
         if stem is not None and path.is_file():
-            index.setdefault(stem.split("_")[0] if torchdrug_names else stem, path)
+            pid = stem.split("_")[0] if torchdrug_names else stem
+            if pid in index:
+                twins[pid] = path
+            index.setdefault(pid, path)
+    if twins:
+        shown = ", ".join(f"{twins[x].name} (used: {index[x].name})" for x in list(twins)[:5])
+        log(f"warning: {directory}: {len(twins)} files have the id of another file and are ignored: {shown}"
+            f"{', ...' if len(twins) > 5 else ''}", err=True)
     return index
+
+
+CHAIN_IN_NAME = re.compile(r"-([A-Za-z0-9]{1,4})$")  # '1ABC-A', '2PE5-B': the chain named by the file
+
+
+def folder_entries(index, cfg):
+    """The chain policy of a structure folder: {protein id: (path, chain to read or None, rule)}. The chain
+    is --chain when given, else the one the file name names ('XXXX-A.pdb'); an AlphaFold DB file is read
+    whole (one chain); any other file must hold one chain (prepare() fails it otherwise), or with
+    --all-chains each of its chains is a protein of its own, '<id>_<chain>'. Printed once."""
+    entries, rules = {}, Counter()
+    all_chains = getattr(cfg, "all_chains", False)
+    for stem, path in index.items():
+        named = CHAIN_IN_NAME.search(stem)
+        if getattr(cfg, "chain", None):
+            entries[stem] = (path, cfg.chain, "--chain")
+        elif AF_NAME.match(Path(path).name):
+            entries[stem] = (path, None, "alphafold")
+        elif named:
+            entries[stem] = (path, named.group(1), "file name")
+        else:
+            chains = file_chains(path) if all_chains else []
+            if len(chains) > 1:
+                entries.update({f"{stem}_{c}": (path, c, "--all-chains") for c in chains})
+            else:
+                entries[stem] = (path, None, "one chain")
+        rules[entries[next(reversed(entries))][2]] += 1
+    what = {"--chain": f"chain {getattr(cfg, 'chain', None)} (--chain)", "file name": "the chain the name names "
+            "(XXXX-A.pdb)", "alphafold": "AlphaFold DB files, read whole", "--all-chains": "multi-chain files "
+            "split, one protein <id>_<chain> per chain (--all-chains)", "one chain": "the file's only chain "
+            "(a file with several fails: name it XXXX-A.pdb, or --chain, or --all-chains)"}
+    if rules:
+        log("structures: chain policy: " + "; ".join(f"{n} files: {what[r]}" for r, n in rules.items()))
+    return entries
+
+
+def file_chains(path):
+    """The chain ids of the protein residues of a structure file ([] when it cannot be read: the
+    error comes when the protein is prepared)."""
+    try:
+        return read_structure(path)["chain"].split(",")
+    except InputError:
+        return []
+
+
+def structure_of(entries, pid):
+    """Protein(...) keyword arguments of id `pid` from folder_entries (none when it has no structure)."""
+    path, chain, rule = entries.get(pid, (None, None, ""))
+    return {"structure": path, "read_chain": chain, "chain_rule": rule}
 
 
 @dataclass(frozen=True)
@@ -372,13 +433,13 @@ def structure_bytes(ref):
     return gzip.decompress(data) if structure_name(ref).endswith(".gz") else data
 
 
-def read_structure(ref):
-    """gearnet.read_structure of a path or an ArchiveMember, plus "sha" (checksum of the file's content),
-    with every way a file can be unreadable (bad content, missing columns, cut short, corrupt gzip, I/O,
-    not text) turned into one InputError naming the file."""
+def read_structure(ref, chain=None):
+    """gearnet.read_structure of a path or an ArchiveMember (only `chain` when given), plus "sha" (checksum
+    of the file's content), with every way a file can be unreadable (bad content, missing columns, cut
+    short, corrupt gzip, I/O, not text) turned into one InputError naming the file."""
     try:
         data = structure_bytes(ref)
-        s = gearnet.read_structure(str(ref), text=data.decode())
+        s = gearnet.read_structure(str(ref), chain=chain, text=data.decode())
     except gearnet.StructureError as e:
         raise InputError(str(e)) from None
     # UnicodeDecodeError is a ValueError, gzip.BadGzipFile an OSError
@@ -400,6 +461,8 @@ class Protein:
     sequence: str = None      # given sequence (FASTA / TSV), None when only a structure exists
     structure: object = None  # structure file: a Path or an ArchiveMember
     fields: dict = None       # ProtDescribe text fields
+    read_chain: str = None    # the structure's chain to read (None: the whole file)
+    chain_rule: str = ""      # why (folder_entries); "one chain": the file must hold one; "": read whole
     # set by prepare():
     seq: str = ""             # what the sequence encoder sees
     graph_input: dict = None  # read_structure dict, cropped like seq
@@ -410,6 +473,7 @@ class Protein:
     shapes: dict = field(default_factory=dict)
     sha: dict = field(default_factory=dict)  # modality -> checksum of what its features are computed from
     note: str = ""            # a modality left out for lack of input (listed in the summary)
+    residue_report: dict = None  # read_structure's report: residues remapped, unknown, dropped
 
 
 def texts_by_id(cfg):
@@ -442,21 +506,23 @@ def proteins_fasta(cfg):
     if not records:
         raise FatalError(f"--fasta {cfg.fasta}: no FASTA records (no line starts with '>')")
     structures = structures_in(cfg.pdb_dir, "--pdb-dir", required=False) if cfg.pdb_dir else {}
+    entries = folder_entries(structures, cfg)
     texts = texts_by_id(cfg)
-    return [Protein(pid, sequence=seq, structure=structures.get(pid), fields=texts.get(pid)) for pid, seq in records]
+    return [Protein(pid, sequence=seq, fields=texts.get(pid), **structure_of(entries, pid)) for pid, seq in records]
 
 
 def proteins_pdb_dir(cfg):
     require(cfg, "pdb_dir")
-    structures = structures_in(cfg.pdb_dir, "--pdb-dir")
+    entries = folder_entries(structures_in(cfg.pdb_dir, "--pdb-dir"), cfg)
     texts = texts_by_id(cfg)
-    return [Protein(pid, structure=path, fields=texts.get(pid)) for pid, path in structures.items()]
+    return [Protein(pid, fields=texts.get(pid), **structure_of(entries, pid)) for pid in entries]
 
 
 def proteins_protdescribe(cfg):
     require(cfg, "protdescribe")
     structures = structures_in(cfg.pdb_dir, "--pdb-dir", required=False) if cfg.pdb_dir else {}
-    return [Protein(r["id"], sequence=r["sequence"], structure=structures.get(r["id"]), fields=r["fields"])
+    entries = folder_entries(structures, cfg)
+    return [Protein(r["id"], sequence=r["sequence"], fields=r["fields"], **structure_of(entries, r["id"]))
             for r in read_protdescribe(cfg.protdescribe, cfg.id_column).rows]
 
 
@@ -750,6 +816,9 @@ def task_proteins(cfg, kind, label_source=None, texts=None):
                        test_identity=test_identity, source=label_source or files["source"]) for task in terms]
     ids = [x for s in SPLITS for x in splits[s]]
     texts = texts or {}
+    # chains: each file is read whole, as torchdrug does for its own EC/GO files (EnzymeCommission /
+    # GeneOntology call ProteinDataset.load_pdbs -> Protein.from_pdb on the whole file, no chain chosen;
+    # the protein's id is the file name before '_'); DeepFRI's files hold the one chain their name names
     proteins = [Protein(x, sequence=sequences.get(x), structure=files["structures"].get(x), fields=texts.get(x))
                 for x in ids if x in sequences or x in files["structures"]]
     log(f"{kind}: {len(ids)} chains in the splits (train/valid/test "
