@@ -8,7 +8,8 @@
                                   sequence, the structure file, the text fields) and enc_seq / enc_str / enc_func
     features/<set>/info.json      encoders, dims, tiny, synthetic, esm_model, esm_weights, esm_layer, source, ...
     features/<set>/labels_<task>.json   ec / go / demo: task, terms, labels, splits, test_identity, source
-    features/<set>/summary.json   done / skipped / recomputed / failed (with reasons) of the last run
+    features/<set>/summary.json   done / skipped / recomputed / failed (with reasons) of the last run, residues
+                                  remapped or dropped per protein, temporary files of dead processes removed
 
 Commands (tests/test_extract.py runs the first, with --demo-n 6; --source is inferred from the input flags):
 
@@ -41,23 +42,25 @@ and 'model' matter and a file from elsewhere cannot run code. --encoders tiny: s
 the same architectures, offline, for tests and the demo only (labelled as such everywhere).
 
 Choices made here:
-- Sequence letters: the 20 standard residues plus X B Z U O, which fair-esm's ESM-1b alphabet holds as
-  tokens of their own (X unknown, B Asx, Z Glx, U selenocysteine, O pyrrolysine). Any other character
-  (digits, '*', '-', '.', lowercase) fails that protein with a one-line error; nothing is guessed.
 - Long proteins: the first --max-len (1022) residues, in every residue-level modality (torchdrug's
   choice). --long sliding instead averages ESM over windows of 1022 overlapping by half and runs
   GearNet on the whole chain.
-- With a structure, the residues that have a C-alpha atom are the sequence (the sequence encoder sees
-  exactly the structure's residues). A FASTA/TSV sequence given too must contain the structure's
-  residues in order (residues missing from the structure are fine; 'X' matches anything); otherwise
-  the protein is reported and skipped (--on-mismatch structure uses the structure's sequence instead).
 - Text: ProtST's fields ProteinName, Function, SubcellularLocation, Similarity, each tokenized alone
   without special tokens and cut to 128 tokens, joined as [CLS] f1 [SEP] f2 [SEP] f3 [SEP] f4 (ProtST
   has no trailing [SEP]); empty fields are left out, no inner padding (so features do not depend on the
   batch), at most 512 tokens (the last field is trimmed). A protein whose four fields are all empty
   has no func modality (a note in the summary, not a failure).
-- Reading the inputs (ProtDescribe's columns, AlphaFold DB x ProtDescribe, torchdrug's archives and
-  DeepFRI's labels): see sources.py's docstring.
+- Reading the inputs (sequence letters, structures and their chains, modified residues, FASTA/structure
+  pairs, ProtDescribe's columns, AlphaFold DB x ProtDescribe, torchdrug's archives, DeepFRI's labels):
+  see sources.py's docstring.
+- File names: <id>.pt; an id that cannot be a file name (over 200 bytes, '/', '\\', '~', control
+  characters, a leading '.') is stored as <readable prefix>~<16 hex digits of its blake2b>.pt
+  (feature_file); the manifest keeps the real id.
+- Writing: every file goes to a temporary file that is renamed over it. A write that fails (disk full,
+  read-only, no permission) stops the run with one line naming the path and the free space there (exit
+  2), its temporary file removed; finished files are kept. Temporary files that dead processes left
+  (.<id>.pt.<pid>.tmp, manifest.tsv.<pid>.tmp) are removed at the next start and listed in summary.json.
+  --out is checked before any input is read.
 - Resuming: a finished file is skipped when its manifest row records the same input checksum and encoder
   (and the file loads); a changed input (one residue, a new structure file, other text) is recomputed and
   listed under "recomputed"; a truncated file is reported by id and rewritten; --overwrite redoes all.
@@ -74,7 +77,6 @@ Choices made here:
 """
 import argparse
 import csv
-import difflib
 import hashlib
 import json
 import os
@@ -95,15 +97,15 @@ import gearnet
 from amma import MODALITIES, atomic_write_text  # the feature-cache contract lives in amma.py
 # the readers live in sources.py; imported by name so that extract_features.<name> keeps working for callers
 from sources import (  # noqa: F401
-    AF_NAME, CUTOFF_COLUMNS, EXTRA_RESIDUES, GO_BRANCHES, ID_COLUMNS, SEQUENCE_FIELD, SOURCES,
-    SPLITS, STANDARD_RESIDUES, STRUCTURE_SUFFIXES, TEXT_FIELDS, TORCHDRUG_ZIPS, UNIPROT_ACCESSION,
-    ArchiveMember, FatalError, InputError, ProtDescribe, Protein, alphafold_files, alphafold_sets,
-    check_sequence, choose_join, demo_sets, digest, fetch_archive, find_annotation, has_text,
-    index_structures, infer_source, log, md5sum, pick_sets, progress, proteins_fasta, proteins_pdb_dir,
-    proteins_protdescribe, read_deepfri_annot, read_fasta, read_protdescribe, read_split,
-    read_structure, read_test_csv, require, safe_extract, split_structures, structure_bytes,
-    structure_name, structure_stem, structures_in, subsequence_gap, tar_members, task_files,
-    task_proteins, texts_by_id)
+    AF_NAME, CUTOFF_COLUMNS, EXTRA_RESIDUES, GO_BRANCHES, ID_COLUMNS, SEQUENCE_FIELD, SOURCES, SPLITS,
+    STANDARD_RESIDUES, STRUCTURE_SUFFIXES, TEXT_FIELDS, TORCHDRUG_ZIPS, UNIPROT_ACCESSION, ArchiveMember,
+    FatalError, InputError, ProtDescribe, Protein, alphafold_files, alphafold_sets, check_pair, check_sequence,
+    choose_join, demo_sets, digest, fetch_archive, find_annotation, folder_entries, has_text, index_structures,
+    infer_source, log, md5sum, pick_sets, prepare, progress, proteins_fasta, proteins_pdb_dir,
+    proteins_protdescribe, read_deepfri_annot, read_fasta, read_protdescribe, read_split, read_structure,
+    read_test_csv, require, safe_extract, split_structures, structure_bytes, structure_name, structure_of,
+    structure_stem, structures_in, subsequence_gap, tar_members, task_files, task_proteins, texts_by_id,
+    unmatched_residues)
 
 ESM1B_NAME = "esm1b_t33_650M_UR50S"
 ESM_URL = "https://dl.fbaipublicfiles.com/fair-esm/models/{}.pt"  # fair-esm's esm/pretrained.py
@@ -675,45 +677,6 @@ def load_encoder(modality, cfg, device):
 # ----------------------------------------------------------------------------- proteins and their files
 
 
-def prepare(p, cfg, modalities):
-    """Read and check one protein's inputs; InputError (one line) when they are unusable. Sets p.sha:
-    seq = the sequence the encoder sees (+ the window setting when --long sliding applies), str = the
-    structure file's content + the residues used, func = the four text fields."""
-    if not p.id:
-        raise InputError("empty id")
-    seq, structure_sha = p.sequence, ""
-    if p.structure is not None:
-        s = read_structure(p.structure, p.read_chain)
-        if p.chain_rule == "one chain" and "," in s["chain"]:
-            raise InputError(f"{structure_name(p.structure)} holds chains {s['chain']} and its name names none: "
-                             "name it <id>-<chain>.pdb, or pass --chain C, or --all-chains (each chain its own "
-                             "protein <id>_<chain>)")
-        if seq is not None and seq != s["sequence"]:
-            check_pair(p, s, seq, cfg)
-        seq, p.chain, structure_sha, p.residue_report = s["sequence"], s["chain"], s["sha"], s["report"]
-        p.graph_input = {k: s[k] for k in ("residue_type", "ca", "chain_index")}
-    if seq is None:
-        raise InputError("no sequence and no structure")
-    check_sequence(seq)
-    p.L_full = len(seq)
-    if cfg.long == "crop" and len(seq) > cfg.max_len:
-        seq = seq[:cfg.max_len]
-        if p.graph_input is not None:
-            p.graph_input = {k: v[:cfg.max_len] for k, v in p.graph_input.items()}
-    p.seq = seq
-    p.sha["seq"] = digest(seq if len(seq) <= cfg.max_len else f"{seq}|windows{cfg.max_len}")
-    if p.graph_input is not None:
-        p.sha["str"] = digest(f"{structure_sha}|{len(p.graph_input['ca'])}")
-    text = has_text(p.fields)
-    if text:
-        p.sha["func"] = digest(json.dumps([p.fields.get(k) or "" for k in TEXT_FIELDS]))
-    if "func" in modalities and p.fields is not None and not text:
-        p.note = f"no text (the fields {', '.join(TEXT_FIELDS)} are all empty): func left out"
-    has = {"seq": True, "str": p.graph_input is not None, "func": text}
-    p.modalities = tuple(m for m in MODALITIES if m in modalities and has[m])
-    return p
-
-
 SAFE_ID = re.compile(r"[^/\\~\x00-\x1f\x7f]+")  # ids outside it (or too long) get a hashed file name
 MAX_NAME_BYTES = 200  # file systems allow 255 bytes; room for '.pt' and the temporary '.<name>.<pid>.tmp'
 
@@ -728,32 +691,6 @@ def feature_file(pid):
         return f"{pid}.pt"
     prefix = re.sub(r"[^A-Za-z0-9_.-]", "_", pid.lstrip("."))[:40]
     return f"{prefix}~{hashlib.blake2b(raw, digest_size=8).hexdigest()}.pt"
-
-
-def unmatched_residues(structure_seq, given, min_block=4):
-    """How many of the structure's residues have no counterpart in the given sequence: those outside the
-    in-order common blocks of >= min_block residues (difflib); unrelated sequences share few such blocks."""
-    blocks = difflib.SequenceMatcher(None, structure_seq, given, autojunk=False).get_matching_blocks()
-    return len(structure_seq) - sum(b.size for b in blocks if b.size >= min(min_block, len(structure_seq)))
-
-
-def check_pair(p, s, given, cfg):
-    """A given sequence (FASTA / TSV) beside a structure must be the structure's residues with some missing
-    (in order, few unmatched); otherwise InputError naming both lengths (--on-mismatch structure: a few
-    substitutions are accepted with a warning and the structure's sequence is used; more are an error)."""
-    ours = s["sequence"]
-    gap, unmatched = subsequence_gap(ours, given), unmatched_residues(ours, given)
-    few = max(5, len(ours) // 50)
-    if gap is None and unmatched <= few:
-        return
-    where = (f"residue {gap + 1} ({s['residue_ids'][gap]} {ours[gap]}) is not in the given sequence in order"
-             if gap is not None else f"{unmatched} of its residues match nothing in the given sequence")
-    what = f"sequence mismatch: {structure_name(p.structure)} has {len(ours)} residues, the given sequence {len(given)}; {where}"
-    if cfg.on_mismatch == "skip":
-        raise InputError(what + " (--on-mismatch structure uses the structure's sequence)")
-    if unmatched > few:
-        raise InputError(f"{what}: {unmatched} residues differ, more than {few} substitutions; not the same protein")
-    log(f"warning: {p.id}: {what}; using the structure's sequence", err=True)
 
 
 def save_tensor(x, path):

@@ -4,7 +4,9 @@
     index_structures, read_structure         folders of PDB / mmCIF files (.gz too), AlphaFold DB tar members
     alphafold_sets, pick_sets                AlphaFold DB x ProtDescribe: the paper's pretraining sets
     task_files, task_proteins                EC / GO: torchdrug's archives or extracted folders, DeepFRI's files
+    folder_entries                           the chain policy of a structure folder (--chain, --all-chains)
     proteins_fasta / _pdb_dir / _protdescribe, demo_sets, infer_source   one list of Proteins per --source
+    prepare                                  one protein's inputs read and checked, before it is encoded
 
 Nothing here encodes or writes features (extract_features.py does); everything raises InputError (one
 protein is unusable: reported, the run goes on) or FatalError (the run cannot start: one line, exit 2).
@@ -14,6 +16,27 @@ protein is unusable: reported, the run goes on) or FatalError (the run cannot st
     s = sources.read_structure(Path("1ABC-A.pdb"))
 
 Choices made here:
+- Sequence letters: the 20 standard residues plus X B Z U O, which fair-esm's ESM-1b alphabet holds as
+  tokens of their own (X unknown, B Asx, Z Glx, U selenocysteine, O pyrrolysine). Any other character
+  (digits, '*', '-', '.', lowercase) fails that protein with a one-line error; nothing is guessed.
+- Structures: first model; alternate locations ' ', 'A' or '1' only, whatever the occupancy (RDKit's
+  reader, which torchdrug uses, keeps those); a non-finite C-alpha coordinate fails the file, naming the
+  atom. Modified amino acids (MSE, SEP, TPO, KCX, ...: gearnet.MODIFIED_RESIDUES) are read as their parent
+  residue in ATOM and HETATM records alike; other HETATM amino acids (backbone N, CA, C) as unknown 'X'
+  (torchdrug keeps every residue with a C-alpha, and reads every name outside its 20 as glycine /
+  unknown); a HETATM 'CA' without backbone (a calcium ion) is no residue. Every remapped, unknown or
+  dropped residue is counted per protein under "residues" in summary.json; a chain id used twice in a
+  file and two files of one id (twin.pdb, twin.pdb.gz) are reported.
+- Chains of a structure folder (--pdb-dir; printed at the start): --chain C when given, else the chain
+  the file's name names (1ABC-A.pdb -> A), AlphaFold DB files whole (one chain), and any other file must
+  hold one chain: a file with several fails by name, or with --all-chains each chain is a protein of its
+  own, <id>_<chain>. torchdrug's own EC/GO files are read whole, as torchdrug reads them.
+- With a structure, the residues that have a C-alpha atom are the sequence (the sequence encoder sees
+  exactly the structure's residues). A FASTA/TSV sequence given too must be the structure's residues
+  with some missing (in order; at most max(5, L/50) residues outside common blocks of 4); otherwise the
+  protein is reported and skipped, naming both lengths (--on-mismatch structure uses the structure's
+  sequence instead when at most that many residues differ; more are an error). Text before the first
+  '>' of a FASTA file is an error naming the line.
 - ProtDescribe (ProtST's uniprot_sprot_filtered.tsv) is read as ProtST's UniProtSeqText reads it: csv
   with tab delimiter, the header row names the fields, a row with more fields than the header keeps the
   first ones (a row with fewer gets empty fields; both are counted and reported). ProtST's code names no
@@ -33,8 +56,10 @@ Choices made here:
 """
 import csv
 import dataclasses
+import difflib
 import gzip
 import hashlib
+import json
 import os
 import random
 import re
@@ -52,6 +77,7 @@ from tqdm import tqdm
 
 import amma
 import gearnet
+from amma import MODALITIES
 
 STANDARD_RESIDUES = "ACDEFGHIKLMNPQRSTVWY"
 EXTRA_RESIDUES = "XBZUO"  # tokens of their own in fair-esm's ESM-1b alphabet
@@ -524,6 +550,73 @@ def proteins_protdescribe(cfg):
     entries = folder_entries(structures, cfg)
     return [Protein(r["id"], sequence=r["sequence"], fields=r["fields"], **structure_of(entries, r["id"]))
             for r in read_protdescribe(cfg.protdescribe, cfg.id_column).rows]
+
+
+# ----------------------------------------------------------------------------- one protein's inputs, checked
+
+def prepare(p, cfg, modalities):
+    """Read and check one protein's inputs; InputError (one line) when they are unusable. Sets p.sha:
+    seq = the sequence the encoder sees (+ the window setting when --long sliding applies), str = the
+    structure file's content + the residues used, func = the four text fields."""
+    if not p.id:
+        raise InputError("empty id")
+    seq, structure_sha = p.sequence, ""
+    if p.structure is not None:
+        s = read_structure(p.structure, p.read_chain)
+        if p.chain_rule == "one chain" and "," in s["chain"]:
+            raise InputError(f"{structure_name(p.structure)} holds chains {s['chain']} and its name names none: "
+                             "name it <id>-<chain>.pdb, or pass --chain C, or --all-chains (each chain its own "
+                             "protein <id>_<chain>)")
+        if seq is not None and seq != s["sequence"]:
+            check_pair(p, s, seq, cfg)
+        seq, p.chain, structure_sha, p.residue_report = s["sequence"], s["chain"], s["sha"], s["report"]
+        p.graph_input = {k: s[k] for k in ("residue_type", "ca", "chain_index")}
+    if seq is None:
+        raise InputError("no sequence and no structure")
+    check_sequence(seq)
+    p.L_full = len(seq)
+    if cfg.long == "crop" and len(seq) > cfg.max_len:
+        seq = seq[:cfg.max_len]
+        if p.graph_input is not None:
+            p.graph_input = {k: v[:cfg.max_len] for k, v in p.graph_input.items()}
+    p.seq = seq
+    p.sha["seq"] = digest(seq if len(seq) <= cfg.max_len else f"{seq}|windows{cfg.max_len}")
+    if p.graph_input is not None:
+        p.sha["str"] = digest(f"{structure_sha}|{len(p.graph_input['ca'])}")
+    text = has_text(p.fields)
+    if text:
+        p.sha["func"] = digest(json.dumps([p.fields.get(k) or "" for k in TEXT_FIELDS]))
+    if "func" in modalities and p.fields is not None and not text:
+        p.note = f"no text (the fields {', '.join(TEXT_FIELDS)} are all empty): func left out"
+    has = {"seq": True, "str": p.graph_input is not None, "func": text}
+    p.modalities = tuple(m for m in MODALITIES if m in modalities and has[m])
+    return p
+
+
+def unmatched_residues(structure_seq, given, min_block=4):
+    """How many of the structure's residues have no counterpart in the given sequence: those outside the
+    in-order common blocks of >= min_block residues (difflib); unrelated sequences share few such blocks."""
+    blocks = difflib.SequenceMatcher(None, structure_seq, given, autojunk=False).get_matching_blocks()
+    return len(structure_seq) - sum(b.size for b in blocks if b.size >= min(min_block, len(structure_seq)))
+
+
+def check_pair(p, s, given, cfg):
+    """A given sequence (FASTA / TSV) beside a structure must be the structure's residues with some missing
+    (in order, few unmatched); otherwise InputError naming both lengths (--on-mismatch structure: a few
+    substitutions are accepted with a warning and the structure's sequence is used; more are an error)."""
+    ours = s["sequence"]
+    gap, unmatched = subsequence_gap(ours, given), unmatched_residues(ours, given)
+    few = max(5, len(ours) // 50)
+    if gap is None and unmatched <= few:
+        return
+    where = (f"residue {gap + 1} ({s['residue_ids'][gap]} {ours[gap]}) is not in the given sequence in order"
+             if gap is not None else f"{unmatched} of its residues match nothing in the given sequence")
+    what = f"sequence mismatch: {structure_name(p.structure)} has {len(ours)} residues, the given sequence {len(given)}; {where}"
+    if cfg.on_mismatch == "skip":
+        raise InputError(what + " (--on-mismatch structure uses the structure's sequence)")
+    if unmatched > few:
+        raise InputError(f"{what}: {unmatched} residues differ, more than {few} substitutions; not the same protein")
+    log(f"warning: {p.id}: {what}; using the structure's sequence", err=True)
 
 
 # ----------------------------------------------------------------------------- AlphaFold DB x ProtDescribe
