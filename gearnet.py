@@ -70,8 +70,8 @@ UNKNOWN = len(RESIDUES)  # 20
 MODIFIED_RESIDUES = {"MSE": "MET", "SEP": "SER", "TPO": "THR", "PTR": "TYR", "CSO": "CYS",
                      "MLY": "LYS", "HYP": "PRO", "KCX": "LYS", "LLP": "LYS", "M3L": "LYS", "CME": "CYS",
                      "CSD": "CYS", "OCS": "CYS", "PCA": "GLU"}
-# alternate locations kept: RDKit's PDB reader (torchdrug's) keeps atoms labelled ' ', 'A' or '1' only,
-# whatever their occupancy; the first such C-alpha of a residue wins
+# alternate locations kept: RDKit's PDB reader (torchdrug's; PDBParser.cpp, PDBAtomLine) skips atoms whose
+# altloc is not ' ', 'A' or '1', whatever their occupancy; the first such C-alpha of a residue wins
 KEPT_ALTLOCS = ("", "A", "1")
 
 # GraphConstruction / GearNet-Edge hyper-parameters (SPEC: Uni-modal encoders, Structure).
