@@ -8,7 +8,8 @@
                                   sequence, the structure file, the text fields) and enc_seq / enc_str / enc_func
     features/<set>/info.json      encoders, dims, tiny, synthetic, esm_model, esm_weights, esm_layer, source, ...
     features/<set>/labels_<task>.json   ec / go / demo: task, terms, labels, splits, test_identity, source
-    features/<set>/summary.json   done / skipped / recomputed / failed (with reasons) of the last run
+    features/<set>/summary.json   done / skipped / recomputed / failed (with reasons) of the last run, residues
+                                  remapped or dropped per protein, temporary files of dead processes removed
 
 Commands (tests/test_extract.py runs the first, with --demo-n 6; --source is inferred from the input flags):
 
@@ -41,37 +42,25 @@ and 'model' matter and a file from elsewhere cannot run code. --encoders tiny: s
 the same architectures, offline, for tests and the demo only (labelled as such everywhere).
 
 Choices made here:
-- Sequence letters: the 20 standard residues plus X B Z U O, which fair-esm's ESM-1b alphabet holds as
-  tokens of their own (X unknown, B Asx, Z Glx, U selenocysteine, O pyrrolysine). Any other character
-  (digits, '*', '-', '.', lowercase) fails that protein with a one-line error; nothing is guessed.
 - Long proteins: the first --max-len (1022) residues, in every residue-level modality (torchdrug's
   choice). --long sliding instead averages ESM over windows of 1022 overlapping by half and runs
   GearNet on the whole chain.
-- With a structure, the residues that have a C-alpha atom are the sequence (the sequence encoder sees
-  exactly the structure's residues). A FASTA/TSV sequence given too must contain the structure's
-  residues in order (residues missing from the structure are fine; 'X' matches anything); otherwise
-  the protein is reported and skipped (--on-mismatch structure uses the structure's sequence instead).
 - Text: ProtST's fields ProteinName, Function, SubcellularLocation, Similarity, each tokenized alone
   without special tokens and cut to 128 tokens, joined as [CLS] f1 [SEP] f2 [SEP] f3 [SEP] f4 (ProtST
   has no trailing [SEP]); empty fields are left out, no inner padding (so features do not depend on the
   batch), at most 512 tokens (the last field is trimmed). A protein whose four fields are all empty
   has no func modality (a note in the summary, not a failure).
-- ProtDescribe (ProtST's uniprot_sprot_filtered.tsv) is read as ProtST's UniProtSeqText reads it: csv
-  with tab delimiter, the header row names the fields, a row with more fields than the header keeps the
-  first ones (a row with fewer gets empty fields; both are counted and reported). ProtST's code names no
-  id column; the first of Entry / Accession / ... / EntryName in the header is used (--id-column to name
-  it), else the proteins are named row000001, ... by position.
-- AlphaFold DB x ProtDescribe (--source alphafold): --af-dir is a directory of AF-<acc>-F1-model_v<k>
-  files (newest k per accession) or the tar archive itself (swissprot_pdb_v2.tar, read member by member,
-  never extracted). --join auto pairs by accession when the id column holds UniProt accessions (P00698),
-  otherwise (no id column, or entry names such as LYSC_CHICK) by exact sequence, as the paper did with
-  torchdrug's AlphaFold sequences; pairs whose sequences differ are left out of every set and listed in
-  alphafold_mismatch.json. A join that pairs nothing stops the run.
-- Labels: every chain of the DeepFRI splits is in labels_<task>.json (GO chains without a term of a
-  branch get [] there, as in torchdrug); test_identity holds the test CSV's <30%..<95% columns, and the
-  cutoff is applied by finetune.py, not here. torchdrug's archives are extracted the way torchdrug's
-  utils.extract does it (X.zip -> X/, train.zip -> train/train/*.pdb), so torchdrug's own extracted
-  directory and ours are the same layout, and either can be passed as --data.
+- Reading the inputs (sequence letters, structures and their chains, modified residues, FASTA/structure
+  pairs, ProtDescribe's columns, AlphaFold DB x ProtDescribe, torchdrug's archives, DeepFRI's labels):
+  see sources.py's docstring.
+- File names: <id>.pt; an id that cannot be a file name (over 200 bytes, '/', '\\', '~', control
+  characters, a leading '.') is stored as <readable prefix>~<16 hex digits of its blake2b>.pt
+  (feature_file); the manifest keeps the real id.
+- Writing: every file goes to a temporary file that is renamed over it. A write that fails (disk full,
+  read-only, no permission) stops the run with one line naming the path and the free space there (exit
+  2), its temporary file removed; finished files are kept. Temporary files that dead processes left
+  (.<id>.pt.<pid>.tmp, manifest.tsv.<pid>.tmp) are removed at the next start and listed in summary.json.
+  --out is checked before any input is read.
 - Resuming: a finished file is skipped when its manifest row records the same input checksum and encoder
   (and the file loads); a changed input (one residue, a new structure file, other text) is recomputed and
   listed under "recomputed"; a truncated file is reported by id and rewritten; --overwrite redoes all.
@@ -88,42 +77,36 @@ Choices made here:
 """
 import argparse
 import csv
-import gzip
 import hashlib
 import json
 import os
 import pickle
-import random
 import re
 import shutil
 import sys
-import tarfile
 import tempfile
 import types
-import urllib.request
 import warnings
-import zipfile
-import zlib
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 import gearnet
+from amma import MODALITIES, atomic_write_text  # the feature-cache contract lives in amma.py
+# the readers live in sources.py; imported by name so that extract_features.<name> keeps working for callers
+from sources import (  # noqa: F401
+    AF_NAME, CUTOFF_COLUMNS, EXTRA_RESIDUES, GO_BRANCHES, ID_COLUMNS, SEQUENCE_FIELD, SOURCES, SPLITS,
+    STANDARD_RESIDUES, STRUCTURE_SUFFIXES, TEXT_FIELDS, TORCHDRUG_ZIPS, UNIPROT_ACCESSION, ArchiveMember,
+    FatalError, InputError, ProtDescribe, Protein, alphafold_files, alphafold_sets, check_pair, check_sequence,
+    choose_join, demo_sets, digest, fetch_archive, find_annotation, folder_entries, has_text, index_structures,
+    infer_source, log, md5sum, pick_sets, prepare, progress, proteins_fasta, proteins_pdb_dir,
+    proteins_protdescribe, read_deepfri_annot, read_fasta, read_protdescribe, read_split, read_structure,
+    read_test_csv, require, safe_extract, split_structures, structure_bytes, structure_name, structure_of,
+    structure_stem, structures_in, subsequence_gap, tar_members, task_files, task_proteins, texts_by_id,
+    unmatched_residues)
 
-MODALITIES = ("seq", "str", "func")
-SOURCES = ("fasta", "pdb-dir", "protdescribe", "alphafold", "ec", "go", "demo")
-TEXT_FIELDS = ("ProteinName", "Function", "SubcellularLocation", "Similarity")  # ProtST's order
-SEQUENCE_FIELD = "Sequence"
-# candidate id columns of a ProtDescribe TSV, first found wins (ProtST's code names none)
-ID_COLUMNS = ("Entry", "Accession", "accession", "Entry ID", "EntryID", "Entry Name", "EntryName", "entry_name",
-              "id", "ID")
-UNIPROT_ACCESSION = re.compile(r"^([OPQ][0-9][A-Z0-9]{3}[0-9]|[A-NR-Z][0-9]([A-Z][A-Z0-9]{2}[0-9]){1,2})(-\d+)?$")
-STANDARD_RESIDUES = "ACDEFGHIKLMNPQRSTVWY"
-EXTRA_RESIDUES = "XBZUO"  # tokens of their own in fair-esm's ESM-1b alphabet
-STRUCTURE_SUFFIXES = (".pdb", ".ent", ".cif", ".mmcif")
 ESM1B_NAME = "esm1b_t33_650M_UR50S"
 ESM_URL = "https://dl.fbaipublicfiles.com/fair-esm/models/{}.pt"  # fair-esm's esm/pretrained.py
 ESM1B_URL = ESM_URL.format(ESM1B_NAME)
@@ -132,16 +115,6 @@ PUBMEDBERT = "microsoft/BiomedNLP-PubMedBERT-base-uncased-abstract"
 TINY_NAMES = {"seq": "tiny:esm2_t6 (random init)", "str": "tiny:gearnet_edge [32]*6 (random init)",
               "func": "tiny:bert_2layer (random init)"}
 TINY_ESM_LAYER = 6
-# torchdrug's archives of the DeepFRI sets (torchdrug/datasets/enzyme_commission.py, gene_ontology.py)
-TORCHDRUG_ZIPS = {
-    "ec": ("EnzymeCommission", "https://zenodo.org/record/6622158/files/EnzymeCommission.zip",
-           "33f799065f8ad75f87b709a87293bc65"),
-    "go": ("GeneOntology", "https://zenodo.org/record/6622158/files/GeneOntology.zip",
-           "376be1f088cd1fe720e1eaafb701b5cb"),
-}
-GO_BRANCHES = {"molecular_function": "go-mf", "biological_process": "go-bp", "cellular_component": "go-cc"}
-CUTOFF_COLUMNS = {"<30%": "30", "<40%": "40", "<50%": "50", "<70%": "70", "<95%": "95"}
-SPLITS = ("train", "valid", "test")
 CHUNK = 2000  # proteins read and encoded together; bounds memory on large sets
 EXIT_OK, EXIT_INCOMPLETE, EXIT_FATAL, EXIT_PARTIAL = 0, 1, 2, 3
 EXIT_CODES = ("exit status: 0 everything requested was done; 3 finished, but some proteins failed (listed in "
@@ -210,7 +183,12 @@ class ExtractConfig:
                      "average ESM over overlapping windows (GearNet then sees the whole chain)",
                      choices=("crop", "sliding"))
     on_mismatch: str = _opt("skip", "given sequence disagrees with the structure's residues: skip the "
-                            "protein (reported) or use the structure's sequence", choices=("skip", "structure"))
+                            "protein (reported) or use the structure's sequence (a few substitutions at most)",
+                            choices=("skip", "structure"))
+    chain: str = _opt(None, "structure folders: the chain to read from every file (default: the chain the file "
+                      "name names, 1ABC-A.pdb -> A; else the file's only chain)")
+    all_chains: bool = _opt(False, "structure folders: a file with several chains and no chain in its name gives "
+                            "one protein per chain, <id>_<chain> (default: such a file fails)")
     shard: str = _opt("0/1", "i/n: do only the ids at sorted positions i, i+n, i+2n, ... (i = 0..n-1)")
     merge: bool = _opt(False, "only merge the shard manifests of --out into manifest.tsv")
     overwrite: bool = _opt(False, "recompute files that already exist")
@@ -218,213 +196,7 @@ class ExtractConfig:
     device: str = _opt("auto", "torch device (auto: cuda if available)")
 
 
-class InputError(ValueError):
-    """Bad input for one protein: reported in one line, the run goes on."""
-
-
-class FatalError(Exception):
-    """The run cannot start or has nothing to do: one line, exit status 2."""
-
-
-def log(msg, err=False):
-    tqdm.write(msg, file=sys.stderr if err else sys.stdout)
-
-
-def progress(iterable, desc, total=None):
-    """tqdm bar; when stderr is not a terminal (a log file, a batch job) it updates once a minute at
-    most, so redirected logs do not fill with bar updates."""
-    tty = sys.stderr.isatty()
-    return tqdm(iterable, desc=desc, total=total, mininterval=0.1 if tty else 60, maxinterval=10 if tty else 60)
-
-
-def digest(data):
-    """Short checksum (16 hex digits) of bytes or text, for the manifest's provenance columns."""
-    return hashlib.blake2b(data.encode() if isinstance(data, str) else data, digest_size=8).hexdigest()
-
-
-# ----------------------------------------------------------------------------- readers (pure)
-
-def _open(path):
-    path = str(path)
-    return gzip.open(path, "rt") if path.endswith(".gz") else open(path)
-
-
-def read_fasta(path):
-    """[(id, sequence)] in file order; id = first word of the header line."""
-    records, name, chunks = [], None, []
-    with _open(path) as f:
-        try:
-            for line in f:
-                line = line.strip()
-                if line.startswith(">"):
-                    if name is not None:
-                        records.append((name, "".join(chunks)))
-                    name, chunks = (line[1:].split() or [""])[0], []
-                elif line and name is not None:
-                    chunks.append(line)
-        except UnicodeDecodeError as e:
-            raise FatalError(f"{path}: not UTF-8 text ({e})") from None
-    if name is not None:
-        records.append((name, "".join(chunks)))
-    return records
-
-
-@dataclass
-class ProtDescribe:
-    """A ProtDescribe TSV as read by read_protdescribe."""
-    path: str
-    id_column: str          # None: no id column, rows are named row000001, ... by position
-    rows: list              # dict(id, sequence, fields={ProteinName, ...}, line)
-    longer: int = 0         # rows with more fields than the header (the first ones kept, as ProtST does)
-    shorter: int = 0        # rows with fewer fields than the header (the missing ones empty)
-
-    def ids_are_accessions(self):
-        """True when most ids look like UniProt accessions (P00698), not entry names (LYSC_CHICK)."""
-        if self.id_column is None or not self.rows:
-            return False
-        sample = self.rows[:1000]
-        return sum(bool(UNIPROT_ACCESSION.match(r["id"])) for r in sample) >= 0.9 * len(sample)
-
-
-def read_protdescribe(path, id_column=None):
-    """ProtST's uniprot_sprot_filtered.tsv, read as ProtST's UniProtSeqText.load_tsv reads it: csv with tab
-    delimiter, the first row names the fields, and a row with more fields than the header keeps the first
-    ones. Fields Sequence, ProteinName, Function, SubcellularLocation, Similarity by name; the id column is
-    `id_column`, else the first of ID_COLUMNS in the header, else none (ids row000001, ...)."""
-    try:
-        return _read_protdescribe(path, id_column)
-    except UnicodeDecodeError as e:
-        raise FatalError(f"{path}: not UTF-8 text ({e})") from None
-    except csv.Error as e:
-        raise FatalError(f"{path}: not a tab-separated table ({e})") from None
-
-
-def _read_protdescribe(path, id_column):
-    csv.field_size_limit(sys.maxsize)
-    with _open(path) as f:
-        reader = csv.reader(f, delimiter="\t")
-        header = next(reader, [])
-        if id_column is None:
-            id_column = next((c for c in ID_COLUMNS if c in header), None)
-        elif id_column not in header:
-            raise FatalError(f"{path}: --id-column {id_column!r} is not in the header ({', '.join(header)})")
-        if SEQUENCE_FIELD not in header:
-            raise FatalError(f"{path}: no column {SEQUENCE_FIELD} in the header ({', '.join(header)}): not "
-                             "ProtST's uniprot_sprot_filtered.tsv?")
-        table = ProtDescribe(str(path), id_column, [])
-        for values in reader:
-            if not values:
-                continue
-            table.longer += len(values) > len(header)
-            table.shorter += len(values) < len(header)
-            row = dict(zip(header, values[:len(header)]))  # ProtST: "to handle rows with unexpected columns"
-            pid = row.get(id_column, "").strip() if id_column else f"row{len(table.rows) + 1:06d}"
-            table.rows.append({"id": pid, "sequence": row.get(SEQUENCE_FIELD, "").strip(),
-                               "fields": {k: row.get(k, "") for k in TEXT_FIELDS}, "line": reader.line_num})
-    if not table.rows:
-        raise FatalError(f"{path}: no data rows under the header")
-    notes = []
-    if table.longer:
-        notes.append(f"{table.longer} rows have more fields than the header (the first {len(header)} kept, "
-                     "as ProtST does)")
-    if table.shorter:
-        notes.append(f"{table.shorter} rows have fewer fields than the header (the missing ones are empty)")
-    what = f"id column {id_column}" if id_column else "no id column (rows named row000001, ...)"
-    log(f"protdescribe: {path}: {len(table.rows)} rows, {what}" + (f"; {'; '.join(notes)}" if notes else ""))
-    return table
-
-
-def read_deepfri_annot(path):
-    """DeepFRI's annotation TSV (EC or GO). Returns (terms, labels): terms = {task: [term, ...]} with
-    the class index = position, labels = {task: {chain id: [class indices]}}. Tasks: "ec", or
-    "go-mf", "go-bp", "go-cc" (the file lists MF, BP, CC in that order). Header blocks:
-    '### EC-numbers' / '### GO-terms (<ontology>)' then a row of terms; '### GO-names (...)' then a
-    row of names (ignored); '### PDB-chain' then the column names; then one row per chain."""
-    terms, labels, columns = {}, {}, None
-    with _open(path) as f:
-        lines = f.read().splitlines()
-    n = 0
-    while n < len(lines):
-        line = lines[n]
-        if line.startswith("### PDB-chain"):
-            columns = [_annot_task(c) for c in line.split("\t")[1:]]
-            n += 1
-            break
-        if line.startswith("###"):
-            task = _annot_task(line[3:])
-            if task is not None and "names" not in line:
-                terms[task] = [t for t in lines[n + 1].split("\t") if t]
-            n += 2
-            continue
-        raise ValueError(f"{path}:{n + 1}: expected a '###' header line, got {line[:40]!r}")
-    if columns is None:
-        raise ValueError(f"{path}: no '### PDB-chain' header line")
-    index = {task: {t: i for i, t in enumerate(terms[task])} for task in columns}
-    labels = {task: {} for task in columns}
-    for lineno, line in enumerate(lines[n:], start=n + 1):
-        if not line.strip():
-            continue
-        values = line.split("\t")
-        for task, value in zip(columns, values[1:] + [""] * (len(columns) - len(values) + 1)):
-            try:
-                labels[task][values[0]] = [index[task][t] for t in value.split(",") if t]
-            except KeyError as e:
-                raise ValueError(f"{path}:{lineno}: term {e} is not in the {task} term list") from None
-    return {task: terms[task] for task in columns}, labels
-
-
-def _annot_task(text):
-    text = text.strip().lower()
-    if text.startswith("ec-"):
-        return "ec"
-    for ontology, task in GO_BRANCHES.items():
-        if ontology in text:
-            return task
-    return None
-
-
-def read_split(path):
-    """Chain ids of a DeepFRI split list (*_train.txt, *_valid.txt, *_test.txt), one per line."""
-    with _open(path) as f:
-        return [line.strip() for line in f if line.strip()]
-
-
-def read_test_csv(path):
-    """DeepFRI's test CSV (PDB-chain,<30%,<40%,<50%,<70%,<95%) -> {chain: {"30": 0|1, ..., "95": 0|1}};
-    1 = kept at that sequence-identity cutoff."""
-    with _open(path) as f:
-        reader = csv.reader(f)
-        header = next(reader)
-        cols = [(k, CUTOFF_COLUMNS[h.strip()]) for k, h in enumerate(header) if h.strip() in CUTOFF_COLUMNS]
-        return {row[0]: {cut: int(row[k]) for k, cut in cols} for row in reader if row}
-
-
 # ----------------------------------------------------------------------------- small pure helpers
-
-def check_sequence(seq):
-    """The sequence if every letter is one ESM-1b knows; else InputError naming the first bad one."""
-    if not seq:
-        raise InputError("empty sequence")
-    for k, c in enumerate(seq):
-        if c not in STANDARD_RESIDUES and c not in EXTRA_RESIDUES:
-            hint = " (lowercase is not upper-cased: fix the input)" if c.isalpha() else ""
-            raise InputError(f"unknown residue letter {c!r} at position {k + 1}{hint}; allowed: "
-                             f"{STANDARD_RESIDUES} and {EXTRA_RESIDUES}")
-    return seq
-
-
-def subsequence_gap(short, long):
-    """Index of the first residue of `short` that cannot be matched, in order, in `long` (greedy; 'X'
-    in `short` matches anything); None when `short` is a subsequence of `long`."""
-    j = 0
-    for i, c in enumerate(short):
-        while j < len(long) and not (c == long[j] or c == "X"):
-            j += 1
-        if j == len(long):
-            return i
-        j += 1
-    return None
-
 
 def token_batches(lengths, toks_per_batch, extra=0):
     """Indices grouped into batches, sorted by length, each batch's (max length + extra) x size within
@@ -485,26 +257,6 @@ def parse_shard(text):
 def shard_ids(ids, i, n):
     """The ids at positions i, i+n, ... of the sorted list: each id in exactly one shard."""
     return [x for k, x in enumerate(sorted(ids)) if k % n == i]
-
-
-def structure_stem(name):
-    """'1ABC-A.pdb.gz' -> '1ABC-A'; None for a name that is not a structure file."""
-    name = name[:-3] if name.endswith(".gz") else name
-    for suffix in STRUCTURE_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return None
-
-
-def index_structures(directory, torchdrug_names=False):
-    """{id: path} of the structure files directly in `directory`, id = the file's stem (with
-    torchdrug_names, the part before the first '_': '1ABC-A_12.pdb' -> '1ABC-A')."""
-    index = {}
-    for path in sorted(Path(directory).iterdir()):
-        stem = structure_stem(path.name)
-        if stem is not None and path.is_file():
-            index.setdefault(stem.split("_")[0] if torchdrug_names else stem, path)
-    return index
 
 
 # ----------------------------------------------------------------------------- encoders
@@ -922,133 +674,23 @@ def load_encoder(modality, cfg, device):
     return TextEncoder(tokenizer, model, device)
 
 
-
-
-
 # ----------------------------------------------------------------------------- proteins and their files
 
-@dataclass(frozen=True)
-class ArchiveMember:
-    """A structure file inside an uncompressed tar archive (AlphaFold DB's swissprot_pdb_v<k>.tar), read
-    in place: its data are `size` bytes at `offset`."""
-    archive: Path
-    name: str
-    offset: int
-    size: int
 
-    def __str__(self):
-        return f"{self.archive}::{self.name}"
+SAFE_ID = re.compile(r"[^/\\~\x00-\x1f\x7f]+")  # ids outside it (or too long) get a hashed file name
+MAX_NAME_BYTES = 200  # file systems allow 255 bytes; room for '.pt' and the temporary '.<name>.<pid>.tmp'
 
 
-def tar_members(archive):
-    """(base name, ArchiveMember) of every regular file in an uncompressed tar, in archive order. Only
-    the headers are read (the member list is dropped as it grows, so memory stays flat)."""
-    try:
-        with tarfile.open(archive, "r:") as tf:
-            for member in tf:
-                if member.isfile():
-                    yield Path(member.name).name, ArchiveMember(Path(archive), member.name, member.offset_data,
-                                                                member.size)
-                tf.members = []
-    except tarfile.ReadError as e:
-        raise FatalError(f"{archive}: not an uncompressed tar archive ({e}); AlphaFold DB's "
-                         "swissprot_pdb_v<k>.tar is one (its members are .pdb.gz)") from None
-
-
-def structure_name(ref):
-    return Path(ref.name if isinstance(ref, ArchiveMember) else ref).name
-
-
-def structure_bytes(ref):
-    """The content of a structure file (a path or an ArchiveMember), gunzipped when its name ends in .gz."""
-    if isinstance(ref, ArchiveMember):
-        with open(ref.archive, "rb") as f:
-            f.seek(ref.offset)
-            data = f.read(ref.size)
-        if len(data) != ref.size:
-            raise EOFError(f"{ref.archive} ends inside member {ref.name}")
-    else:
-        data = Path(ref).read_bytes()
-    return gzip.decompress(data) if structure_name(ref).endswith(".gz") else data
-
-
-def read_structure(ref):
-    """gearnet.read_structure of a path or an ArchiveMember, plus "sha" (checksum of the file's content),
-    with every way a file can be unreadable (bad content, missing columns, cut short, corrupt gzip, I/O,
-    not text) turned into one InputError naming the file."""
-    try:
-        data = structure_bytes(ref)
-        s = gearnet.read_structure(str(ref), text=data.decode())
-    except gearnet.StructureError as e:
-        raise InputError(str(e)) from None
-    # UnicodeDecodeError is a ValueError, gzip.BadGzipFile an OSError
-    except (OSError, ValueError, IndexError, KeyError, EOFError, zlib.error, tarfile.TarError) as e:
-        raise InputError(f"{ref}: unreadable structure ({type(e).__name__}: {e})") from None
-    s["sha"] = digest(data)
-    return s
-
-
-def has_text(fields):
-    return fields is not None and any((fields.get(k) or "").strip() for k in TEXT_FIELDS)
-
-
-@dataclass
-class Protein:
-    id: str
-    sequence: str = None      # given sequence (FASTA / TSV), None when only a structure exists
-    structure: object = None  # structure file: a Path or an ArchiveMember
-    fields: dict = None       # ProtDescribe text fields
-    # set by prepare():
-    seq: str = ""             # what the sequence encoder sees
-    graph_input: dict = None  # read_structure dict, cropped like seq
-    L_full: int = 0
-    chain: str = ""
-    modalities: tuple = ()
-    text_ids: list = None
-    shapes: dict = field(default_factory=dict)
-    sha: dict = field(default_factory=dict)  # modality -> checksum of what its features are computed from
-    note: str = ""            # a modality left out for lack of input (listed in the summary)
-
-
-def prepare(p, cfg, modalities):
-    """Read and check one protein's inputs; InputError (one line) when they are unusable. Sets p.sha:
-    seq = the sequence the encoder sees (+ the window setting when --long sliding applies), str = the
-    structure file's content + the residues used, func = the four text fields."""
-    if not p.id or "/" in p.id or p.id.startswith("."):
-        raise InputError(f"id {p.id!r} cannot be a file name")
-    seq, structure_sha = p.sequence, ""
-    if p.structure is not None:
-        s = read_structure(p.structure)
-        if seq is not None and seq != s["sequence"]:
-            gap = subsequence_gap(s["sequence"], seq)
-            if gap is not None:
-                what = (f"sequence mismatch: {structure_name(p.structure)} residue {gap + 1} ({s['residue_ids'][gap]} "
-                        f"{s['sequence'][gap]}) is not in the given sequence in order")
-                if cfg.on_mismatch == "skip":
-                    raise InputError(what + " (--on-mismatch structure uses the structure's sequence)")
-                log(f"warning: {p.id}: {what}; using the structure's sequence", err=True)
-        seq, p.chain, structure_sha = s["sequence"], s["chain"], s["sha"]
-        p.graph_input = {k: s[k] for k in ("residue_type", "ca", "chain_index")}
-    if seq is None:
-        raise InputError("no sequence and no structure")
-    check_sequence(seq)
-    p.L_full = len(seq)
-    if cfg.long == "crop" and len(seq) > cfg.max_len:
-        seq = seq[:cfg.max_len]
-        if p.graph_input is not None:
-            p.graph_input = {k: v[:cfg.max_len] for k, v in p.graph_input.items()}
-    p.seq = seq
-    p.sha["seq"] = digest(seq if len(seq) <= cfg.max_len else f"{seq}|windows{cfg.max_len}")
-    if p.graph_input is not None:
-        p.sha["str"] = digest(f"{structure_sha}|{len(p.graph_input['ca'])}")
-    text = has_text(p.fields)
-    if text:
-        p.sha["func"] = digest(json.dumps([p.fields.get(k) or "" for k in TEXT_FIELDS]))
-    if "func" in modalities and p.fields is not None and not text:
-        p.note = f"no text (the fields {', '.join(TEXT_FIELDS)} are all empty): func left out"
-    has = {"seq": True, "str": p.graph_input is not None, "func": text}
-    p.modalities = tuple(m for m in MODALITIES if m in modalities and has[m])
-    return p
+def feature_file(pid):
+    """File name of a protein's features in <set>/<modality>/: '<id>.pt', or, for an id that cannot be a
+    file name (over 200 bytes, '/', '\\', '~', control characters, a leading '.'), a stable hashed name
+    '<readable prefix>~<16 hex digits of blake2b(id)>.pt'; the manifest keeps the real id. A real id never
+    holds '~', so a hashed name is never another protein's. (amma.py needs the same function to read them.)"""
+    raw = pid.encode("utf-8", "surrogatepass")
+    if SAFE_ID.fullmatch(pid) and not pid.startswith(".") and len(raw) <= MAX_NAME_BYTES:
+        return f"{pid}.pt"
+    prefix = re.sub(r"[^A-Za-z0-9_.-]", "_", pid.lstrip("."))[:40]
+    return f"{prefix}~{hashlib.blake2b(raw, digest_size=8).hexdigest()}.pt"
 
 
 def save_tensor(x, path):
@@ -1062,10 +704,14 @@ def save_tensor(x, path):
     if not torch.isfinite(y).all():
         raise InputError(f"a value is not finite in float16 (max |value| "
                          f"{x.detach().float().abs().max().item():.4g}; float16 holds up to 65504); nothing written")
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(y, tmp)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(y, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
+        tmp.unlink(missing_ok=True)
+        raise OutputError(path, e) from None
 
 
 def check_existing(path, length=None):
@@ -1084,11 +730,68 @@ def check_existing(path, length=None):
 
 
 def write_text_atomic(path, text):
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """amma.atomic_write_text (a temporary file renamed over `path`); OutputError when it cannot be
+    written, the temporary file removed."""
+    try:
+        atomic_write_text(path, text)
+    except OSError as e:
+        Path(f"{path}.{os.getpid()}.tmp").unlink(missing_ok=True)  # amma.atomic_write_text's temporary name
+        raise OutputError(path, e) from None
 
 
+class OutputError(FatalError):
+    """A file of the feature set cannot be written (disk full, read-only, no permission): one line naming
+    the path and the free space there; the run stops (exit status 2), nothing partial is left."""
+
+    def __init__(self, path, error):
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else full_reason(error)
+        super().__init__(f"cannot write {path}: {reason} ({free_space(path)} free there); nothing partial "
+                         "is left, run again when there is room (finished files are kept)")
+
+
+def free_space(path):
+    """Free space on the file system of path (its nearest existing folder), e.g. '1.2 GB'."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError:
+        return "unknown space"
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if free >= size:
+            return f"{free / size:.1f} {unit}"
+    return f"{free} B"
+
+
+TEMP_NAME = re.compile(r"^\.?(?P<name>.+)\.(?P<pid>\d+)\.tmp$")  # .<id>.pt.<pid>.tmp, manifest.tsv.<pid>.tmp
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a process of another user
+        return True
+    return True
+
+
+def remove_stale_temps(out):
+    """Remove the temporary files that dead processes (killed, out of disk) left in `out` and its modality
+    folders; returns their names (reported in the log and summary.json). Files of living processes (another
+    shard writing now) are left alone."""
+    removed = []
+    for folder in (out, *(out / m for m in MODALITIES)):
+        for path in sorted(folder.glob("*.tmp")) if folder.is_dir() else ():
+            m = TEMP_NAME.match(path.name)
+            if m and not pid_alive(int(m.group("pid"))):
+                path.unlink(missing_ok=True)
+                removed.append(str(path.relative_to(out)))
+    if removed:
+        log(f"{out}: removed {len(removed)} temporary files of dead processes ({', '.join(removed[:3])}"
+            f"{', ...' if len(removed) > 3 else ''})", err=True)
+    return removed
 
 
 BASE_COLUMNS = ("id", "L", "L_func", "modalities", "sequence", "L_full", "structure", "chain")
@@ -1160,7 +863,7 @@ def kept_rows(out, rows, todo_ids):
             continue
         try:
             for m in filter(None, r["modalities"].split(",")):
-                check_existing(out / m / f"{pid}.pt", None if m == "func" else int(r["L"]))
+                check_existing(out / m / feature_file(pid), None if m == "func" else int(r["L"]))
         except (ValueError, OSError):
             continue
         kept.append(r)
@@ -1176,7 +879,7 @@ def write_info(out, rows, names=None, base=None, union=False):
     for m in MODALITIES:
         row = next((r for r in rows if m in r["modalities"].split(",")), None)
         if row is not None:
-            dims[m] = check_existing(out / m / f"{row['id']}.pt")[1]
+            dims[m] = check_existing(out / m / feature_file(row["id"]))[1]
             encoders[m] = (names or {}).get(m) or encoders.get(m, "?")
     dims = {m: dims[m] for m in MODALITIES if m in dims}
     info = {"encoders": {m: encoders.get(m, "?") for m in dims}, "dims": dims}
@@ -1250,13 +953,9 @@ def encode_residues(encoder, jobs, cfg, save, fail, desc):
     sums, counts = {}, {}
     for batch in progress(token_batches([b - a for _, a, b in segments], cfg.toks_per_batch, extra=2), desc):
         segs = [segments[k] for k in batch]
-        try:
-            reps = encoder([jobs[j][1][a:b] for j, a, b in segs])
-        except Exception as e:  # e.g. out of memory: these proteins fail, the run goes on
-            for j, _, _ in segs:
-                fail(jobs[j][0], f"{desc}: {type(e).__name__}: {full_reason(e)}")
-            continue
-        for (j, a, b), rep in zip(segs, reps):
+        done = run_isolated(lambda part: encoder([jobs[j][1][a:b] for j, a, b in part]), segs,
+                            lambda seg, reason: fail(jobs[seg[0]][0], f"{desc}: {reason}"))
+        for (j, a, b), rep in done:
             if j not in sums:
                 sums[j] = rep.new_zeros(len(jobs[j][1]), rep.shape[1])
                 counts[j] = rep.new_zeros(len(jobs[j][1]), 1)
@@ -1267,18 +966,24 @@ def encode_residues(encoder, jobs, cfg, save, fail, desc):
                 save(jobs[j][0], sums.pop(j) / counts.pop(j))
 
 
+def run_isolated(encode, items, fail):
+    """[(item, output)] of encode(items); when the batch raises (one bad protein, out of memory), each
+    item is retried alone, so only the items that fail alone are lost: fail(item, reason) names them."""
+    try:
+        return list(zip(items, encode(items)))
+    except Exception as e:  # any error of an encoder: the run goes on
+        if len(items) == 1:
+            fail(items[0], f"{type(e).__name__}: {full_reason(e)}")
+            return []
+    return [pair for item in items for pair in run_isolated(encode, [item], fail)]
+
+
 def encode_batches(encode, proteins, lengths, budget, desc, save, fail):
-    """Length-sorted batches under a token budget through `encode(group) -> [features]`; a batch that
-    fails (e.g. out of memory) fails its proteins and the run goes on."""
+    """Length-sorted batches under a token budget through `encode(group) -> [features]`; a protein that
+    breaks its batch is retried alone (run_isolated) and fails by name, the rest of the batch is kept."""
     for batch in progress(token_batches(lengths, budget), desc):
         group = [proteins[k] for k in batch]
-        try:
-            feats = encode(group)
-        except Exception as e:
-            for p in group:
-                fail(p, f"{desc}: {type(e).__name__}: {full_reason(e)}")
-            continue
-        for p, x in zip(group, feats):
+        for p, x in run_isolated(encode, group, lambda q, reason: fail(q, f"{desc}: {reason}")):
             save(p, x)
 
 
@@ -1310,19 +1015,34 @@ def check_info(out, cfg, modalities):
         raise FatalError(f"{out} holds features of other encoders ({clash}); use another --out or --overwrite")
 
 
-def extract_set(proteins, out, cfg, modalities, source, label_sets=(), encoders=None):
-    """Extract one feature set; returns the summary dict. `encoders` caches loaded models by modality.
-    FatalError when there is nothing to do or no protein is usable (the summary is written first)."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    check_info(out, cfg, modalities)
-    for labels in label_sets:
-        write_labels(out, **labels)
-    encoders = {} if encoders is None else encoders
-    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    shard_i, shard_n = parse_shard(cfg.shard)
-    names = encoder_names(cfg)
+# The main path: main() picks the source's reader in sources.py (a list of Proteins), then extract_set() per
+# feature set: for each chunk of CHUNK proteins, prepare() reads and checks the inputs, files_to_write()
+# decides which files are missing or stale, encode_pending() runs the encoders and save_tensor() writes;
+# finish_set() then writes the manifest, info.json and summary.json.
 
+@dataclass
+class Tally:
+    """What one extract_set run found, per protein id: the summary's lists, and the manifest rows so far."""
+    failed: dict = field(default_factory=dict)      # id -> reason (the protein is left out)
+    rewritten: dict = field(default_factory=dict)   # id -> why its existing file was unreadable
+    recomputed: dict = field(default_factory=dict)  # id -> [modality: why its input changed]
+    notes: dict = field(default_factory=dict)       # id -> a modality left out for lack of input
+    rows: list = field(default_factory=list)        # manifest rows of the proteins handled
+    done: int = 0                                   # proteins with at least one file written
+    skipped: int = 0                                # proteins whose files were all up to date
+    residues: dict = field(default_factory=dict)    # id -> read_structure's report (remapped / dropped residues)
+    stale_temps_removed: list = field(default_factory=list)  # temporary files of dead processes, removed
+
+    def fail(self, p, reason):
+        """Leave protein p (or an id) out with a one-line reason; the first reason counts."""
+        pid = p if isinstance(p, str) else p.id
+        if pid not in self.failed:
+            self.failed[pid] = reason
+            log(f"error: {pid}: {reason}", err=True)
+
+
+def unique_proteins(proteins):
+    """({id: first Protein of that id}, Counter of the ids given more than once); warns about the second."""
     by_id, duplicates = {}, Counter()
     for p in proteins:
         if p.id in by_id:
@@ -1332,6 +1052,97 @@ def extract_set(proteins, out, cfg, modalities, source, label_sets=(), encoders=
     if duplicates:
         log(f"warning: {len(duplicates)} ids occur more than once ({', '.join(list(duplicates)[:5])}...); "
             "the first occurrence of each is used", err=True)
+    return by_id, duplicates
+
+
+def files_to_write(ready, out, cfg, previous, names, tally):
+    """{modality: [Protein]} whose feature file must be (re)computed. A file is kept when its manifest row
+    records the same input and encoder (stale_reason) and it loads with the right shape; otherwise it is
+    recomputed (input changed: tally.recomputed) or rewritten (unreadable: tally.rewritten)."""
+    pending = {m: [] for m in MODALITIES}
+    for p in ready:
+        for m in p.modalities:
+            path = out / m / feature_file(p.id)
+            if path.exists() and not cfg.overwrite:
+                why = stale_reason(p, m, previous, names)
+                if why is None:
+                    try:
+                        p.shapes[m] = check_existing(path, None if m == "func" else len(p.seq))
+                        continue
+                    except ValueError as e:
+                        tally.rewritten[p.id] = str(e)
+                        log(f"warning: {p.id}: existing {m} file is corrupt, rewriting ({e})", err=True)
+                else:
+                    tally.recomputed.setdefault(p.id, []).append(f"{m}: {why}")
+            pending[m].append(p)
+    return pending
+
+
+def encode_pending(pending, encoders, out, cfg, device, tally):
+    """Encode and save every pending (modality, protein), loading each encoder on first need. A protein
+    that fails (bad text, non-finite features) is in tally.failed and has no row."""
+    for m in MODALITIES:
+        if pending[m] and m not in encoders:
+            encoders[m] = load_encoder(m, cfg, device)
+    for p in pending["func"]:
+        try:
+            p.text_ids = encoders["func"].ids(p.fields)
+        except InputError as e:
+            tally.fail(p, str(e))
+    pending = {m: [p for p in ps if p.id not in tally.failed] for m, ps in pending.items()}
+
+    def saver(m):
+        def save(p, x):
+            try:
+                save_tensor(x, out / m / feature_file(p.id))
+            except InputError as e:
+                tally.fail(p, f"{m}: {e}")
+                return
+            p.shapes[m] = tuple(x.shape)
+        return save
+    if pending["seq"]:
+        jobs = [(p, p.seq) for p in pending["seq"]]
+        encode_residues(encoders["seq"], jobs, cfg, saver("seq"), tally.fail, "seq")
+    if pending["str"]:
+        encode_structures(encoders["str"], pending["str"], cfg, saver("str"), tally.fail)
+    if pending["func"]:
+        encode_texts(encoders["func"], pending["func"], cfg, saver("func"), tally.fail)
+    return {p.id for ps in pending.values() for p in ps}
+
+
+def extract_chunk(chunk, out, cfg, modalities, ctx, tally):
+    """One chunk of proteins: read and check the inputs, find the files to (re)compute, encode them, and
+    add a manifest row for every protein that did not fail."""
+    ready = []
+    for p in progress(chunk, "inputs"):
+        try:
+            ready.append(prepare(p, cfg, modalities))
+        except InputError as e:
+            tally.fail(p, str(e))
+            continue
+        if p.note:
+            tally.notes[p.id] = p.note
+        if p.residue_report:
+            tally.residues[p.id] = p.residue_report
+    pending = files_to_write(ready, out, cfg, ctx["previous"], ctx["names"], tally)
+    busy = encode_pending(pending, ctx["encoders"], out, cfg, ctx["device"], tally)
+    for p in ready:
+        if p.id not in tally.failed:
+            tally.rows.append(manifest_row(p, ctx["names"]))
+            tally.done, tally.skipped = tally.done + (p.id in busy), tally.skipped + (p.id not in busy)
+
+
+def extract_set(proteins, out, cfg, modalities, source, label_sets=(), encoders=None):
+    """Extract one feature set; returns the summary dict. `encoders` caches loaded models by modality.
+    FatalError when there is nothing to do or no protein is usable (the summary is written first)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stale = remove_stale_temps(out)
+    check_info(out, cfg, modalities)
+    for labels in label_sets:
+        write_labels(out, **labels)
+    shard_i, shard_n = parse_shard(cfg.shard)
+    by_id, duplicates = unique_proteins(proteins)
     ids = sorted(by_id)[:cfg.limit] if cfg.limit else sorted(by_id)
     todo = [by_id[x] for x in shard_ids(ids, shard_i, shard_n)]
     shard_note = f" (shard {shard_i}/{shard_n})" if shard_n > 1 else ""
@@ -1340,83 +1151,29 @@ def extract_set(proteins, out, cfg, modalities, source, label_sets=(), encoders=
                          f"{f', --limit {cfg.limit}' if cfg.limit else ''})")
     log(f"{out}: {len(todo)} proteins{shard_note}, modalities {' '.join(modalities)}, from {source}")
     manifest = out / (f"manifest.shard-{shard_i}-of-{shard_n}.tsv" if shard_n > 1 else "manifest.tsv")
-    previous = previous_rows(out)
+    names = encoder_names(cfg)
+    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    ctx = {"previous": previous_rows(out), "names": names, "device": device,
+           "encoders": {} if encoders is None else encoders}
     same_encoders = not encoder_clash(out, names)
     # rows of this manifest for ids not handled yet: kept while the run goes on, so a killed run keeps them
     pending_rows = read_manifest_rows(manifest) if same_encoders else {}
-
-    def fail(p, reason):
-        pid = p if isinstance(p, str) else p.id
-        if pid not in failed:
-            failed[pid] = reason
-            log(f"error: {pid}: {reason}", err=True)
-
-    failed, rewritten, recomputed, notes, rows, done, skipped = {}, {}, {}, {}, [], 0, 0
+    tally = Tally(stale_temps_removed=stale)
     for start in range(0, len(todo), CHUNK):
-        ready = []
-        for p in progress(todo[start:start + CHUNK], "inputs"):
-            try:
-                ready.append(prepare(p, cfg, modalities))
-            except InputError as e:
-                fail(p, str(e))
-                continue
-            if p.note:
-                notes[p.id] = p.note
-        pending = {m: [] for m in MODALITIES}
-        for p in ready:
-            for m in p.modalities:
-                path = out / m / f"{p.id}.pt"
-                if path.exists() and not cfg.overwrite:
-                    why = stale_reason(p, m, previous, names)
-                    if why is None:
-                        try:
-                            p.shapes[m] = check_existing(path, None if m == "func" else len(p.seq))
-                            continue
-                        except ValueError as e:
-                            rewritten[p.id] = str(e)
-                            log(f"warning: {p.id}: existing {m} file is corrupt, rewriting ({e})", err=True)
-                    else:
-                        recomputed.setdefault(p.id, []).append(f"{m}: {why}")
-                pending[m].append(p)
-        for m in MODALITIES:
-            if pending[m] and m not in encoders:
-                encoders[m] = load_encoder(m, cfg, device)
-        for p in pending["func"]:
-            try:
-                p.text_ids = encoders["func"].ids(p.fields)
-            except InputError as e:
-                fail(p, str(e))
-        pending = {m: [p for p in ps if p.id not in failed] for m, ps in pending.items()}
-
-        def saver(m):
-            def save(p, x):
-                try:
-                    save_tensor(x, out / m / f"{p.id}.pt")
-                except InputError as e:
-                    fail(p, f"{m}: {e}")
-                    return
-                p.shapes[m] = tuple(x.shape)
-            return save
-        if pending["seq"]:
-            jobs = [(p, p.seq) for p in pending["seq"]]
-            encode_residues(encoders["seq"], jobs, cfg, saver("seq"), fail, "seq")
-        if pending["str"]:
-            encode_structures(encoders["str"], pending["str"], cfg, saver("str"), fail)
-        if pending["func"]:
-            encode_texts(encoders["func"], pending["func"], cfg, saver("func"), fail)
-        busy = {p.id for ps in pending.values() for p in ps}
-        for p in ready:
-            pending_rows.pop(p.id, None)
-            if p.id in failed:
-                continue
-            rows.append(manifest_row(p, names))
-            done, skipped = done + (p.id in busy), skipped + (p.id not in busy)
-        for p in todo[start:start + CHUNK]:
+        chunk = todo[start:start + CHUNK]
+        extract_chunk(chunk, out, cfg, modalities, ctx, tally)
+        for p in chunk:
             pending_rows.pop(p.id, None)
         if start + CHUNK < len(todo):  # progress so far, for a run that gets killed
-            write_manifest(manifest, rows + list(pending_rows.values()))
+            write_manifest(manifest, tally.rows + list(pending_rows.values()))
+    return finish_set(out, cfg, modalities, source, todo, tally, ctx, manifest, same_encoders, duplicates)
 
-    # manifest, info, summary
+
+def finish_set(out, cfg, modalities, source, todo, tally, ctx, manifest, same_encoders, duplicates):
+    """After the last chunk: manifest (with the still-valid rows of earlier runs), info.json, the shard
+    merge, summary.json; FatalError when no protein was usable."""
+    shard_i, shard_n = parse_shard(cfg.shard)
+    rows = tally.rows
     for m in modalities:
         if rows and not any(m in r["modalities"].split(",") for r in rows):
             log(f"warning: no protein of {out} ({'this shard' if shard_n > 1 else 'this run'}) has {m} input "
@@ -1425,25 +1182,27 @@ def extract_set(proteins, out, cfg, modalities, source, label_sets=(), encoders=
         rows += kept_rows(out, read_manifest_rows(manifest), {p.id for p in todo})
     old_info = json.loads((out / "info.json").read_text()) if (out / "info.json").exists() else {}
     base = {"tiny": cfg.encoders == "tiny", "synthetic": False, "source": source, "max_len": cfg.max_len,
-            "long": cfg.long, **esm_info(cfg, encoders.get("seq"), old_info), "text_fields": list(TEXT_FIELDS)}
+            "long": cfg.long, **esm_info(cfg, ctx["encoders"].get("seq"), old_info), "text_fields": list(TEXT_FIELDS)}
     if "seq" not in modalities and "seq" not in old_info.get("dims", {}):
         base.update(esm_model="", esm_weights="", esm_layer=None)
-    info = write_info(out, rows, names, base, union=shard_n > 1 and same_encoders)
+    info = write_info(out, rows, ctx["names"], base, union=shard_n > 1 and same_encoders)
     write_manifest(manifest, rows)
     if shard_n > 1:
-        merge_shards(out, shard_n, names)
-    summary = {"out": str(out), "shard": f"{shard_i}/{shard_n}", "proteins": len(todo), "done": done,
-               "skipped": skipped, "recomputed": {k: "; ".join(v) for k, v in sorted(recomputed.items())},
-               "failed": dict(sorted(failed.items())), "rewritten": rewritten,
-               "notes": dict(sorted(notes.items())), "duplicate_ids": sorted(duplicates),
+        merge_shards(out, shard_n, ctx["names"])
+    failed, usable = tally.failed, tally.done + tally.skipped
+    summary = {"out": str(out), "shard": f"{shard_i}/{shard_n}", "proteins": len(todo), "done": tally.done,
+               "skipped": tally.skipped, "recomputed": {k: "; ".join(v) for k, v in sorted(tally.recomputed.items())},
+               "failed": dict(sorted(failed.items())), "rewritten": tally.rewritten,
+               "notes": dict(sorted(tally.notes.items())), "duplicate_ids": sorted(duplicates),
+               "residues": dict(sorted(tally.residues.items())), "stale_temps_removed": tally.stale_temps_removed,
                "tiny": cfg.encoders == "tiny", "encoders": info["encoders"],
                "exit_status": EXIT_PARTIAL if failed else EXIT_OK}
     name = f"summary.shard-{shard_i}-of-{shard_n}.json" if shard_n > 1 else "summary.json"
-    if done + skipped == 0:
+    if usable == 0:
         summary["exit_status"] = EXIT_FATAL
     write_text_atomic(out / name, json.dumps(summary, indent=1))
     print_summary(summary, out / name)
-    if done + skipped == 0:
+    if usable == 0:
         first = next(iter(failed.items()), ("", "?"))
         raise FatalError(f"{out}: none of the {len(todo)} proteins is usable (all failed; e.g. {first[0]}: "
                          f"{first[1]}); see {out / name}")
@@ -1460,6 +1219,9 @@ def print_summary(s, path):
         log(f"  failed {pid}: {reason}")
     if len(s["failed"]) > 20:
         log(f"  ... {len(s['failed']) - 20} more in {path}")
+    if s["residues"]:
+        log(f"  residues: {len(s['residues'])} proteins had residues remapped, read as unknown or dropped "
+            f"(modified residues, ions, missing C-alpha; counts per protein under 'residues' in {path})")
     for pid, note in list(s["notes"].items())[:5]:
         log(f"  note {pid}: {note}")
     if len(s["notes"]) > 5:
@@ -1468,372 +1230,6 @@ def print_summary(s, path):
         log("  TINY random-init encoders: these features only exercise the pipeline, they mean nothing")
     if s["failed"]:
         log(f"  exit status {EXIT_PARTIAL}: {len(s['failed'])} proteins failed (reasons in {path})", err=True)
-
-
-# ----------------------------------------------------------------------------- sources
-
-def texts_by_id(cfg):
-    if not cfg.protdescribe:
-        return {}
-    return {r["id"]: r["fields"] for r in read_protdescribe(cfg.protdescribe, cfg.id_column).rows}
-
-
-def require(cfg, *names):
-    for name in names:
-        if not getattr(cfg, name):
-            raise FatalError(f"--source {cfg.source} needs --{name.replace('_', '-')}")
-
-
-def structures_in(directory, what, required=True):
-    """index_structures(directory); FatalError when it holds none and `required` (what: the flag)."""
-    index = index_structures(directory)
-    if not index:
-        message = (f"{what} {directory}: no structure files (*.pdb, *.ent, *.cif, *.mmcif, optionally .gz) "
-                   "directly in it")
-        if required:
-            raise FatalError(message)
-        log(f"warning: {message}; no protein gets str features", err=True)
-    return index
-
-
-def proteins_fasta(cfg):
-    require(cfg, "fasta")
-    records = read_fasta(cfg.fasta)
-    if not records:
-        raise FatalError(f"--fasta {cfg.fasta}: no FASTA records (no line starts with '>')")
-    structures = structures_in(cfg.pdb_dir, "--pdb-dir", required=False) if cfg.pdb_dir else {}
-    texts = texts_by_id(cfg)
-    return [Protein(pid, sequence=seq, structure=structures.get(pid), fields=texts.get(pid)) for pid, seq in records]
-
-
-def proteins_pdb_dir(cfg):
-    require(cfg, "pdb_dir")
-    structures = structures_in(cfg.pdb_dir, "--pdb-dir")
-    texts = texts_by_id(cfg)
-    return [Protein(pid, structure=path, fields=texts.get(pid)) for pid, path in structures.items()]
-
-
-def proteins_protdescribe(cfg):
-    require(cfg, "protdescribe")
-    structures = structures_in(cfg.pdb_dir, "--pdb-dir", required=False) if cfg.pdb_dir else {}
-    return [Protein(r["id"], sequence=r["sequence"], structure=structures.get(r["id"]), fields=r["fields"])
-            for r in read_protdescribe(cfg.protdescribe, cfg.id_column).rows]
-
-
-AF_NAME = re.compile(r"^AF-(.+)-F1-model_v(\d+)\.(pdb|cif)(\.gz)?$")
-
-
-def alphafold_files(af_dir):
-    """{accession: structure} of the newest AF-<acc>-F1-model_v<k> file per accession, from a directory
-    (as torchdrug's utils.extract leaves swissprot_pdb_v2.tar: .pdb.gz and their .pdb side by side) or
-    from the tar archive itself (members read in place)."""
-    source = Path(af_dir)
-    if source.is_dir():
-        entries = ((path.name, path) for path in sorted(source.iterdir()))
-    elif source.is_file():
-        entries = tar_members(source)
-    else:
-        raise FatalError(f"--af-dir {af_dir}: no such directory or tar archive")
-    best = {}
-    for name, ref in entries:
-        m = AF_NAME.match(name)
-        if m:
-            # newest version first; then .pdb.gz before .pdb before .cif (torchdrug reads the .pdb.gz)
-            rank = (int(m.group(2)), m.group(3) == "pdb", bool(m.group(4)))
-            if m.group(1) not in best or rank > best[m.group(1)][0]:
-                best[m.group(1)] = (rank, ref)
-    if not best:
-        raise FatalError(f"--af-dir {af_dir}: no AlphaFold DB files (AF-<accession>-F1-model_v<k>.pdb[.gz] or "
-                         ".cif[.gz])")
-    versions = Counter(rank[0] for rank, _ in best.values())
-    log(f"alphafold: {len(best)} accessions in {af_dir} (model versions: "
-        f"{', '.join(f'v{v}: {n}' for v, n in sorted(versions.items()))})")
-    return {acc: ref for acc, (_, ref) in best.items()}
-
-
-def choose_join(cfg, table):
-    """"accession" or "sequence" for --join (auto: accession when the id column holds UniProt accessions)."""
-    if cfg.join == "accession" and table.id_column is None:
-        raise FatalError(f"--join accession: {table.path} has no id column ({', '.join(ID_COLUMNS)}); name it "
-                         "with --id-column, or use --join sequence")
-    if cfg.join != "auto":
-        return cfg.join
-    if table.ids_are_accessions():
-        return "accession"
-    why = (f"its id column {table.id_column} holds entry names, not accessions (e.g. {table.rows[0]['id']})"
-           if table.id_column else "it has no id column")
-    log(f"alphafold: joining by exact sequence ({table.path}: {why})")
-    return "sequence"
-
-
-def alphafold_sets(cfg):
-    """AlphaFold DB x ProtDescribe: {"paired", "seqstr" (AF only), "seqfunc" (ProtDescribe only)} lists of
-    Proteins, the accessions left out (sequences disagree, unreadable files), the join used and the
-    ProtDescribe table. FatalError when nothing pairs."""
-    require(cfg, "af_dir", "protdescribe")
-    af = alphafold_files(cfg.af_dir)
-    table = read_protdescribe(cfg.protdescribe, cfg.id_column)
-    join = choose_join(cfg, table)
-    sets, left_out, same_id = {"paired": [], "seqstr": [], "seqfunc": []}, {}, 0
-    if join == "accession":
-        by_id = {}
-        for r in table.rows:
-            by_id.setdefault(r["id"], r)
-        for acc, ref in progress(sorted(af.items()), "join"):
-            r = by_id.get(acc)
-            if r is None:
-                sets["seqstr"].append(Protein(acc, structure=ref))
-                continue
-            try:
-                af_seq = read_structure(ref)["sequence"]
-            except InputError as e:
-                left_out[acc] = f"unreadable: {e}"
-                continue
-            if af_seq != r["sequence"]:
-                left_out[acc] = f"AF sequence ({len(af_seq)} aa) != ProtDescribe Sequence ({len(r['sequence'])} aa)"
-                continue
-            sets["paired"].append(Protein(acc, sequence=r["sequence"], structure=ref, fields=r["fields"]))
-        used = {p.id for p in sets["paired"]} | set(left_out)
-        sets["seqfunc"] = [Protein(r["id"], sequence=r["sequence"], fields=r["fields"])
-                           for r in table.rows if r["id"] not in af]
-        pd_paired = sum(r["id"] in used and r["id"] not in left_out for r in table.rows)
-    else:
-        by_seq = {}
-        for r in table.rows:
-            by_seq.setdefault(r["sequence"], []).append(r)
-        paired_seqs = set()
-        for acc, ref in progress(sorted(af.items()), "join"):
-            try:
-                af_seq = read_structure(ref)["sequence"]
-            except InputError as e:
-                left_out[acc] = f"unreadable: {e}"
-                continue
-            rows = by_seq.get(af_seq)
-            if not rows:
-                sets["seqstr"].append(Protein(acc, sequence=af_seq, structure=ref))
-                continue
-            r = next((x for x in rows if x["id"] == acc), rows[0])  # the row of the same accession, if any
-            same_id += r["id"] == acc
-            sets["paired"].append(Protein(acc, sequence=af_seq, structure=ref, fields=r["fields"]))
-            paired_seqs.add(af_seq)
-        sets["seqfunc"] = [Protein(r["id"], sequence=r["sequence"], fields=r["fields"])
-                           for r in table.rows if r["sequence"] not in paired_seqs]
-        pd_paired = len(table.rows) - len(sets["seqfunc"])
-    key = f"accession ({table.id_column})" if join == "accession" else "exact sequence"
-    log(f"alphafold: join by {key}: {len(af)} AF files x {len(table.rows)} ProtDescribe rows -> paired "
-        f"{len(sets['paired'])} AF files with {pd_paired} ProtDescribe rows"
-        + (f" ({same_id} of them also by id)" if join == "sequence" and table.id_column else "")
-        + f"; AF only {len(sets['seqstr'])}, ProtDescribe only {len(sets['seqfunc'])}, "
-        f"left out {len(left_out)} (sequences disagree or unreadable)")
-    for acc, why in list(left_out.items())[:10]:
-        log(f"  left out {acc}: {why}")
-    if not sets["paired"]:
-        example_af, example_pd = sorted(af)[0], table.rows[0]["id"]
-        hint = (f"AF accessions (e.g. {example_af}) are not in column {table.id_column} (e.g. {example_pd}); if it "
-                "holds entry names (LYSC_CHICK) rather than accessions (P00698), use --join sequence"
-                if join == "accession" else "no AF sequence equals a ProtDescribe Sequence (other UniProt release?)")
-        if left_out:
-            hint += f"; {len(left_out)} accessions matched but were left out ({next(iter(left_out.values()))})"
-        raise FatalError(f"alphafold: {cfg.af_dir} and {cfg.protdescribe} pair no protein: {hint}")
-    return sets, left_out, join, table
-
-
-def pick_sets(sets, table, counts, seed):
-    """The paper's pretraining subsets: seeded random choices of counts = (paired, seqstr, seqfunc) proteins,
-    disjoint by id and by sequence (where known): paired triplets from the pairs; seq+str from the other
-    AF files (their text unused); seq+func from the other ProtDescribe rows (their structure unused).
-    Returns (picked sets, picks.json content)."""
-    rng = random.Random(seed)
-
-    def sample(pool, k, name):
-        pool = sorted({p.id: p for p in reversed(pool)}.values(), key=lambda p: p.id)  # one per id
-        if k > len(pool):
-            log(f"warning: --pick asks for {k} {name} proteins, {len(pool)} are available: all taken", err=True)
-        return rng.sample(pool, min(k, len(pool)))
-
-    paired = sample([p for p in sets["paired"] if has_text(p.fields)], counts[0], "paired")
-    used_ids, used_seqs = {p.id for p in paired}, {p.sequence for p in paired}
-    seqstr_pool = [Protein(p.id, sequence=p.sequence, structure=p.structure) for p in sets["paired"]] + sets["seqstr"]
-    seqstr = sample([p for p in seqstr_pool if p.id not in used_ids and p.sequence not in used_seqs], counts[1],
-                    "seq+str")
-    used_ids |= {p.id for p in seqstr}
-    used_seqs |= {p.sequence for p in seqstr if p.sequence}
-    seqfunc_pool = [Protein(r["id"], sequence=r["sequence"], fields=r["fields"]) for r in table.rows
-                    if has_text(r["fields"])]
-    seqfunc = sample([p for p in seqfunc_pool if p.id not in used_ids and p.sequence not in used_seqs], counts[2],
-                     "seq+func")
-    picked = {"paired": paired, "seqstr": seqstr, "seqfunc": seqfunc}
-    record = {"seed": seed, "requested": dict(zip(picked, counts)), "chosen": {k: len(v) for k, v in picked.items()},
-              **{k: sorted(p.id for p in v) for k, v in picked.items()}}
-    log(f"pick (seed {seed}): paired {len(paired)}, seq+str {len(seqstr)}, seq+func {len(seqfunc)}")
-    return picked, record
-
-
-def md5sum(path):
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def safe_extract(zip_path, dest):
-    """Extract a zip into dest, refusing members that would land outside it; returns the members'
-    common top-level folder (dest itself when there is none)."""
-    dest = Path(dest).resolve()
-    marker = dest / f".extracted-{Path(zip_path).name}"
-    with zipfile.ZipFile(zip_path) as z:
-        names = z.namelist()
-        if not marker.exists():
-            for name in names:
-                if not (dest / name).resolve().is_relative_to(dest):
-                    raise FatalError(f"{zip_path}: member {name!r} points outside {dest}")
-            z.extractall(dest)
-            marker.touch()
-    tops = {n.split("/")[0] for n in names}
-    return dest / tops.pop() if len(tops) == 1 and all("/" in n for n in names) else dest
-
-
-def fetch_archive(cfg, kind):
-    """Path to torchdrug's archive for kind ("ec"/"go"): downloaded (--download) or --data; md5-checked."""
-    name, url, md5 = TORCHDRUG_ZIPS[kind]
-    data_dir = Path(cfg.data_dir)
-    zip_path = Path(cfg.data) if cfg.data else data_dir / f"{name}.zip"
-    if cfg.download and not (zip_path.exists() and md5sum(zip_path) == md5):
-        data_dir.mkdir(parents=True, exist_ok=True)
-        tmp = zip_path.with_name(zip_path.name + ".part")
-        log(f"download {url} -> {zip_path}")
-        try:
-            with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
-                shutil.copyfileobj(r, f)
-        except OSError as e:
-            raise FatalError(f"could not download {url} ({type(e).__name__}: {e}); no network here? fetch it "
-                             "elsewhere and pass --data PATH") from None
-        os.replace(tmp, zip_path)
-    if cfg.download or zip_path.name == f"{name}.zip":  # a download is always checked, whatever its name
-        found = md5sum(zip_path)
-        if found != md5:
-            raise FatalError(f"{zip_path}: md5 {found} is not torchdrug's published {md5} (a partial download? "
-                             "delete it and run again with --download)")
-    return zip_path
-
-
-def find_annotation(root, tag):
-    """The one *-<tag>*_annot.tsv at the shallowest depth (0-2) under root: DeepFRI's directory, torchdrug's
-    extracted <Name>/ (annotation in <Name>/<Name>/), or the folder torchdrug downloads into."""
-    for depth in range(3):
-        found = sorted(root.glob("*/" * depth + f"*-{tag}*_annot.tsv"))
-        if len(found) == 1:
-            return found[0]
-        if found:
-            raise FatalError(f"{root}: expected one *-{tag}*_annot.tsv, found {[str(a) for a in found]}")
-    raise FatalError(f"{root}: no *-{tag}*_annot.tsv in it or two folders below (expected DeepFRI's files, e.g. "
-                     f"nrPDB-{tag}_*_annot.tsv, or torchdrug's archive or the folder it extracts it to)")
-
-
-def split_structures(base, split):
-    """{chain id: path} of torchdrug's split folder: train.zip as torchdrug's utils.extract leaves it
-    (train/train/*.pdb: the zip's members are train/*.pdb, extracted into a folder named after the zip),
-    or train/*.pdb (this kit before it extracted like torchdrug); the zip is extracted torchdrug's way when
-    neither exists. None when the split has no folder and no zip (DeepFRI's layout: *_train.txt)."""
-    for _ in range(2):
-        for folder in (base / split / split, base / split):
-            index = index_structures(folder, torchdrug_names=True) if folder.is_dir() else {}
-            if index:
-                return index
-        if not (base / f"{split}.zip").exists():
-            break
-        safe_extract(base / f"{split}.zip", base / split)
-    return {} if (base / split).is_dir() or (base / f"{split}.zip").exists() else None
-
-
-def task_files(cfg, kind):
-    """Locate the annotation, splits, test CSV, sequences and structures of the EC or GO set, in
-    torchdrug's layout (<Name>/nrPDB-EC_annot.tsv, train.zip -> train/train/<PDB>-<chain>_*.pdb, ...) or
-    DeepFRI's (nrPDB-EC_2020.04_annot.tsv, *_train.txt, *_valid.txt, *_test.txt, *_test.csv,
-    *_sequences.fasta). FatalError when a split is empty."""
-    if not (cfg.data or cfg.download):
-        raise FatalError(f"--source {cfg.source} needs --data PATH (zip or directory) or --download")
-    root = Path(cfg.data) if cfg.data else None
-    if cfg.download or root.suffix == ".zip":
-        zip_path = fetch_archive(cfg, kind)
-        root = safe_extract(zip_path, Path(cfg.data_dir) / zip_path.stem)  # as torchdrug: X.zip -> X/
-    elif not root.is_dir():
-        raise FatalError(f"--data {root}: no such directory or .zip file")
-    tag = kind.upper()
-    annot = find_annotation(root, tag)
-    base = annot.parent
-
-    def one(pattern):
-        found = sorted(base.glob(pattern))
-        if len(found) != 1:
-            raise FatalError(f"{base}: expected one {pattern}, found {[f.name for f in found] or 'none'}")
-        return found[0]
-    files = {"annot": annot, "test_csv": one(f"*-{tag}*_test.csv"), "splits": {}, "structures": {},
-             "fastas": sorted(base.glob(f"*-{tag}*sequences.fasta")), "source": "deepfri"}
-    for split in SPLITS:
-        index = split_structures(base, split)
-        if index is None:
-            files["splits"][split] = read_split(one(f"*-{tag}*_{split}.txt"))
-        else:  # torchdrug: the folder is the split
-            files["splits"][split] = sorted(index)
-            files["structures"].update(index)
-            files["source"] = "torchdrug"
-    counts = "/".join(str(len(files["splits"][s])) for s in SPLITS)
-    empty = [s for s in SPLITS if not files["splits"][s]]
-    if empty:
-        raise FatalError(f"{base}: {kind} splits train/valid/test {counts}: {', '.join(empty)} empty -- expected "
-                         f"torchdrug's <split>.zip or <split>/<split>/*.pdb (as torchdrug extracts it), or "
-                         f"DeepFRI's *_<split>.txt; a half-extracted folder? delete it and run again")
-    if cfg.pdb_dir:
-        for pid, path in index_structures(cfg.pdb_dir, torchdrug_names=True).items():
-            files["structures"].setdefault(pid, path)
-    return files
-
-
-def task_proteins(cfg, kind, label_source=None, texts=None):
-    """Proteins of the EC/GO splits that have a sequence or a structure, and their label sets."""
-    files = task_files(cfg, kind)
-    try:
-        terms, labels = read_deepfri_annot(files["annot"])
-        test_identity = read_test_csv(files["test_csv"])
-    except (ValueError, KeyError, IndexError) as e:
-        raise FatalError(f"{files['annot'].parent}: malformed annotation or test CSV "
-                         f"({type(e).__name__}: {e})") from None
-    splits = files["splits"]
-    sequences = {pid: seq for fasta in files["fastas"] for pid, seq in read_fasta(fasta)}
-    label_sets = [dict(task=task, terms=terms[task], labels=labels[task], splits=splits,
-                       test_identity=test_identity, source=label_source or files["source"]) for task in terms]
-    ids = [x for s in SPLITS for x in splits[s]]
-    texts = texts or {}
-    proteins = [Protein(x, sequence=sequences.get(x), structure=files["structures"].get(x), fields=texts.get(x))
-                for x in ids if x in sequences or x in files["structures"]]
-    log(f"{kind}: {len(ids)} chains in the splits (train/valid/test "
-        f"{len(splits['train'])}/{len(splits['valid'])}/{len(splits['test'])}); {len(proteins)} have a sequence "
-        f"or structure and get features, the other {len(ids) - len(proteins)} only labels")
-    if not proteins:
-        raise FatalError(f"{kind}: no chain of the splits has a sequence or a structure: give the structures "
-                         "(torchdrug's archive, or --pdb-dir) or DeepFRI's *_sequences.fasta next to the annotation")
-    return proteins, label_sets
-
-
-def demo_sets(cfg):
-    """demo.write_corpus into <data-dir>/demo, then its FASTA + pdb/ + protdescribe.tsv + DeepFRI-style
-    EC and GO files, as one set with labels_ec / go-mf / go-bp / go-cc."""
-    import demo
-    work = Path(cfg.data_dir) / "demo"
-    demo.write_corpus(work, None if cfg.demo_n is None else demo.make_corpus(n=cfg.demo_n))
-    files = dict(fasta=str(work / "demo.fasta"), pdb_dir=str(work / "pdb"),
-                 protdescribe=str(work / "protdescribe.tsv"), data=str(work), download=False)
-    sub = ExtractConfig(**{**vars(cfg), **files})
-    texts = texts_by_id(sub)
-    structures = index_structures(sub.pdb_dir)
-    proteins = [Protein(pid, sequence=seq, structure=structures.get(pid), fields=texts.get(pid))
-                for pid, seq in read_fasta(sub.fasta)]
-    label_sets = []
-    for kind in ("ec", "go"):
-        label_sets += task_proteins(sub, kind, label_source="demo")[1]
-    return proteins, label_sets
 
 
 # ----------------------------------------------------------------------------- command line
@@ -1855,36 +1251,40 @@ def build_parser():
     return parser
 
 
-def infer_source(cfg):
-    """--source, or the source the input flags name when exactly one reading fits: --af-dir -> alphafold,
-    --fasta -> fasta, --data / --download -> ec or go (by the archive's name), --pdb-dir -> pdb-dir,
-    --protdescribe -> protdescribe (--pdb-dir with --protdescribe could be either: say which)."""
-    if cfg.source:
-        return cfg.source
-    given = [f"--{n.replace('_', '-')}" for n in ("af_dir", "fasta", "data", "pdb_dir", "protdescribe")
-             if getattr(cfg, n)] + (["--download"] if cfg.download else [])
-    primary = [g for g in given if g in ("--af-dir", "--fasta", "--data", "--download")]
-    if len(primary) > 1:
-        raise FatalError(f"{' and '.join(primary)} name different sources: say which with --source")
-    if primary == ["--af-dir"]:
-        return "alphafold"
-    if primary == ["--fasta"]:
-        return "fasta"
-    if primary:
-        name = Path(cfg.data or "").name.lower()
-        kinds = [k for k, (zip_name, _, _) in TORCHDRUG_ZIPS.items() if zip_name.lower() in name]
-        if len(kinds) == 1:
-            return kinds[0]
-        raise FatalError(f"{' '.join(primary)}: EC or GO? say --source ec or --source go")
-    if given == ["--pdb-dir"]:
-        return "pdb-dir"
-    if given == ["--protdescribe"]:
-        return "protdescribe"
-    if given:
-        raise FatalError("--pdb-dir with --protdescribe: say --source pdb-dir (the structures, text from the TSV) "
-                         "or --source protdescribe (the TSV rows, structures from the directory)")
-    raise FatalError("no input: give --fasta, --pdb-dir, --protdescribe, --af-dir with --protdescribe, --data "
-                     "(EC/GO), or --source demo")
+def check_out(out):
+    """--out must be a folder this process can write, or a path that can become one; FatalError (one line)
+    otherwise. Nothing is created here (a run that fails on its inputs leaves no empty folder)."""
+    probe = out.absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise FatalError(f"--out {out}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise FatalError(f"--out {out}: {probe} is not writable (read-only file system or no permission)")
+
+
+def extract_alphafold(cfg, out, modalities, encoders):
+    """--source alphafold: the paired set into `out` (and, with --unpaired or --pick, seqstr/ and seqfunc/
+    beside it); the join's left-out accessions in alphafold_mismatch.json. Returns the summaries."""
+    summaries = []
+    sets, left_out, join, table = alphafold_sets(cfg)
+    names = ("paired", "seqstr", "seqfunc") if cfg.unpaired else ("paired",)
+    if cfg.pick is not None:
+        sets, record = pick_sets(sets, table, cfg.pick, cfg.seed)
+        names = [n for n, k in zip(("paired", "seqstr", "seqfunc"), cfg.pick) if k > 0]
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "picks.json", json.dumps({"join": join, **record}, indent=1))
+    wanted = {"paired": MODALITIES, "seqstr": ("seq", "str"), "seqfunc": ("seq", "func")}
+    targets = {"paired": out, "seqstr": out.parent / "seqstr", "seqfunc": out.parent / "seqfunc"}
+    for name in names:
+        mods = tuple(m for m in modalities if m in wanted[name])
+        if not sets[name]:
+            log(f"warning: alphafold: the {name} set is empty; nothing written to {targets[name]}", err=True)
+            continue
+        summaries.append(extract_set(sets[name], targets[name], cfg, mods, f"alphafold:{name}", encoders=encoders))
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "alphafold_mismatch.json", json.dumps(left_out, indent=1))
+    return summaries
 
 
 def main(argv=None):
@@ -1906,32 +1306,16 @@ def main(argv=None):
             raise FatalError("--pick PAIRED SEQSTR SEQFUNC: counts >= 0, with --source alphafold (--af-dir)")
         name = f"demo-{cfg.encoders}" if cfg.source == "demo" else cfg.source  # features/demo: demo.py's own set
         out = Path(cfg.out or f"features/{name}")
+        check_out(out)  # before any reading: a bad --out is a one-line error at once
         if cfg.encoders == "tiny":
             log("encoders: TINY -- small random-init models of the real architectures (ESM-2 6 layers, "
                 "GearNet-Edge [32]*6, 2-layer BERT); for tests and the demo, not for results")
         if "seq" in modalities:
             log(f"sequences: {STANDARD_RESIDUES} plus {' '.join(EXTRA_RESIDUES)} (fair-esm's alphabet has tokens "
                 "for X B Z U O); any other character fails its protein")
-        encoders, summaries = {}, []
-        if cfg.source == "alphafold":
-            sets, left_out, join, table = alphafold_sets(cfg)
-            names = ("paired", "seqstr", "seqfunc") if cfg.unpaired else ("paired",)
-            if cfg.pick is not None:
-                sets, record = pick_sets(sets, table, cfg.pick, cfg.seed)
-                names = [n for n, k in zip(("paired", "seqstr", "seqfunc"), cfg.pick) if k > 0]
-                out.mkdir(parents=True, exist_ok=True)
-                write_text_atomic(out / "picks.json", json.dumps({"join": join, **record}, indent=1))
-            wanted = {"paired": MODALITIES, "seqstr": ("seq", "str"), "seqfunc": ("seq", "func")}
-            targets = {"paired": out, "seqstr": out.parent / "seqstr", "seqfunc": out.parent / "seqfunc"}
-            for name in names:
-                mods = tuple(m for m in modalities if m in wanted[name])
-                if not sets[name]:
-                    log(f"warning: alphafold: the {name} set is empty; nothing written to {targets[name]}", err=True)
-                    continue
-                summaries.append(extract_set(sets[name], targets[name], cfg, mods, f"alphafold:{name}",
-                                             encoders=encoders))
-            out.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(out / "alphafold_mismatch.json", json.dumps(left_out, indent=1))
+        encoders = {}  # loaded once, shared by the sets of one run
+        if cfg.source == "alphafold":  # up to three sets (paired, seqstr, seqfunc) from one join
+            summaries = extract_alphafold(cfg, out, modalities, encoders)
         else:
             label_sets = []
             if cfg.source in ("ec", "go"):
@@ -1941,7 +1325,7 @@ def main(argv=None):
             else:
                 proteins = {"fasta": proteins_fasta, "pdb-dir": proteins_pdb_dir,
                             "protdescribe": proteins_protdescribe}[cfg.source](cfg)
-            summaries.append(extract_set(proteins, out, cfg, modalities, cfg.source, label_sets, encoders))
+            summaries = [extract_set(proteins, out, cfg, modalities, cfg.source, label_sets, encoders)]
         return max(s["exit_status"] for s in summaries) if summaries else EXIT_FATAL
     except FatalError as e:
         log(f"error: {e}", err=True)

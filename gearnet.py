@@ -37,17 +37,20 @@ Conventions, stated once:
   for every pair meeting at j (reverse edges and self loops included), with relation
   floor(angle(i - j, k - j) / pi * 8); a zero vector gives angle 0.
 
-Structure reading follows what torchdrug sees through RDKit, with three deliberate differences:
-residues are keyed by (chain, number, insertion code), not (number, insertion code, name); only
-ATOM records and a few modified amino acids in HETATM records (MSE -> MET, ...) are protein
-residues, so a calcium ion named CA is no node; the first alternate location seen for an atom is
-kept (RDKit keeps labels ' ', 'A' and '1' only). Unknown residue names in ATOM records become
-index 20 and 'X' in the sequence.
+Structure reading follows what torchdrug sees through RDKit, with deliberate differences: residues
+are keyed by (chain, number, insertion code), not (number, insertion code, name); modified amino acids
+(MSE, SEP, KCX, ...: MODIFIED_RESIDUES) are read as their parent residue in ATOM and HETATM records alike
+(torchdrug treats them as glycine / unknown), other HETATM amino acids (backbone N, CA, C) as unknown
+('X', index 20, as torchdrug), and a HETATM 'CA' without backbone (a calcium ion) is no node. Alternate
+locations as RDKit: ' ', 'A' or '1' only, whatever the occupancy. Unknown residue names in ATOM records
+become index 20 and 'X' in the sequence. Every remapped, unknown or dropped residue is counted in the
+"report" of read_structure; a non-finite C-alpha coordinate is a StructureError naming the atom.
 """
 import gzip
 import math
 import re
 import warnings
+from collections import Counter
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -61,9 +64,15 @@ RESIDUES = ["GLY", "ALA", "SER", "PRO", "VAL", "THR", "CYS", "ILE", "LEU", "ASN"
 RESIDUE_LETTERS = "GASPVTCILNDQKEMHFRYW"
 RESIDUE_INDEX = {name: i for i, name in enumerate(RESIDUES)}
 UNKNOWN = len(RESIDUES)  # 20
-# Modified amino acids read from HETATM records, as their parent residue.
+# Modified amino acids, read as their parent residue (PDB's parent component) in ATOM and HETATM records
+# alike. torchdrug keeps RDKit's residue name and treats every name outside its 20 as glycine / unknown;
+# the kit keeps the parent, so that the sequence matches the FASTA / SEQRES (MSE is M there).
 MODIFIED_RESIDUES = {"MSE": "MET", "SEP": "SER", "TPO": "THR", "PTR": "TYR", "CSO": "CYS",
-                     "MLY": "LYS", "HYP": "PRO"}
+                     "MLY": "LYS", "HYP": "PRO", "KCX": "LYS", "LLP": "LYS", "M3L": "LYS", "CME": "CYS",
+                     "CSD": "CYS", "OCS": "CYS", "PCA": "GLU"}
+# alternate locations kept: RDKit's PDB reader (torchdrug's; PDBParser.cpp, PDBAtomLine) skips atoms whose
+# altloc is not ' ', 'A' or '1', whatever their occupancy; the first such C-alpha of a residue wins
+KEPT_ALTLOCS = ("", "A", "1")
 
 # GraphConstruction / GearNet-Edge hyper-parameters (SPEC: Uni-modal encoders, Structure).
 SEQUENTIAL_MAX_DISTANCE = 2
@@ -92,7 +101,7 @@ def _open_text(path):
 
 def _pdb_atoms(lines):
     """Atom records of the first model of a PDB file, as tuples
-    (hetero, atom_name, residue_name, chain, number, insertion_code, x, y, z)."""
+    (hetero, atom_name, residue_name, chain, number, insertion_code, altloc, x, y, z)."""
     for line in lines:
         record = line[:6]
         if record == "ENDMDL":
@@ -100,8 +109,8 @@ def _pdb_atoms(lines):
         if record not in ("ATOM  ", "HETATM"):
             continue
         yield (record == "HETATM", line[12:16].strip(), line[17:20].strip(), line[21],
-               line[22:26].strip(), line[26].strip(), float(line[30:38]), float(line[38:46]),
-               float(line[46:54]))
+               line[22:26].strip(), line[26].strip(), line[16].strip(), float(line[30:38]),
+               float(line[38:46]), float(line[46:54]))
 
 
 _CIF_TOKEN = re.compile(r"""'(?:[^']|'(?=\S))*'|"(?:[^"]|"(?=\S))*"|\S+""")
@@ -119,7 +128,7 @@ CIF_REQUIRED = (("Cartn_x",), ("Cartn_y",), ("Cartn_z",), ("auth_atom_id", "labe
 
 def _cif_atoms(lines):
     """Atom records of the first model of an mmCIF file (the _atom_site loop), same tuples as
-    `_pdb_atoms`. Author chain/number/name fields are preferred, as in PDB files. A loop without
+    `_pdb_atoms` (altloc from label_alt_id). Author chain/number/name fields are preferred, as in PDB files. A loop without
     the columns of CIF_REQUIRED, or whose values do not fill whole rows (a file cut mid-row), is a
     StructureError (the caller adds the file name)."""
     columns, rows, in_loop = [], [], False
@@ -157,7 +166,7 @@ def _cif_atoms(lines):
         yield (pick(row, "group_PDB") == "HETATM", pick(row, "auth_atom_id", "label_atom_id"),
                pick(row, "auth_comp_id", "label_comp_id"),
                pick(row, "auth_asym_id", "label_asym_id"), pick(row, "auth_seq_id", "label_seq_id"),
-               pick(row, "pdbx_PDB_ins_code"), float(row[col["Cartn_x"]]),
+               pick(row, "pdbx_PDB_ins_code"), pick(row, "label_alt_id"), float(row[col["Cartn_x"]]),
                float(row[col["Cartn_y"]]), float(row[col["Cartn_z"]]))
 
 
@@ -166,49 +175,108 @@ def _is_cif(path, first_line):
     return name.endswith((".cif", ".mmcif")) or first_line.startswith("data_")
 
 
+def _collect_residues(atoms, chain):
+    """{(chain, number, insertion code): {name, hetero, ca, atoms}} in file order, and the ids of residues
+    met again after other residues (a chain id used twice: the second copy is not read). The C-alpha is the
+    first one with a kept alternate location (KEPT_ALTLOCS); a non-finite coordinate is a StructureError
+    naming the atom."""
+    residues, repeated, last, fresh = {}, Counter(), None, True
+    for hetero, atom, name, chain_id, number, icode, altloc, x, y, z in atoms:
+        if chain is not None and chain_id != chain:
+            continue
+        key = (chain_id, number, icode)
+        if key != last:
+            fresh, last = key not in residues, key
+            if not fresh:
+                repeated[key] += 1
+        if not fresh:
+            continue
+        r = residues.setdefault(key, {"name": name, "hetero": hetero, "ca": None, "atoms": set(), "alt": False})
+        r["atoms"].add(atom)
+        if atom != "CA":
+            continue
+        if not (math.isfinite(x) and math.isfinite(y) and math.isfinite(z)):
+            raise StructureError(f"atom CA of {name} {chain_id}:{number}{icode} has a non-finite coordinate "
+                                 f"({x}, {y}, {z})")
+        if altloc not in KEPT_ALTLOCS or r["ca"] is not None:
+            r["alt"] = True  # another conformer's C-alpha: skipped
+        else:
+            r["ca"] = (x, y, z)
+    return residues, repeated
+
+
+def _protein_residues(residues, repeated):
+    """[(key, residue name as read, C-alpha)] of the protein residues, and the report of what was
+    remapped, read as unknown or dropped. A residue is a protein residue when it has a C-alpha and is an
+    ATOM record, a known or modified amino acid, or a HETATM amino acid (backbone N, CA, C; torchdrug
+    keeps those too); a HETATM 'CA' without backbone (a calcium ion) is no residue."""
+    kept, remapped, unknown, dropped = [], Counter(), Counter(), Counter()
+    for key, r in residues.items():
+        name = r["name"]
+        amino = (not r["hetero"] or name in RESIDUE_INDEX or name in MODIFIED_RESIDUES
+                 or {"N", "CA", "C"} <= r["atoms"])
+        if not amino:
+            if r["ca"] is not None:
+                dropped[f"{name} (HETATM, not an amino acid)"] += 1
+            continue
+        if r["ca"] is None:
+            dropped[f"{name} without a C-alpha" + (" of a kept alternate location" if r["alt"] else "")] += 1
+            continue
+        if name in MODIFIED_RESIDUES:
+            remapped[f"{name}->{MODIFIED_RESIDUES[name]}"] += 1
+            name = MODIFIED_RESIDUES[name]
+        elif name not in RESIDUE_INDEX:
+            unknown[name] += 1
+        kept.append((key, name, r["ca"]))
+    if repeated:
+        dropped["repeated residue id (its chain id is used twice)"] += sum(repeated.values())
+    chains_in_order = [k[0] for k, _, _ in kept]
+    runs = [c for i, c in enumerate(chains_in_order) if i == 0 or chains_in_order[i - 1] != c]
+    twice = sorted({c for c in runs if runs.count(c) > 1} | {k[0] for k in repeated})
+    report = {"remapped": dict(remapped), "unknown": dict(unknown), "dropped": dict(dropped),
+              "alternates_skipped": sum(r["alt"] and r["ca"] is not None for r in residues.values()),
+              "chain_ids_used_twice": twice}
+    return kept, {k: v for k, v in report.items() if v}
+
+
 def read_structure(path, chain=None, text=None):
     """Read the C-alpha trace of a PDB or mmCIF file (optionally .gz); `text` is the file's content
     when the caller has already read it (`path` then only names it in messages and tells the format).
 
     Returns dict(sequence=str, residue_type=[L] long (index 20 = unknown), ca=[L, 3] float32,
-    residue_ids=["A:12", "A:12B", ...], chain="A" (several chains: "A,B"), chain_index=[L] long).
-    First model, first alternate location, protein residues with a C-alpha atom only; `chain`
-    keeps one chain. Raises StructureError naming the file when nothing is left.
+    residue_ids=["A:12", "A:12B", ...], chain="A" (several chains: "A,B"), chain_index=[L] long,
+    report={remapped: {"MSE->MET": n}, unknown: {name: n}, dropped: {why: n}, alternates_skipped: n,
+    chain_ids_used_twice: [...]}, only the entries that occurred).
+    First model, alternate locations ' ', 'A' or '1' (as RDKit, torchdrug's reader), protein residues
+    with a C-alpha atom only; `chain` keeps one chain. Raises StructureError naming the file when
+    nothing is left or a C-alpha coordinate is not finite.
     """
     if text is None:
         with _open_text(path) as handle:
             text = handle.read()
     lines = text.splitlines()
     atoms = _cif_atoms(lines) if _is_cif(path, lines[0] if lines else "") else _pdb_atoms(lines)
-    residues = {}  # (chain, number, insertion code) -> (residue name, C-alpha xyz), file order
     try:
-        for hetero, atom, name, chain_id, number, icode, x, y, z in atoms:
-            if atom != "CA" or (chain is not None and chain_id != chain):
-                continue
-            if hetero:
-                if name not in MODIFIED_RESIDUES:
-                    continue
-                name = MODIFIED_RESIDUES[name]
-            # the first C-alpha seen wins: other alternate locations of it are skipped
-            residues.setdefault((chain_id, number, icode), (name, (x, y, z)))
+        residues, repeated = _collect_residues(atoms, chain)
     except StructureError as error:
         raise StructureError(f"{path}: {error}") from None
     except (ValueError, IndexError) as error:
         raise StructureError(f"{path}: unreadable atom record ({error})") from None
-    if not residues:
+    kept, report = _protein_residues(residues, repeated)
+    if not kept:
         where = f" in chain {chain!r}" if chain is not None else ""
         raise StructureError(f"{path}: no protein residue with a C-alpha atom{where}")
 
-    keys = list(residues)
-    residue_type = [RESIDUE_INDEX.get(residues[k][0], UNKNOWN) for k in keys]
-    chains = list(dict.fromkeys(k[0] for k in keys))
+    residue_type = [RESIDUE_INDEX.get(name, UNKNOWN) for _, name, _ in kept]
+    chains = list(dict.fromkeys(k[0] for k, _, _ in kept))
     return {
         "sequence": "".join(RESIDUE_LETTERS[t] if t < UNKNOWN else "X" for t in residue_type),
         "residue_type": torch.tensor(residue_type, dtype=torch.long),
-        "ca": torch.tensor([residues[k][1] for k in keys], dtype=torch.float32),
-        "residue_ids": [f"{c}:{n}{i}" for c, n, i in keys],
+        "ca": torch.tensor([ca for _, _, ca in kept], dtype=torch.float32),
+        "residue_ids": [f"{c}:{n}{i}" for (c, n, i), _, _ in kept],
         "chain": ",".join(chains),
-        "chain_index": torch.tensor([chains.index(k[0]) for k in keys], dtype=torch.long),
+        "chain_index": torch.tensor([chains.index(k[0]) for k, _, _ in kept], dtype=torch.long),
+        "report": report,
     }
 
 

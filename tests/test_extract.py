@@ -1,11 +1,13 @@
 """extract_features.py: encoders' rows, cropping, text joining, resume/shards, readers, sources.
 
 Everything runs offline on CPU with the tiny encoders and a handful of small proteins."""
+import errno
 import gzip
 import io
 import json
 import os
 import urllib.error
+import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -427,7 +429,7 @@ def test_ec_torchdrug_archive(tmp_path, capsys, monkeypatch):
 
         def __exit__(self, *a):
             return False
-    monkeypatch.setattr(ef.urllib.request, "urlopen", lambda url, timeout: Response(b"not torchdrug's zip"))
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: Response(b"not torchdrug's zip"))
     assert ef.main(["--source", "ec", "--download", "--data", str(tmp_path / "other.zip"), "--data-dir",
                     str(tmp_path / "dl"), "--encoders", "tiny", "--out", str(tmp_path / "h")]) == 2
     err = capsys.readouterr().err
@@ -1001,3 +1003,157 @@ def test_demo_end_to_end(tmp_path, monkeypatch):
     assert ef.main(argv) == 0 and json.loads((out / "summary.json").read_text())["skipped"] == 6
     assert "python extract_features.py --source demo --encoders tiny" in ef.__doc__
     assert os.path.exists(tmp_path / "data" / "demo" / "demo.fasta")
+
+
+# ----------------------------------------------------------------------------- issue 18: batch-wide failures, chains,
+# names, disk full, residues, pairs
+
+def chains_pdb(path, chains, het=()):
+    """A C-alpha PDB with several chains {chain: sequence}; het: (position in the first chain, residue name,
+    record) replacing that residue (e.g. (2, "KCX", "HETATM"), with N and C atoms so it is an amino acid)."""
+    lines, serial = [], 0
+    for c, (chain, seq) in enumerate(chains.items()):
+        for i, aa in enumerate(seq):
+            t = torch.tensor(i * 100.0 * 3.14159265 / 180)
+            x, y, z = 2.3 * torch.cos(t).item() + 30 * c, 2.3 * torch.sin(t).item(), 1.5 * i
+            record, name = "ATOM  ", THREE[aa]
+            for pos, resname, rec in het:
+                if c == 0 and pos == i:
+                    record, name = f"{rec:<6}", resname
+            for atom, dx in (("N", -1.0), ("CA", 0.0), ("C", 1.0)):
+                serial += 1
+                lines.append(f"{record}{serial:5d}  {atom:<3} {name} {chain}{i + 1:4d}    "
+                             f"{x + dx:8.3f}{y:8.3f}{z:8.3f}  1.00  0.00           {atom[0]}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines + ["END"]) + "\n")
+    return path
+
+
+def test_one_bad_structure_or_batch_member_fails_alone(tmp_path, monkeypatch, capsys):
+    """Issue 18.2: a NaN coordinate in one of six files failed all six ('bincount only supports ...');
+    now that file fails at reading, naming the atom, and a protein that breaks an encoder batch is retried
+    alone: only it fails, by name, the rest of its batch is kept."""
+    for k in range(5):
+        write_ca_pdb(tmp_path / "pdb" / f"good{k}.pdb", replicas.random_sequence(20 + k, k))
+    bad = write_ca_pdb(tmp_path / "pdb" / "nan.pdb", "MKTAYIAKQR")
+    lines = bad.read_text().splitlines()
+    lines[3] = lines[3][:38] + f"{'nan':>8}" + lines[3][46:]
+    bad.write_text("\n".join(lines) + "\n")
+    rc, out, s = run(["--pdb-dir", str(tmp_path / "pdb"), "--modality", "seq", "str"], tmp_path)
+    assert rc == 3 and list(s["failed"]) == ["nan"] and s["done"] == 5
+    assert "nan.pdb: atom CA of ALA A:4 has a non-finite coordinate" in s["failed"]["nan"]
+
+    real = ef.SeqEncoder.__call__
+
+    def breaks_its_batch(self, seqs):
+        if any(x.startswith("MW") for x in seqs):
+            raise RuntimeError("index out of range in self")
+        return real(self, seqs)
+    monkeypatch.setattr(ef.SeqEncoder, "__call__", breaks_its_batch)
+    fasta = tmp_path / "x.fasta"
+    fasta.write_text(">a\nMKTAYIAK\n>b\nMWVLAAGI\n>c\nMSTNPKPQ\n")
+    rc, out, s = run(["--fasta", str(fasta), "--modality", "seq"], tmp_path, "batch")
+    assert rc == 3 and list(s["failed"]) == ["b"] and s["done"] == 2
+    assert s["failed"]["b"] == "seq: RuntimeError: index out of range in self"
+
+
+def test_chain_policy_for_structure_folders(tmp_path, capsys):
+    """Issue 18.3: a two-chain '...-A.pdb' became one concatenated protein; now the chain the name names is
+    read, a multi-chain file without one fails by name (or --all-chains: one protein per chain, or --chain)."""
+    a, b = "MKTAYIAKQRQISFVK", "GSHMLEDPVDAF"
+    chains_pdb(tmp_path / "pdb" / "2AB-A.pdb", {"A": a, "B": b})
+    chains_pdb(tmp_path / "pdb" / "multi.pdb", {"A": a, "B": b})
+    args = ["--pdb-dir", str(tmp_path / "pdb"), "--modality", "seq", "str"]
+    rc, out, s = run(args, tmp_path)
+    rows = {r["id"]: r for r in amma.read_manifest(out)}
+    assert rc == 3 and rows["2AB-A"]["sequence"] == a and rows["2AB-A"]["chain"] == "A"
+    assert list(s["failed"]) == ["multi"] and "holds chains A,B" in s["failed"]["multi"]
+    assert "chain policy" in capsys.readouterr().out
+    rc, out, s = run(args + ["--all-chains"], tmp_path, "all")
+    rows = {r["id"]: r for r in amma.read_manifest(out)}
+    assert rc == 0 and sorted(rows) == ["2AB-A", "multi_A", "multi_B"] and rows["multi_B"]["sequence"] == b
+    rc, out, s = run(args + ["--chain", "B"], tmp_path, "b")
+    assert rc == 0 and {r["id"]: r["sequence"] for r in amma.read_manifest(out)} == {"2AB-A": b, "multi": b}
+
+
+def test_ids_that_cannot_be_file_names_get_hashed_names(tmp_path):
+    """Issue 18.4: a 300-byte FASTA id ended the run with 'File name too long' and lost the batch; now such
+    ids (and '/', '~', a leading '.') are stored under a stable hashed name, the manifest keeps the id."""
+    long_id, odd = "P" * 300, "sp/P12345/.."
+    fasta = tmp_path / "x.fasta"
+    fasta.write_text(f">{long_id}\nMKTAYIAK\n>{odd}\nMKVLAAGI\n>ok\nMSTNPKPQ\n")
+    rc, out, s = run(["--fasta", str(fasta), "--modality", "seq"], tmp_path)
+    assert rc == 0 and s["done"] == 3
+    assert sorted(r["id"] for r in amma.read_manifest(out)) == sorted([long_id, odd, "ok"])
+    assert ef.feature_file("ok") == "ok.pt" and ef.feature_file(long_id) == ef.feature_file(long_id)
+    for pid in (long_id, odd):
+        name = ef.feature_file(pid)
+        assert "~" in name and len(name.encode()) < 100 and "/" not in name and not name.startswith(".")
+        assert load(out / "seq" / name).shape == (8, 64)
+    assert ef.feature_file(long_id) != ef.feature_file("P" * 301)
+
+
+def test_disk_full_is_one_line_and_leaves_no_temporary_file(tmp_path, monkeypatch, capsys):
+    """Issue 18.5: a full disk gave a torch traceback and left '.ID.pt.PID.tmp' behind; now one line naming
+    the path and the free space, exit 2, no temporary file; temporary files of dead processes are removed
+    (and listed) at the next start, those of living ones kept."""
+    fasta = tmp_path / "x.fasta"
+    fasta.write_text(">a\nMKTAYIAK\n>b\nMKVLAAGI\n")
+    real, calls = torch.save, []
+
+    def full(obj, f, *a, **k):
+        calls.append(f)
+        if len(calls) == 2:
+            Path(f).write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(obj, f, *a, **k)
+    monkeypatch.setattr(torch, "save", full)
+    rc, out, s = run(["--fasta", str(fasta), "--modality", "seq"], tmp_path)
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error")]
+    assert rc == 2 and len(err) == 1 and "No space left on device" in err[0] and "free there" in err[0]
+    assert f"{out / 'seq'}" in err[0] and not list(out.rglob("*.tmp"))
+    monkeypatch.undo()
+    dead = out / "seq" / ".a.pt.999999999.tmp"
+    dead.write_bytes(b"x")
+    (out / "manifest.tsv.999999999.tmp").write_text("x")
+    alive = out / "seq" / f".b.pt.{os.getppid()}.tmp"                         # another process writing now
+    alive.write_bytes(b"x")
+    rc, out, s = run(["--fasta", str(fasta), "--modality", "seq"], tmp_path)
+    assert rc == 0 and sorted(s["stale_temps_removed"]) == ["manifest.tsv.999999999.tmp", "seq/.a.pt.999999999.tmp"]
+    assert not dead.exists() and alive.exists()
+    alive.unlink()
+    (tmp_path / "file").write_text("x")
+    assert ef.main(["--fasta", str(fasta), "--encoders", "tiny", "--out", str(tmp_path / "file" / "sub")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_modified_residues_are_counted_in_the_summary(tmp_path):
+    """Issue 18.7: a HETATM KCX vanished (L 129 -> 128) and ATOM MSE became X; now both are read as their
+    parent residue, and every remapped or dropped residue is counted per protein in summary.json."""
+    seq = "MKTAYIAKQRQISFVKSHFSRQLEERLGLIEV"
+    chains_pdb(tmp_path / "pdb" / "mod.pdb", {"A": seq}, het=[(2, "KCX", "HETATM"), (5, "MSE", "ATOM")])
+    rc, out, s = run(["--pdb-dir", str(tmp_path / "pdb"), "--modality", "seq"], tmp_path)
+    row = amma.read_manifest(out)[0]
+    assert rc == 0 and row["L"] == len(seq) and row["sequence"] == seq[:2] + "K" + seq[3:5] + "M" + seq[6:]
+    assert s["residues"] == {"mod": {"remapped": {"KCX->LYS": 1, "MSE->MET": 1}}}
+
+
+def test_fasta_pairs_headers_and_twin_files(tmp_path, capsys):
+    """Issue 18.8-10: a FASTA sequence unrelated to its structure (4,000 vs 129 residues) was accepted and
+    replaced; text before the first '>' was dropped; twin.pdb beside twin.pdb.gz kept one silently."""
+    seq = replicas.random_sequence(129, 1)
+    write_ca_pdb(tmp_path / "pdb" / "far.pdb", seq)
+    write_ca_pdb(tmp_path / "pdb" / "twin.pdb", "MKTAYIAK")
+    write_ca_pdb(tmp_path / "pdb" / "twin.pdb.gz", "MKTAYIAK")
+    fasta = tmp_path / "x.fasta"
+    fasta.write_text(f">far\n{replicas.random_sequence(4000, 2)}\n>twin\nMKTAYIAK\n")
+    for extra in ([], ["--on-mismatch", "structure"]):
+        rc, out, s = run(["--fasta", str(fasta), "--pdb-dir", str(tmp_path / "pdb"), "--modality", "seq", *extra],
+                         tmp_path)
+        assert rc == 3 and list(s["failed"]) == ["far"]
+        assert "far.pdb has 129 residues, the given sequence 4000" in s["failed"]["far"]
+    assert "twin.pdb.gz (used: twin.pdb)" in capsys.readouterr().err
+    fasta.write_text("MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQAPILSRV\n>a\nMKVLAAGI\n")
+    assert ef.main(["--fasta", str(fasta), "--encoders", "tiny", "--out", str(tmp_path / "h")]) == 2
+    assert f"{fasta}:1: text before the first '>' header" in capsys.readouterr().err

@@ -353,3 +353,42 @@ def test_edge_order_and_batching_do_not_change_features():
                                     graph.edge_feature[order], graph.num_nodes)
     with torch.no_grad():
         torch.testing.assert_close(model(graph)[0], model(shuffled)[0], atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- issue 18: reading surprises
+
+def test_non_finite_coordinate_names_the_atom(tmp_path):
+    lines = residue_lines(1, "MET", "A", 1, (0.0, 0.0, 0.0)) + residue_lines(4, "SER", "A", 2, (3.8, 0.0, 0.0))
+    lines[4] = lines[4][:30] + f"{'nan':>8}" + lines[4][38:]                  # the CA of A:2
+    path = write(tmp_path / "nan.pdb", "\n".join(lines + ["END", ""]))
+    with pytest.raises(gearnet.StructureError, match=r"nan.pdb: atom CA of SER A:2 has a non-finite coordinate"):
+        gearnet.read_structure(path)
+
+
+def test_modified_residues_are_mapped_and_counted(tmp_path):
+    """MSE written as ATOM is M like HETATM MSE (was X); a HETATM KCX (carboxylysine) is kept as K (was
+    dropped: L 3 -> 2); a HETATM amino acid outside the table is X; the calcium stays out, counted."""
+    lines = residue_lines(1, "MSE", "A", 1, (0.0, 0.0, 0.0))                      # ATOM MSE
+    lines += residue_lines(4, "KCX", "A", 2, (3.8, 0.0, 0.0), record="HETATM")
+    lines += residue_lines(7, "ABC", "A", 3, (7.6, 0.0, 0.0), record="HETATM")    # unknown amino acid
+    lines += residue_lines(10, "GLY", "A", 4, (11.4, 0.0, 0.0))
+    lines.append(atom_line(13, "CA", "CA", "A", 101, (30.0, 0.0, 0.0), record="HETATM"))
+    s = gearnet.read_structure(write(tmp_path / "mod.pdb", "\n".join(lines + ["END", ""])))
+    assert s["sequence"] == "MKXG" and s["residue_type"].tolist() == [14, 12, 20, 0]
+    assert s["report"]["remapped"] == {"MSE->MET": 1, "KCX->LYS": 1} and s["report"]["unknown"] == {"ABC": 1}
+    assert s["report"]["dropped"] == {"CA (HETATM, not an amino acid)": 1}
+
+
+def test_alternate_locations_as_rdkit_and_chain_ids_used_twice(tmp_path):
+    """altloc A wins even when B is listed first with higher occupancy (RDKit, torchdrug's reader, keeps
+    ' ', 'A', '1'); a chain id that comes back after another chain is reported, its repeated ids dropped."""
+    lines = residue_lines(1, "MET", "A", 1, (0.0, 0.0, 0.0))
+    lines += residue_lines(4, "SER", "A", 2, (9.0, 9.0, 9.0), altloc="B")
+    lines += residue_lines(7, "SER", "A", 2, (3.8, 0.0, 0.0), altloc="A")
+    lines += residue_lines(10, "TRP", "B", 1, (0.0, 5.0, 0.0))
+    lines += residue_lines(13, "GLY", "A", 1, (0.0, 9.0, 0.0))                    # A:1 again
+    lines += residue_lines(16, "GLY", "A", 7, (0.0, 12.0, 0.0))                   # A again, new number
+    s = gearnet.read_structure(write(tmp_path / "alt.pdb", "\n".join(lines + ["END", ""])))
+    assert s["sequence"] == "MSWG" and torch.equal(s["ca"][1], torch.tensor([3.8, 0.0, 0.0]))
+    assert s["report"]["chain_ids_used_twice"] == ["A"] and s["report"]["alternates_skipped"] == 1
+    assert s["report"]["dropped"] == {"repeated residue id (its chain id is used twice)": 1}
