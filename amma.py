@@ -35,9 +35,11 @@ Conventions, stated once:
   (in the DataLoader workers), losses are summed on the device and read every --log-every steps.
 """
 import argparse
+import hashlib
 import json
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -610,6 +612,22 @@ except ImportError:  # amma.py needs only torch: without tqdm there is no progre
 # ----------------------------------------------------------------------------------------------
 # the feature cache (the contract with extract_features.py; SPEC.md)
 
+SAFE_ID = re.compile(r"[^/\\~\x00-\x1f\x7f]+")  # ids outside it (or too long) get a hashed file name
+MAX_NAME_BYTES = 200  # file systems allow 255 bytes; room for '.pt' and the temporary '.<name>.<pid>.tmp'
+
+
+def feature_file(pid):
+    """File name of a protein's features in <set>/<modality>/: '<id>.pt', or, for an id that cannot be a
+    file name (over 200 bytes, '/', '\\', '~', control characters, a leading '.'), a stable hashed name
+    '<readable prefix>~<16 hex digits of blake2b(id)>.pt'; the manifest keeps the real id. A real id never
+    holds '~', so a hashed name is never another protein's. (extract_features.py writes, amma.py and finetune.py read.)"""
+    raw = pid.encode("utf-8", "surrogatepass")
+    if SAFE_ID.fullmatch(pid) and not pid.startswith(".") and len(raw) <= MAX_NAME_BYTES:
+        return f"{pid}.pt"
+    prefix = re.sub(r"[^A-Za-z0-9_.-]", "_", pid.lstrip("."))[:40]
+    return f"{prefix}~{hashlib.blake2b(raw, digest_size=8).hexdigest()}.pt"
+
+
 def load_tensor(path):
     """torch.load a cached tensor safely; a truncated or foreign file is a one-line ValueError."""
     try:
@@ -656,7 +674,7 @@ def feature_dims(root):
     for row in read_manifest(root):
         for m in row["modalities"]:
             if m not in dims:
-                dims[m] = load_tensor(Path(root) / m / f"{row['id']}.pt").shape[1]
+                dims[m] = load_tensor(Path(root) / m / feature_file(row["id"])).shape[1]
         if len(dims) == 3:
             break
     return dims
@@ -697,7 +715,7 @@ class FeatureDataset(torch.utils.data.Dataset):
         for m in MODALITIES:
             x = None
             if m in self.modalities and m in row["modalities"]:
-                x = load_tensor(self.root / m / f"{row['id']}.pt")
+                x = load_tensor(self.root / m / feature_file(row["id"]))
                 x = x[: self.max_text if m == "func" else self.max_len]
             item[m] = x
         if item["str"] is not None and item["seq"] is not None and len(item["str"]) != len(item["seq"]):
@@ -901,7 +919,7 @@ def check_feature_files(root, rows, modalities=MODALITIES, widths=None, workers=
     for r in rows:
         for m in r["modalities"]:
             if m in modalities:
-                path = root / m / f"{r['id']}.pt"
+                path = root / m / feature_file(r["id"])
                 try:
                     st = path.stat()
                     key = f"{m}/{r['id']}\t{st.st_size}\t{st.st_mtime_ns}\t{r['L_func' if m == 'func' else 'L']}\t{widths.get(m)}"
@@ -941,7 +959,7 @@ def find_bad_files(checks, out, skip_bad, is_main):
     an error that names them unless skip_bad. Returns the {(name, id)} of the bad proteins."""
     bad = {}
     for name, (root, rows, modalities) in checks.items():
-        bad.update({(name, pid): f"{root}/{why.split(':')[0]}/{pid}.pt: {why.split(': ', 1)[1]}"
+        bad.update({(name, pid): f"{root}/{why.split(':')[0]}/{feature_file(pid)}: {why.split(': ', 1)[1]}"
                     for pid, why in check_feature_files(root, rows, modalities).items()})
     if bad:
         listing = sorted(bad.values())

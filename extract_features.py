@@ -77,7 +77,6 @@ Choices made here:
 """
 import argparse
 import csv
-import hashlib
 import json
 import os
 import pickle
@@ -94,7 +93,7 @@ from pathlib import Path
 import torch
 
 import gearnet
-from amma import MODALITIES, atomic_write_text  # the feature-cache contract lives in amma.py
+from amma import MODALITIES, atomic_write_text, feature_file  # the feature-cache contract lives in amma.py
 # the readers live in sources.py; imported by name so that extract_features.<name> keeps working for callers
 from sources import (  # noqa: F401
     AF_NAME, CUTOFF_COLUMNS, EXTRA_RESIDUES, GO_BRANCHES, ID_COLUMNS, SEQUENCE_FIELD, SOURCES, SPLITS,
@@ -677,20 +676,7 @@ def load_encoder(modality, cfg, device):
 # ----------------------------------------------------------------------------- proteins and their files
 
 
-SAFE_ID = re.compile(r"[^/\\~\x00-\x1f\x7f]+")  # ids outside it (or too long) get a hashed file name
-MAX_NAME_BYTES = 200  # file systems allow 255 bytes; room for '.pt' and the temporary '.<name>.<pid>.tmp'
-
-
-def feature_file(pid):
-    """File name of a protein's features in <set>/<modality>/: '<id>.pt', or, for an id that cannot be a
-    file name (over 200 bytes, '/', '\\', '~', control characters, a leading '.'), a stable hashed name
-    '<readable prefix>~<16 hex digits of blake2b(id)>.pt'; the manifest keeps the real id. A real id never
-    holds '~', so a hashed name is never another protein's. (amma.py needs the same function to read them.)"""
-    raw = pid.encode("utf-8", "surrogatepass")
-    if SAFE_ID.fullmatch(pid) and not pid.startswith(".") and len(raw) <= MAX_NAME_BYTES:
-        return f"{pid}.pt"
-    prefix = re.sub(r"[^A-Za-z0-9_.-]", "_", pid.lstrip("."))[:40]
-    return f"{prefix}~{hashlib.blake2b(raw, digest_size=8).hexdigest()}.pt"
+# feature_file (the file name of a protein's features) lives in amma.py, the feature-cache contract.
 
 
 def save_tensor(x, path):

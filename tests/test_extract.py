@@ -1092,6 +1092,9 @@ def test_ids_that_cannot_be_file_names_get_hashed_names(tmp_path):
         assert "~" in name and len(name.encode()) < 100 and "/" not in name and not name.startswith(".")
         assert load(out / "seq" / name).shape == (8, 64)
     assert ef.feature_file(long_id) != ef.feature_file("P" * 301)
+    ds = amma.FeatureDataset(out, modalities=("seq",))                     # the readers find them too
+    assert {ds[i]["id"]: ds[i]["seq"].shape for i in range(3)}[long_id] == (8, 64)
+    assert amma.check_feature_files(out, ds.rows, ("seq",)) == {}
 
 
 def test_disk_full_is_one_line_and_leaves_no_temporary_file(tmp_path, monkeypatch, capsys):
