@@ -1218,16 +1218,95 @@ def new_run_id():
     return time.strftime("%Y%m%d-%H%M%S") + f"-{os.urandom(3).hex()}"
 
 
-def atomic_save(obj, path):
+def write_error(path, e):
+    """A failed write as one line: the path, the reason and the free space there."""
+    import shutil
+    try:
+        free = f"{shutil.disk_usage(Path(path).parent).free / 2 ** 30:.2f} GiB free there"
+    except OSError:
+        free = "free space unknown"
+    reason = os.strerror(e.errno) if getattr(e, "errno", None) else last_line(e)
+    return SystemExit(f"error: cannot write {path}: {reason} ({free}); nothing partial was kept")
+
+
+def _atomic(write, path):
+    """write(tmp) then rename over path: a reader never sees a partial file, and the temporary file is
+    removed on every error path (a full disk is one line naming the path, not a traceback)."""
     tmp = Path(f"{path}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:          # torch.save reports a full disk as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        raise write_error(path, e) from None
+
+
+def atomic_save(obj, path):
+    _atomic(lambda tmp: torch.save(obj, tmp), path)
 
 
 def atomic_write_text(path, text):
-    tmp = Path(f"{path}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    _atomic(lambda tmp: tmp.write_text(text), path)
+
+
+class RunLock:
+    """A run directory is owned by one process at a time: an exclusive lock on <out>/.lock, taken before
+    anything else and held until the process lets go (the kernel releases it on any exit, kill -9 too).
+    A second run into the same --out is a one-line error naming the one that holds it. Taking the lock
+    also checks --out (a regular file, a path under one, a read-only place: one line each) and removes
+    the temporary files that runs killed mid-write left there. Under torchrun rank 0 holds it."""
+
+    def __init__(self, out, enabled=True):
+        self.out, self.enabled, self.fd = Path(out), enabled, None
+
+    def __enter__(self):
+        if not self.enabled:
+            return self
+        import fcntl
+        import socket
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(self.out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise SystemExit(f"error: --out {self.out}: {out_problem(self.out, e)}") from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(self.fd, 4096, 0).decode(errors="replace").strip() or "another process"
+            os.close(self.fd)
+            raise SystemExit(f"error: {self.out} is in use by another run ({holder}): wait for it to end, or "
+                             "choose another --out") from None
+        left = os.pread(self.fd, 4096, 0).decode(errors="replace").strip()
+        if left:
+            print(f"note: {self.out} was left locked by a run that did not end cleanly ({left}); it is not "
+                  f"running any more: taking over", file=sys.stderr)
+        stale = [p for p in self.out.glob("*.tmp") if p.is_file()]
+        for p in stale:                          # nobody else writes here while we hold the lock
+            p.unlink(missing_ok=True)
+        if stale:
+            print(f"note: removed {len(stale)} temporary files of interrupted writes in {self.out} "
+                  f"({', '.join(p.name for p in stale[:3])}{' ...' if len(stale) > 3 else ''})", file=sys.stderr)
+        me = f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: " \
+             f"{Path(sys.argv[0]).name} {' '.join(sys.argv[1:])}"[:4000]
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, me.encode(), 0)
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            import fcntl
+            os.ftruncate(self.fd, 0)             # a clean end leaves an empty lock file
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+def out_problem(out, e):
+    """Why an --out cannot be a run directory, in words."""
+    for parent in [out, *out.parents]:
+        if parent.exists() and not parent.is_dir():
+            return f"{parent} is a file, not a folder" if parent == out else f"it lies under {parent}, which is a file"
+    return f"cannot be written ({os.strerror(e.errno) if e.errno else e})"
 
 
 def to_plain(config):
@@ -1393,7 +1472,8 @@ def pretrain(mc, tc, quiet=False):
     """The pretraining loop. Returns the list of per-epoch mean losses."""
     rank, world, device = setup_distributed(tc)
     try:
-        return _pretrain(mc, tc, quiet, rank, world, device)
+        with RunLock(tc.out, enabled=rank == 0):
+            return _pretrain(mc, tc, quiet, rank, world, device)
     finally:
         if world > 1:
             torch.distributed.destroy_process_group()

@@ -639,7 +639,8 @@ def finetune(cfg, quiet=False):
     """Train, evaluate every epoch, select by validation Fmax; returns the results dict (rank 0)."""
     rank, world, device = amma.setup_distributed(cfg)
     try:
-        return _finetune(cfg, quiet, rank, world, device)
+        with amma.RunLock(default_out(cfg), enabled=rank == 0):
+            return _finetune(cfg, quiet, rank, world, device)
     finally:
         if world > 1:
             torch.distributed.destroy_process_group()
