@@ -286,9 +286,15 @@ def load_task(cfg):
     return data, sets, info, counts
 
 
-def feature_widths(root, esm):
-    """seq/str widths the encoder will see: read from the feature files (ESM's width when it runs in the loop)."""
-    dims = {m: d for m, d in amma.feature_dims(root).items() if m in ("seq", "str")}
+def feature_widths(root, esm, modalities=("seq", "str")):
+    """seq/str widths the encoder will see: read from the feature files (ESM's width when it runs in the loop);
+    only the files of `modalities` are opened (--modalities seq reads no structure file)."""
+    dims = {}
+    for row in amma.read_manifest(root):
+        for m in [m for m in modalities if m in row["modalities"] and m not in dims]:
+            dims[m] = amma.load_tensor(Path(root) / m / f"{row['id']}.pt").shape[1]
+        if len(dims) == len(modalities):
+            break
     if esm is not None:
         dims["seq"] = esm.width
     return dims
@@ -614,7 +620,7 @@ def _finetune(cfg, quiet, rank, world, device):
     torch.manual_seed(cfg.seed)
     mc, pre = read_pretrained(cfg.ckpt) if cfg.ckpt else (None, None)
     esm, esm_name = build_esm(info, cfg, device) if cfg.esm == "finetune" else (None, "")
-    dims = feature_widths(cfg.features, esm)
+    dims = feature_widths(cfg.features, esm, cfg.modalities.split(","))
     if cfg.ckpt:
         check_widths(mc, dims, cfg.ckpt, cfg.features)
     else:
