@@ -49,8 +49,7 @@ class EmbedConfig:
     fasta: str = _opt("", "FASTA file (extracted on the fly, as predict.py does)")
     pdb_dir: str = _opt("", "structures <id>.pdb|.cif[.gz] (alone: every file is a protein)")
     out: str = _opt("embeddings", "output folder (cls.npy, mean.npy, ids.txt, embeddings.json)")
-    modalities: str = _opt("", "seq,str or seq (default: the best.pt's; seq,str for a pretraining checkpoint)",
-                           choices=("",) + ft.MODALITY_SETS)
+    modalities: str = _opt("", "seq,str or seq (default: the best.pt's; seq,str for a pretraining checkpoint)")
     allow_seq_only: bool = _opt(False, "seq,str: embed proteins without a structure from sequence alone")
     esm_weights: str = _opt("", "local weights of the ESM model (default: the path recorded, else fair-esm's cache)")
     gearnet_ckpt: str = _opt("", "GearNet-Edge weights (real structure features), e.g. mc_gearnet_edge.pth")
@@ -112,6 +111,8 @@ def feature_set_rows(cfg, model):
 
 def embed(cfg):
     """The whole run; returns the exit status."""
+    if cfg.modalities and cfg.modalities not in ft.MODALITY_SETS:
+        raise Stop(f"--modalities {cfg.modalities}: give one of {', '.join(ft.MODALITY_SETS)}")
     if bool(cfg.features) == bool(cfg.fasta or cfg.pdb_dir):
         raise Stop("give either --features DIR or --fasta / --pdb-dir")
     device = pr.device_of(cfg.device)

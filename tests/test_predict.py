@@ -143,6 +143,14 @@ def test_seq_only_finetune_and_prediction_without_structures(demo):
     got = read_json(out / "predictions.json")
     assert len(got["proteins"]) == result["n_proteins"]["test"] and {p["input"] for p in got["proteins"]} == {"seq"}
     assert not (out / "features" / "str").exists()
+    # embeddings from sequence alone: --modalities seq, or a seq+str encoder with --allow-seq-only
+    emb = demo["tmp"] / "emb-seq"
+    assert embed.main([str(demo["pre"]), "--fasta", str(demo["test_fasta"]), "--modalities", "seq", "--out", str(emb)]) == 0
+    assert read_json(emb / "embeddings.json")["modalities"] == ["seq"]
+    assert embed.main([str(demo["pre"]), "--fasta", str(demo["test_fasta"]), "--out", str(emb)]) == 2
+    assert embed.main([str(demo["pre"]), "--fasta", str(demo["test_fasta"]), "--out", str(emb), "--allow-seq-only"]) == 0
+    side = read_json(emb / "embeddings.json")
+    assert side["modalities"] == ["seq", "str"] and len(side["seq_only"]) == side["proteins"] == len(got["proteins"])
 
 
 def test_missing_structures_stop_or_allow_seq_only(demo, capsys):
