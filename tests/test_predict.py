@@ -231,3 +231,24 @@ def test_term_names_and_bad_inputs(demo, capsys):
     assert "give --fasta FILE and/or --pdb-dir DIR" in capsys.readouterr().err
     assert pr.main([str(demo["best"]), "--fasta", str(demo["tmp"] / "none.fasta"), "--out", str(out)]) == 2
     assert "none.fasta" in capsys.readouterr().err
+
+
+def test_predict_with_esm_finetuned_in_the_loop(demo):
+    """A best.pt with ESM finetuned in the loop (the paper's protocol; here the tiny ESM-2): predict.py
+    rebuilds ESM from the checkpoint, extracts only the structures, and gives finetuning's test scores."""
+    out = demo["tmp"] / "ft-loop"
+    ft.main(["--task", "go-mf", "--features", str(demo["features"]), "--ckpt", str(demo["pre"]), "--out", str(out),
+             *FAST, "--epochs", "1", "--limit-steps", "2", "--esm", "finetune"])
+    model, ck = pr.load_finetuned(out / "best.pt", torch.device("cpu"))
+    assert ck["config"]["esm"] == "finetune" and model.esm is not None
+    cfg = ft.FinetuneConfig(**ck["config"])
+    _, sets, _, _ = ft.load_task(cfg)
+    expected = torch.sigmoid(ft.predict(model, sets["test"], cfg, torch.device("cpu")))
+    pred = demo["tmp"] / "pred-loop"
+    assert pr.main([str(out / "best.pt"), "--fasta", str(demo["test_fasta"]), "--pdb-dir", str(demo["pdb"]),
+                    "--out", str(pred), "--min-score", "0"]) == 0
+    got = read_json(pred / "predictions.json")["proteins"]
+    assert [p["id"] for p in got] == sets["test"].ids and not (pred / "features" / "seq").exists()
+    for p, row in zip(got, expected):
+        score = {r["term"]: r["score"] for r in p["predictions"]}
+        assert np.allclose([score[t] for t in ck["terms"]], row.tolist(), rtol=0, atol=1e-5)
