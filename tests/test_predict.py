@@ -91,7 +91,8 @@ def test_predict_reproduces_finetuning_scores(demo, capsys):
             logit = logits[sets["test"].ids.index(p["id"]), data["terms"].index(r["term"])]
             assert r["passes"] == bool(logit >= ck["threshold"])
     tsv = (out / "predictions.tsv").read_text().splitlines()
-    assert tsv[0] == "id\tterm\tscore\tpasses\tname\tnamespace\tinput" and len(tsv) == 1 + len(got["proteins"]) * len(data["terms"])
+    assert tsv[0] == "id\tterm\tscore\tpasses\tname\tnamespace\tinput"
+    assert len(tsv) == 1 + len(got["proteins"]) * len(data["terms"])
 
     # the default cut lists the passing terms only; --top-k 2 the two best, whatever they score
     assert pr.main([str(demo["best"]), "--fasta", str(demo["test_fasta"]), "--pdb-dir", str(demo["pdb"]), "--out",
@@ -102,7 +103,8 @@ def test_predict_reproduces_finetuning_scores(demo, capsys):
                     str(out)]) == 0
     default = read_json(out / "predictions.json")["proteins"]
     assert all(r["passes"] for p in default for r in p["predictions"])
-    assert sum(len(p["predictions"]) for p in default) == sum(r["passes"] for p in got["proteins"] for r in p["predictions"])
+    n_passing = sum(r["passes"] for p in got["proteins"] for r in p["predictions"])
+    assert sum(len(p["predictions"]) for p in default) == n_passing
     assert "skipped 14 (up to date)" in capsys.readouterr().out   # later runs reuse <out>/features
 
 
@@ -145,10 +147,11 @@ def test_seq_only_finetune_and_prediction_without_structures(demo):
     assert not (out / "features" / "str").exists()
     # embeddings from sequence alone: --modalities seq, or a seq+str encoder with --allow-seq-only
     emb = demo["tmp"] / "emb-seq"
-    assert embed.main([str(demo["pre"]), "--fasta", str(demo["test_fasta"]), "--modalities", "seq", "--out", str(emb)]) == 0
+    fasta = ["--fasta", str(demo["test_fasta"]), "--out", str(emb)]
+    assert embed.main([str(demo["pre"]), *fasta, "--modalities", "seq"]) == 0
     assert read_json(emb / "embeddings.json")["modalities"] == ["seq"]
-    assert embed.main([str(demo["pre"]), "--fasta", str(demo["test_fasta"]), "--out", str(emb)]) == 2
-    assert embed.main([str(demo["pre"]), "--fasta", str(demo["test_fasta"]), "--out", str(emb), "--allow-seq-only"]) == 0
+    assert embed.main([str(demo["pre"]), *fasta]) == 2
+    assert embed.main([str(demo["pre"]), *fasta, "--allow-seq-only"]) == 0
     side = read_json(emb / "embeddings.json")
     assert side["modalities"] == ["seq", "str"] and len(side["seq_only"]) == side["proteins"] == len(got["proteins"])
 
