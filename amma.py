@@ -663,14 +663,20 @@ def read_manifest(root):
     return rows
 
 
-def feature_dims(root):
-    """The width of each modality of a feature set: info.json's dims, else the first files'."""
+def feature_dims_recorded(root):
+    """The widths info.json records for a feature set ({} without one)."""
     try:
         dims = json.loads((Path(root) / "info.json").read_text())["dims"]
         return {m: int(d) for m, d in dims.items() if m in MODALITIES}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        pass
-    dims = {}
+        return {}
+
+
+def feature_dims(root):
+    """The width of each modality of a feature set: info.json's dims, else the first files'."""
+    dims = feature_dims_recorded(root)
+    if dims:
+        return dims
     for row in read_manifest(root):
         for m in row["modalities"]:
             if m not in dims:

@@ -86,6 +86,7 @@ TABLE2 = {"ec": (88.7, 89.8), "go-mf": (67.3, 65.5), "go-cc": (49.8, 36.9), "go-
 WEIGHT_DECAY = {"adam": 0.0, "adamw": 0.01}   # torch's defaults; the paper gives none
 # The demo finetuning: the synthetic demo (168 train proteins) learns in well under a CPU minute.
 DEMO_FT = dict(epochs=6, batch_size=8, lr=2e-4, lr_head=2e-3, optimizer="adamw", num_workers=0, eval_batch_size=64)
+MODALITY_SETS = ("seq,str", "seq")   # --modalities
 UNUSED_KEYS = ("l.", "dec.", "dec_modality_embed", "target_")   # pretraining-only parts of an AMMA checkpoint
 
 
@@ -104,6 +105,8 @@ class FinetuneConfig:
                             "path in info.json, else fair-esm's cache/download)")
     esm_checkpointing: bool = arg(False, "activation checkpointing of the ESM layers (--esm finetune): much "
                                    "less memory for about a third more time")
+    modalities: str = arg("seq,str", "what the encoder sees: seq,str (the paper) or seq (sequence alone: no "
+                           "structure is read; pretraining saw proteins without one, eq. 12)", choices=MODALITY_SETS)
     readout: str = arg("cls", "protein vector for the head: cls (the [CLS] output, B.2) or mean (mean of the "
                         "sequence tokens' outputs; [CLS] gets no gradient in pretraining)", choices=("cls", "mean"))
     cutoff: int = arg(95, "test-set sequence identity cutoff (%%): keep chains with test_identity[id][cutoff] == 1",
@@ -211,10 +214,10 @@ class TaskSet(torch.utils.data.Dataset):
     """One split: cached features of `ids` (seq, unless ESM runs in the loop, and str where present),
     the row k of the split's label matrix, and the residue sequence when ESM runs in the loop."""
 
-    def __init__(self, root, rows, ids, targets, esm_in_loop, max_len):
+    def __init__(self, root, rows, ids, targets, esm_in_loop, max_len, modalities=("seq", "str")):
         self.root, self.rows, self.ids, self.targets = Path(root), rows, list(ids), targets
-        self.esm_in_loop, self.max_len = esm_in_loop, max_len
-        self.cached = ("str",) if esm_in_loop else ("seq", "str")
+        self.esm_in_loop, self.max_len, self.modalities = esm_in_loop, max_len, tuple(modalities)
+        self.cached = tuple(m for m in (("str",) if esm_in_loop else ("seq", "str")) if m in self.modalities)
         self.lengths = [min(rows[x]["L"], max_len) for x in self.ids]
 
     def __len__(self):
@@ -313,15 +316,21 @@ def load_task(cfg):
             raise SystemExit(f"error: no {s} protein of labels_{cfg.task}.json has features in {root}")
     n_classes = len(data["terms"])
     sets = {s: TaskSet(root, rows, ids, label_matrix(ids, data["labels"], n_classes), cfg.esm == "finetune",
-                       cfg.max_len) for s, ids in splits.items()}
+                       cfg.max_len, cfg.modalities.split(",")) for s, ids in splits.items()}
     counts = {**{s: len(ids) for s, ids in splits.items()}, "test_before_cutoff": n_test_all,
               "left_out_no_features": missing}
     return data, sets, info, counts
 
 
-def encoder_dims(root, esm):
-    """seq/str widths the encoder will see: read from the feature files (ESM's width when it runs in the loop)."""
-    dims = {m: d for m, d in amma.feature_dims(root).items() if m in ("seq", "str")}
+def encoder_dims(root, esm, modalities=("seq", "str")):
+    """seq/str widths the encoder will see (ESM's width when it runs in the loop): info.json's, else read
+    from the files of `modalities` only (--modalities seq opens no structure file)."""
+    dims = {m: d for m, d in amma.feature_dims_recorded(root).items() if m in modalities}
+    for row in amma.read_manifest(root) if len(dims) < len(modalities) else ():
+        for m in [m for m in modalities if m in row["modalities"] and m not in dims]:
+            dims[m] = amma.load_tensor(Path(root) / m / amma.feature_file(row["id"])).shape[1]
+        if len(dims) == len(modalities):
+            break
     if esm is not None:
         dims["seq"] = esm.width
     return dims
@@ -450,9 +459,9 @@ class FunctionModel(nn.Module):
     'mean': the mean of its sequence tokens' outputs; AMMA-contrastive: the sequence latent) and two
     fully connected layers giving one logit per class."""
 
-    def __init__(self, mc, n_classes, esm=None, readout="cls"):
+    def __init__(self, mc, n_classes, esm=None, readout="cls", modalities=("seq", "str")):
         super().__init__()
-        self.contrastive, self.readout = mc.variant == "contrastive", readout
+        self.contrastive, self.readout, self.modalities = mc.variant == "contrastive", readout, tuple(modalities)
         if self.contrastive:
             self.con = amma.AMMAContrastive(mc)
             unused = [self.con.proj["str"], self.con.proj["func"]]
@@ -464,7 +473,10 @@ class FunctionModel(nn.Module):
         self.esm = esm
         self.head = nn.Sequential(nn.Linear(mc.D, mc.D), nn.ReLU(), nn.Linear(mc.D, n_classes))
 
-    def forward(self, batch):
+    def readouts(self, batch):
+        """The protein vectors before the head: {"cls": [CLS] output [B, D], "mean": mean of the sequence
+        tokens' outputs [B, D]} (AMMA-contrastive: {"latent": the sequence latent [B, D]}) and the
+        modules the batch left out of the graph."""
         if self.esm is not None:
             if "tokens" not in batch:                                          # sequences not tokenised in collate
                 width = amma.padded_length(max(map(len, batch["sequence"])))
@@ -473,16 +485,17 @@ class FunctionModel(nn.Module):
             batch = {**batch, **self.esm(batch["tokens"], batch["seq_len"])}
         if self.contrastive:
             z, _ = self.con.latents({"seq": batch["seq"], "seq_len": batch["seq_len"]})
-            h, idle = z["seq"], []                                             # [B, D]
-        else:
-            z = self.enc(batch, mask=False, modalities=("seq", "str"))[0]     # [B, 1+N, D], seq slots first
-            if self.readout == "cls":
-                h = z[:, 0]                                                    # [CLS]: [B, D]
-            else:
-                n = batch["seq_len"]
-                valid = torch.arange(batch["seq"].shape[1], device=z.device)[None, :] < n[:, None]   # [B, Ls]
-                h = (z[:, 1:1 + valid.shape[1]] * valid[..., None]).sum(1) / n[:, None]             # [B, D]
-            idle = [] if "str" in batch else [self.enc.proj["str"]]            # a batch without structure
+            return {"latent": z["seq"]}, []                                    # [B, D]
+        z = self.enc(batch, mask=False, modalities=self.modalities)[0]        # [B, 1+N, D], seq slots first
+        n = batch["seq_len"]
+        valid = torch.arange(batch["seq"].shape[1], device=z.device)[None, :] < n[:, None]   # [B, Ls]
+        mean = (z[:, 1:1 + valid.shape[1]] * valid[..., None]).sum(1) / n[:, None]          # [B, D]
+        idle = [] if "str" in batch and "str" in self.modalities else [self.enc.proj["str"]]  # no structure
+        return {"cls": z[:, 0], "mean": mean}, idle                            # [CLS]: [B, D]
+
+    def forward(self, batch):
+        vectors, idle = self.readouts(batch)
+        h = vectors["latent" if self.contrastive else self.readout]            # [B, D]
         with torch.autocast(h.device.type, enabled=False):  # fp32 logits: bf16 would tie many scores
             return self.head(h.float()) + amma.touch(idle)                     # [B, classes]
 
@@ -572,6 +585,38 @@ def scores(pred, target):
     return {"fmax": fmax(pred, target), "aupr": aupr(pred, target)}
 
 
+def fmax_threshold(pred, target):
+    """(threshold, fmax): the score at which the protein-centric F-score of metrics.fmax is largest (the
+    highest such score on ties), computed the same way (paper eqs. 5-9) by a plain sort of all pairs.
+    pred [P, C] scores or logits, target [P, C] 0/1. Proteins predict the terms scoring >= threshold."""
+    pred, target = torch.as_tensor(pred).double(), torch.as_tensor(target).bool()
+    P, C = pred.shape
+    order = pred.argsort(dim=1, descending=True, stable=True)                  # [P, C] each row best first
+    hit = target.gather(1, order).double()                                     # [P, C]
+    k = torch.arange(1, C + 1, dtype=torch.float64)                            # [C] rank in the row
+    precision = hit.cumsum(1) / k                                              # [P, C] TP_k / k
+    d_precision = precision - F.pad(precision, (1, 0))[:, :-1]                 # [P, C] change when pair k enters
+    first = (k == 1).double().expand(P, C)                                     # [P, C] protein enters the average
+    d_recall = hit / (target.sum(1, keepdim=True) + 1e-10)                     # [P, C]
+    score = pred.gather(1, order).reshape(-1)                                  # [P * C]
+    ranked = score.argsort(descending=True, stable=True)                       # all pairs, best first
+    s = score[ranked]
+    ends = torch.cat([s[1:] != s[:-1], torch.ones(1, dtype=torch.bool)]).nonzero().flatten()   # last of each tie
+    p = d_precision.reshape(-1)[ranked].cumsum(0)[ends] / first.reshape(-1)[ranked].cumsum(0)[ends]
+    r = d_recall.reshape(-1)[ranked].cumsum(0)[ends] / P
+    f = 2 * p * r / (p + r + 1e-10)                                            # [thresholds]
+    best = int(f.argmax())                                                     # the first maximum
+    return float(s[ends[best]]), float(f[best])
+
+
+def predictor_fields(cfg, info, valid_logits, valid_targets):
+    """What predict.py and embed.py need in best.pt besides the weights: the validation-Fmax threshold
+    (on the logits), the task, the modalities, the readout and the feature set's info.json (encoders)."""
+    threshold, f = fmax_threshold(valid_logits, valid_targets)
+    return {"task": cfg.task, "threshold": threshold, "valid_fmax": f, "modalities": cfg.modalities.split(","),
+            "readout": cfg.readout, "features": cfg.features, "info": info}
+
+
 def frequency_baseline(sets):
     """Every term scored by its train-set frequency, the same for every protein (a naive baseline)."""
     freq = sets["train"].targets.mean(0)                                     # [C]
@@ -610,7 +655,7 @@ def write_json(obj, path):
     amma.atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
 
 
-SAME_ON_RESUME = ("task", "ckpt", "from_scratch", "features", "esm", "readout", "cutoff", "batch_size", "optimizer",
+SAME_ON_RESUME = ("task", "ckpt", "from_scratch", "features", "esm", "modalities", "readout", "cutoff", "batch_size", "optimizer",
                   "lr", "lr_head", "weight_decay", "gamma", "max_len", "seed")
 
 
@@ -629,7 +674,8 @@ def screen_task(sets, cfg, out, main, say):
             continue
         say(f"--skip-bad: {len(ds) - len(keep)} {name} proteins left out (bad feature files, {out}/bad_files.tsv)"
             + ("; the TEST SET IS SMALLER than the benchmark's, so its numbers are not comparable" if name == "test" else ""))
-        sets[name] = TaskSet(ds.root, ds.rows, [ds.ids[k] for k in keep], ds.targets[keep], ds.esm_in_loop, ds.max_len)
+        sets[name] = TaskSet(ds.root, ds.rows, [ds.ids[k] for k in keep], ds.targets[keep], ds.esm_in_loop, ds.max_len,
+                             ds.modalities)
         if not len(sets[name]):
             raise SystemExit(f"error: no {name} protein is left after --skip-bad")
     return sets
@@ -651,17 +697,17 @@ def build_function_model(cfg, info, n_classes, device):
     torch.manual_seed(cfg.seed)
     mc, pre = read_pretrained(cfg.ckpt) if cfg.ckpt else (None, None)
     esm, esm_name = build_esm(info, cfg, device) if cfg.esm == "finetune" else (None, "")
-    dims = encoder_dims(cfg.features, esm)
+    dims = encoder_dims(cfg.features, esm, cfg.modalities.split(","))
     if cfg.ckpt:
         check_dims(mc, dims, cfg.ckpt, cfg.features)
     else:
         model_fields = {f.name for f in fields(amma.AMMAConfig)}
         size = {k: v for k, v in amma.DEMO.items() if k in model_fields} if cfg.demo else {}   # demo: demo model
         mc = amma.AMMAConfig(**size, **{f"d_{m}": d for m, d in dims.items()})
-    model = FunctionModel(mc, n_classes, esm, cfg.readout)
+    model = FunctionModel(mc, n_classes, esm, cfg.readout, cfg.modalities.split(","))
     if cfg.ckpt:
         load_backbone(model, pre["model"])
-    if "str" not in dims and not model.contrastive:   # no structure in the whole set (e.g. sequences only)
+    if ("str" not in dims or cfg.modalities == "seq") and not model.contrastive:   # no structure used
         model.enc.proj["str"].requires_grad_(False)
     return model.to(device), mc, esm_name
 
@@ -671,7 +717,7 @@ def banner(cfg, mc, model, counts, n_classes, n_params, world, device, autocast,
              f"trainable) on {cfg.task}: {n_classes} classes, train/valid/test {counts['train']}/{counts['valid']}/"
              f"{counts['test']} (test at <{cfg.cutoff}% identity, of {counts['test_before_cutoff']}); {cfg.optimizer}, "
              f"global batch {cfg.batch_size} = {world} process(es) x {cfg.grad_accum}, {cfg.epochs} epochs, lr {cfg.lr:g} / "
-             f"head {cfg.lr_head:g}, wd {cfg.weight_decay:g}; readout {cfg.readout}; {device}"
+             f"head {cfg.lr_head:g}, wd {cfg.weight_decay:g}; readout {cfg.readout}; modalities {cfg.modalities}; {device}"
              f"{', bf16' if isinstance(autocast, torch.autocast) else ''}{', compiled' if cfg.compile or cfg.cuda_graphs else ''}"]
     esm = model.esm
     lines.append(f"protocol: {PROTOCOLS['esm-' + cfg.esm]}" + (
@@ -694,8 +740,8 @@ def evaluate(model, sets, cfg, device, rank, world, autocast, epoch, state, t0, 
     best = state["best"]
     if best is None or record["valid"]["fmax"] > best["valid"]["fmax"]:
         state["best"] = {k: record[k] for k in ("epoch", "valid", "test")}
-        return record, True
-    return record, False
+        return record, True, pred
+    return record, False, pred
 
 
 def epoch_line(record, cfg, best):
@@ -768,11 +814,12 @@ def _finetune(cfg, quiet, rank, world, device):
             bar.close()
             lrs = [g["lr"] for g in opt.param_groups]
             sched.step()
-            record, is_best = evaluate(model, sets, cfg, device, rank, world, autocast, epoch, state, t0, lrs)
+            record, is_best, pred = evaluate(model, sets, cfg, device, rank, world, autocast, epoch, state, t0, lrs)
             if is_best and is_main:
                 amma.atomic_save({"kind": "finetune-best", "model": model.state_dict(), "epoch": epoch,
                                   "config": amma.to_plain(cfg), "model_config": amma.to_plain(mc),
-                                  "terms": data["terms"]}, best_path)
+                                  "terms": data["terms"], **predictor_fields(cfg, info, pred["valid"],
+                                                                             sets["valid"].targets)}, best_path)
             save(epoch + 1, 0)
             last_save = time.time()
             say(epoch_line(record, cfg, is_best))
@@ -820,7 +867,7 @@ def finish(cfg, mc, data, info, counts, state, baseline, world, n_params, out, r
 
 def results_dict(cfg, mc, data, info, counts, state, baseline, world, n_params):
     best = state["best"]
-    return {"task": cfg.task, "protocol": f"esm-{cfg.esm}", "readout": cfg.readout,
+    return {"task": cfg.task, "protocol": f"esm-{cfg.esm}", "readout": cfg.readout, "modalities": cfg.modalities,
             "selected_epoch": best["epoch"], "valid": best["valid"], "test": best["test"],
             "baseline": {"name": "label frequency (train-set frequency of each term)", **baseline},
             "paper": dict(zip(("fmax", "aupr"), (v / 100 for v in TABLE2[cfg.task]))),
