@@ -938,9 +938,13 @@ def main(argv=None):
             raise SystemExit("error: under torchrun the demo needs its data and pretraining made first: run "
                              f"python finetune.py --task {args.task} once without torchrun")
         with contextlib.redirect_stdout(io.StringIO()) if rank else contextlib.nullcontext():
-            print(f"no feature set at {default_features}: finetuning on the built-in demo instead (synthetic "
-                  f"features, demo preset {DEMO_FT}; the numbers say nothing about real proteins)")
-            root = str(demo.ensure_demo_features("features/demo"))
+            if args.features:                    # --demo on a set of its own (e.g. features/demo-tiny)
+                print(f"demo preset {DEMO_FT} on {args.features}")
+                root = args.features
+            else:
+                print(f"no feature set at {default_features}: finetuning on the built-in demo instead (synthetic "
+                      f"features, demo preset {DEMO_FT}; the numbers say nothing about real proteins)")
+                root = str(demo.ensure_demo_features("features/demo"))
             if not args.ckpt and not args.from_scratch:
                 values["ckpt"] = str(ensure_demo_pretrain(root))
         values.update(DEMO_FT, features=root, demo=True)
