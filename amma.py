@@ -172,6 +172,181 @@ class FeatureDataset(torch.utils.data.Dataset):
         return item
 
 
+# ----------------------------------------------------------------------------------------------
+# feature store: the same sets packed for streaming (extract_features.py --pack writes it)
+#
+#   <set>/store/store.json             format, dims, the manifest's and index's sha256, per shard file: rows, bytes, sha256
+#   <set>/store/index.tsv              id, shard, then start and rows in that shard for seq, str, func
+#   <set>/store/<m>/<shard>.safetensors   one float16 tensor [rows, d_m]: the proteins' rows back to back
+#   <set>/store/SHA256SUMS             `sha256sum -c` of the shard files
+# Shards are safetensors files (no pickle; readable by the safetensors and numpy tools) read here with the
+# standard library: mmap + torch.frombuffer, so a protein is a view of the page cache and collate's padding
+# copy is the only copy. Finiteness is checked once, when the store is written.
+
+STORE_DIR, STORE_FORMAT = "store", "amma-feature-store/1"
+STORE_COLUMNS = ("id", "shard") + tuple(f"{m}_{k}" for m in MODALITIES for k in ("start", "rows"))
+
+
+def is_store(root):
+    return (Path(root) / STORE_DIR / "store.json").exists()
+
+
+def sha256_file(path, chunk=1 << 22):
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_store_index(root):
+    """(store.json, {m: {id: (shard, start, rows)}}) of a store; ValueError when it is unreadable, another
+    format, its index does not match its checksum, or it is stale (manifest.tsv changed since packing)."""
+    root = Path(root)
+    try:
+        meta = json.loads((root / STORE_DIR / "store.json").read_text())
+        text = (root / STORE_DIR / "index.tsv").read_text()
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{root}/{STORE_DIR}: not a readable feature store ({type(e).__name__}: {e})") from None
+    if meta.get("format") != STORE_FORMAT:
+        raise ValueError(f"{root}/{STORE_DIR}/store.json: format {meta.get('format')!r}, expected {STORE_FORMAT}")
+    if sha256_file(root / "manifest.tsv") != meta["manifest_sha256"]:
+        raise ValueError(f"{root}/{STORE_DIR} is stale: manifest.tsv changed since it was packed; run "
+                         f"extract_features.py --pack {root} again")
+    if sha256_file(root / STORE_DIR / "index.tsv") != meta["index_sha256"]:
+        raise ValueError(f"{root}/{STORE_DIR}/index.tsv does not match its checksum in store.json: pack it again")
+    lines = text.splitlines()
+    if lines[0].split("\t") != list(STORE_COLUMNS):
+        raise ValueError(f"{root}/{STORE_DIR}/index.tsv: header is not {' '.join(STORE_COLUMNS)}")
+    index = {m: {} for m in MODALITIES}
+    for line in lines[1:]:
+        v = line.split("\t")
+        for k, m in enumerate(MODALITIES):
+            if v[2 + 2 * k]:
+                index[m][v[0]] = (v[1], int(v[2 + 2 * k]), int(v[3 + 2 * k]))
+    return meta, index
+
+
+def shard_header(path):
+    """(data offset, dtype, shape) of a one-tensor safetensors file, from its first bytes."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    (name, t), = [(k, v) for k, v in header.items() if k != "__metadata__"]
+    return 8 + n + t["data_offsets"][0], t["dtype"], tuple(t["shape"])
+
+
+def map_shard(path):
+    """A float16 [rows, d] tensor over the memory-mapped shard file (copy-on-write: nothing is written back)."""
+    import mmap
+    offset, dtype, (rows, d) = shard_header(path)
+    if dtype != "F16":
+        raise ValueError(f"{path}: dtype {dtype}, the store holds F16")
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    return torch.frombuffer(mm, dtype=torch.float16, count=rows * d, offset=offset).view(rows, d)   # [rows, d]
+
+
+class FeatureStore(FeatureDataset):
+    """FeatureDataset's items read from a packed store: each modality's rows are a view of a mapped shard."""
+
+    def __init__(self, root, ids=None, modalities=MODALITIES, max_len=1022, max_text=512):
+        super().__init__(root, ids, modalities, max_len, max_text)
+        self.meta, self.index = read_store_index(root)
+        self.maps = {}
+
+    def __getstate__(self):                       # DataLoader workers map the shards themselves
+        return {**self.__dict__, "maps": {}}
+
+    def rows_of(self, m, pid):
+        if pid not in self.index[m]:
+            raise ValueError(f"{self.root}/{STORE_DIR}: protein {pid} has no {m} rows")
+        shard, start, n = self.index[m][pid]
+        if (m, shard) not in self.maps:
+            self.maps[m, shard] = map_shard(self.root / STORE_DIR / m / f"{shard}.safetensors")
+        return self.maps[m, shard][start:start + n]                         # [n, d] view, no copy
+
+    def __getitem__(self, i):
+        row = self.rows[i]
+        item = {"id": row["id"]}
+        for m in MODALITIES:
+            x = None
+            if m in self.modalities and m in row["modalities"]:
+                x = self.rows_of(m, row["id"])[: self.max_text if m == "func" else self.max_len]
+            item[m] = x
+        return item
+
+
+def open_features(root, **kwargs):
+    """The feature set at root: a FeatureStore when it has been packed (<root>/store), else FeatureDataset."""
+    return (FeatureStore if is_store(root) else FeatureDataset)(root, **kwargs)
+
+
+_STORES = {}                                 # (root, store.json's mtime) -> FeatureStore, per process
+
+
+def read_feature(root, m, pid):
+    """One protein's [L, d] features of modality m from either layout (a store is opened once per process)."""
+    try:
+        key = (str(root), (Path(root) / STORE_DIR / "store.json").stat().st_mtime_ns)
+    except OSError:
+        return load_tensor(Path(root) / m / f"{pid}.pt")
+    if key not in _STORES:
+        _STORES[key] = FeatureStore(root)
+    return _STORES[key].rows_of(m, pid)
+
+
+def store_dims(root):
+    return dict(json.loads((Path(root) / STORE_DIR / "store.json").read_text())["dims"])
+
+
+def _check_shard(path, info, width):
+    """None when the shard file has store.json's size and an F16 [rows, width] header, else why not."""
+    try:
+        size = path.stat().st_size
+        if size != info["bytes"]:
+            return f"{path}: {size} bytes, store.json says {info['bytes']}"
+        _, dtype, shape = shard_header(path)
+    except (OSError, ValueError, KeyError) as e:
+        return f"{path}: unreadable ({type(e).__name__}: {e})"
+    if (dtype, shape) != ("F16", (info["rows"], width)):
+        return f"{path}: {dtype} {shape}, store.json says F16 {(info['rows'], width)}"
+    return None
+
+
+def check_store(root, rows, modalities=MODALITIES, widths=None):
+    """check_feature_files for a store, cheap by construction: the index's checksum, every needed shard file's
+    size and header against store.json, and each protein's rows and width against the manifest. Values were
+    checked finite when the store was written. Returns {id: 'm: reason'} of the bad proteins."""
+    root = Path(root)
+    meta, index = read_store_index(root)
+    widths = meta["dims"] if widths is None else widths
+    shard_ok = {(m, name): _check_shard(root / STORE_DIR / m / f"{name}.safetensors", info, meta["dims"][m])
+                for m in modalities for name, info in meta["files"].get(m, {}).items()}
+    bad = {}
+    for r in rows:
+        for m in r["modalities"]:
+            if m not in modalities:
+                continue
+            want, loc = r["L_func" if m == "func" else "L"], index[m].get(r["id"])
+            why = "not in the store" if loc is None else shard_ok.get((m, loc[0]), f"shard {loc[0]} not in store.json")
+            if why is None and loc[2] != want:
+                why = f"{loc[2]} rows, the manifest says {want}"
+            if why is None and widths.get(m) not in (None, meta["dims"][m]):
+                why = f"width {meta['dims'][m]}, the set's is {widths[m]}"
+            if why:
+                bad.setdefault(r["id"], f"{m}: {why}")
+    return bad
+
+
+def check_features(root, rows, modalities=MODALITIES, widths=None, workers=8):
+    """The check before step 1 for either layout: check_store or check_feature_files."""
+    if is_store(root):
+        return check_store(root, rows, modalities, widths)
+    return check_feature_files(root, rows, modalities, widths, workers)
+
+
 def collate(items):
     """Pad a list of items into a batch: x [B, L, d] float16/32 and lengths [B] per modality.
     A modality missing from every item is left out; missing for some items has length 0."""
@@ -807,6 +982,8 @@ def make_loader(dataset, batches, num_workers, pin):
 
 def feature_dims(root):
     """Feature widths read from the files of the first protein that has each modality."""
+    if is_store(root):
+        return store_dims(root)
     dims = {}
     for row in read_manifest(root):
         for m in row["modalities"]:
@@ -894,7 +1071,7 @@ def find_bad_files(checks, out, skip_bad, main):
     if main:
         for name, (root, rows, modalities) in checks.items():
             bad.update({(name, pid): f"{root}/{why.split(':')[0]}/{pid}.pt: {why.split(': ', 1)[1]}"
-                        for pid, why in check_feature_files(root, rows, modalities).items()})
+                        for pid, why in check_features(root, rows, modalities).items()})
     if world_size() > 1:
         box = [bad]
         torch.distributed.broadcast_object_list(box, src=0)
@@ -1040,12 +1217,12 @@ def load_sets(tc):
     """{"paired": ..., "seqstr": ..., "seqfunc": ...}: the sets this run trains on; empty ones are errors."""
     sets = {}
     if tc.features:
-        sets["paired"] = FeatureDataset(tc.features, max_len=tc.max_len)
+        sets["paired"] = open_features(tc.features, max_len=tc.max_len)
     if tc.unpaired_seqstr or tc.unpaired_seqfunc:
         if not (tc.unpaired_seqstr and tc.unpaired_seqfunc):
             raise SystemExit("error: --unpaired-seqstr and --unpaired-seqfunc go together (eq. 12)")
-        sets["seqstr"] = FeatureDataset(tc.unpaired_seqstr, modalities=("seq", "str"), max_len=tc.max_len)
-        sets["seqfunc"] = FeatureDataset(tc.unpaired_seqfunc, modalities=("seq", "func"), max_len=tc.max_len)
+        sets["seqstr"] = open_features(tc.unpaired_seqstr, modalities=("seq", "str"), max_len=tc.max_len)
+        sets["seqfunc"] = open_features(tc.unpaired_seqfunc, modalities=("seq", "func"), max_len=tc.max_len)
     if not sets:
         raise SystemExit("error: no data: give --features and/or the two --unpaired-* sets")
     for ds in sets.values():
