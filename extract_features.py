@@ -87,6 +87,7 @@ Choices made here:
   shard has not finished.
 """
 import argparse
+import contextlib
 import csv
 import gzip
 import hashlib
@@ -221,6 +222,10 @@ class ExtractConfig:
                      "resumable, an up-to-date store is left as it is", metavar="DIR")
     store_out: str = _opt(None, "--pack: write the store (with the set's manifest, info and labels) to this "
                           "directory instead of DIR itself", metavar="DIR")
+    precision: str = _opt("auto", "encoder forward passes: bf16 autocast, tf32 matmuls (CUDA) or exact fp32; auto: "
+                          "bf16 on CUDA, fp32 on the CPU (features are saved in float16 either way; the precision "
+                          "is part of the encoder names in info.json, so one set never mixes two)",
+                          choices=("auto", "bf16", "tf32", "fp32"))
     store_shard_mb: float = _opt(1024, "--pack: megabytes (MiB) per shard file", type=float)
 
 
@@ -644,24 +649,25 @@ class SeqEncoder:
     """A fair-esm model; __call__(sequences) -> per-residue [L_i, d] float32 (BOS/EOS rows dropped).
     name / weights: the fair-esm name and the local file it came from ("" for the hub cache)."""
 
-    def __init__(self, model, alphabet, layer, device, name="", weights=""):
+    def __init__(self, model, alphabet, layer, device, name="", weights="", precision="fp32"):
         self.model, self.alphabet, self.layer, self.device = model.to(device).eval(), alphabet, layer, device
-        self.name, self.weights = name, weights
+        self.name, self.weights, self.precision = name, weights, precision
         self.batch_converter = alphabet.get_batch_converter()
         self.offset = int(alphabet.prepend_bos)
 
     @torch.no_grad()
     def __call__(self, seqs):
         _, _, tokens = self.batch_converter([(str(k), s) for k, s in enumerate(seqs)])  # (B, T)
-        out = self.model(tokens.to(self.device), repr_layers=[self.layer])["representations"][self.layer]
+        with forward_precision(self.precision, self.device):
+            out = self.model(tokens.to(self.device), repr_layers=[self.layer])["representations"][self.layer]
         return [out[k, self.offset:self.offset + len(s)].float().cpu() for k, s in enumerate(seqs)]
 
 
 class TextEncoder:
     """A BERT tokenizer + model; ids(fields) builds the joined text, __call__(id lists) -> [L'_i, d]."""
 
-    def __init__(self, tokenizer, model, device):
-        self.tokenizer, self.model, self.device = tokenizer, model.to(device).eval(), device
+    def __init__(self, tokenizer, model, device, precision="fp32"):
+        self.tokenizer, self.model, self.device, self.precision = tokenizer, model.to(device).eval(), device, precision
 
     def ids(self, fields):
         def encode(text):
@@ -676,8 +682,9 @@ class TextEncoder:
         for k, x in enumerate(id_lists):
             input_ids[k, :len(x)] = torch.tensor(x)
             mask[k, :len(x)] = 1
-        out = self.model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
-                         token_type_ids=torch.zeros_like(input_ids).to(self.device)).last_hidden_state
+        with forward_precision(self.precision, self.device):
+            out = self.model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
+                             token_type_ids=torch.zeros_like(input_ids).to(self.device)).last_hidden_state
         return [out[k, :len(x)].float().cpu() for k, x in enumerate(id_lists)]  # (L'_k, d)
 
 
@@ -852,10 +859,14 @@ def text_model_name(cfg):
 
 
 def encoder_names(cfg):
-    if cfg.encoders == "tiny":
-        return dict(TINY_NAMES)
+    """The encoders as info.json and the manifest record them; ' [bf16]' / ' [tf32]' when not run in fp32."""
+    precision = resolve_precision(cfg.precision, cfg.device)
+    tags = {m: "" if p == "fp32" else f" [{p}]"
+            for m, p in zip(MODALITIES, (precision, structure_precision(precision, cfg.device), precision))}
     ckpt = Path(cfg.gearnet_ckpt).name if cfg.gearnet_ckpt else "?"
-    return {"seq": esm_model_name(cfg), "str": f"gearnet_edge:{ckpt}", "func": text_model_name(cfg)}
+    names = dict(TINY_NAMES) if cfg.encoders == "tiny" else {"seq": esm_model_name(cfg), "str": f"gearnet_edge:{ckpt}",
+                                                            "func": text_model_name(cfg)}
+    return {m: name + tags[m] for m, name in names.items()}
 
 
 def text_fix(cfg):
@@ -891,11 +902,11 @@ def load_encoder(modality, cfg, device):
     if modality == "seq":
         if tiny:
             model, alphabet, layer = tiny_esm()
-            return SeqEncoder(model, alphabet, layer, device, TINY_NAMES["seq"])
+            return SeqEncoder(model, alphabet, layer, device, TINY_NAMES["seq"], precision=cfg.precision)
         name = esm_model_name(cfg)
         model, alphabet, layer, weights = resolve_esm(name, cfg.esm_weights)
         log(f"sequence encoder: {name}{f' from {weights}' if weights else ''}, layer {layer} of {layer}")
-        return SeqEncoder(model, alphabet, layer, device, name, weights)
+        return SeqEncoder(model, alphabet, layer, device, name, weights, cfg.precision)
     if modality == "str":
         if tiny:
             return gearnet.tiny_gearnet(seed=0).to(device).eval()
@@ -919,13 +930,13 @@ def load_encoder(modality, cfg, device):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             model = BertModel(config, add_pooling_layer=False)
-        return TextEncoder(tokenizer, model, device)
+        return TextEncoder(tokenizer, model, device, cfg.precision)
     try:
         tokenizer, model = load_text_model(cfg.text_model)
     except Exception as e:  # no network, missing cache, corrupt file: all end the run the same way
         raise FatalError(f"could not load the text model {cfg.text_model}: {type(e).__name__}: {full_reason(e)} "
                          f"-- fix: {text_fix(cfg)}{TINY_HINT}") from None
-    return TextEncoder(tokenizer, model, device)
+    return TextEncoder(tokenizer, model, device, cfg.precision)
 
 
 
@@ -1291,7 +1302,9 @@ def encode_batches(encode, proteins, lengths, budget, desc, save, fail):
 def encode_structures(model, proteins, cfg, save, fail):
     """GearNet features; the graphs are built on the CPU (gearnet.protein_graph) and the packed batch
     moves to the model's device once (gearnet.encode_structures)."""
-    encode_batches(lambda group: gearnet.encode_structures(model, [p.graph_input for p in group]), proteins,
+    run = lambda group: gearnet.encode_structures(model, [p.graph_input for p in group])
+    device = next(model.parameters()).device
+    encode_batches(lambda group: with_precision(structure_precision(cfg.precision, device), device, run, group), proteins,
                    [len(p.seq) for p in proteins], cfg.str_toks_per_batch, "str", save, fail)
 
 
@@ -1957,6 +1970,48 @@ def main(argv=None):
     except (OSError, UnicodeDecodeError) as e:  # a missing or unreadable input file or directory
         log(f"error: {type(e).__name__}: {e}", err=True)
         return EXIT_FATAL
+
+
+# ----------------------------------------------------------------------------- encoder precision
+
+def resolve_precision(precision, device):
+    """--precision as run on `device` ('auto' allowed): auto is bf16 on CUDA, fp32 on the CPU; tf32 off CUDA is fp32."""
+    kind = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if str(device) == "auto" else device).type
+    if precision == "auto":
+        return "bf16" if kind == "cuda" else "fp32"
+    return "fp32" if precision == "tf32" and kind != "cuda" else precision
+
+
+class tf32_matmuls:
+    """TF32 for CUDA matmuls and convolutions inside the block; the previous settings restored after."""
+
+    def __enter__(self):
+        self.saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.saved
+
+
+def forward_precision(precision, device):
+    """The context an encoder's forward pass runs in: bf16 autocast, TF32 matmuls, or nothing (exact fp32)."""
+    device = torch.device(device)
+    precision = resolve_precision(precision, device)
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return tf32_matmuls() if precision == "tf32" else contextlib.nullcontext()
+
+
+def structure_precision(precision, device):
+    """GearNet-Edge's precision: as asked, except bf16 becomes TF32 (fp32 off CUDA): its relational aggregation is a
+    sparse CSR product, which has no bf16 kernel on the CPU and is not verified in bf16 on CUDA here."""
+    precision = resolve_precision(precision, device)
+    return resolve_precision("tf32", device) if precision == "bf16" else precision
+
+
+def with_precision(precision, device, fn, *args):
+    with forward_precision(precision, device):
+        return fn(*args)
 
 
 # ----------------------------------------------------------------------------- feature store (--pack)
