@@ -1910,6 +1910,8 @@ def main(argv=None):
     """The command line; returns the exit status (EXIT_CODES)."""
     args = build_parser().parse_args(argv)
     cfg = ExtractConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items()})
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (cfg.merge or cfg.pack or TORCHRUN_RANK):
+        return extract_torchrun(sys.argv[1:] if argv is None else argv, cfg)   # torchrun: rank r of n is --shard r/n
     modalities = tuple(m for m in MODALITIES if m in cfg.modality)
     try:
         if cfg.merge:
@@ -2012,6 +2014,37 @@ def structure_precision(precision, device):
 def with_precision(precision, device, fn, *args):
     with forward_precision(precision, device):
         return fn(*args)
+
+
+# ----------------------------------------------------------------------------- torchrun
+
+TORCHRUN_RANK = []          # [rank] while this process runs its shard under torchrun
+
+
+def extract_torchrun(argv, cfg):
+    """torchrun --nproc_per_node N extract_features.py ... (several nodes too): rank r of n runs this command
+    as --shard r/n, on cuda:LOCAL_RANK when there is CUDA; the shard that finishes last merges the shard
+    manifests into manifest.tsv (as for --shard jobs started by hand), and the ranks wait for each other so
+    that the run ends with the merged set. Returns the worst rank's exit status on every rank."""
+    import torch.distributed as dist
+    rank, world, local = (int(os.environ.get(k, "0")) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    if cfg.shard != "0/1":
+        log(f"error: --shard {cfg.shard} under torchrun: torchrun splits the proteins over its {world} processes "
+            f"itself (leave --shard out)", err=True)
+        return EXIT_FATAL
+    extra = ["--shard", f"{rank}/{world}"]
+    if torch.cuda.is_available() and not any(a == "--device" or a.startswith("--device=") for a in argv):
+        extra += ["--device", f"cuda:{local}"]
+    dist.init_process_group("gloo")                      # only exit statuses travel: gloo, CPU tensors
+    TORCHRUN_RANK.append(rank)
+    try:
+        status = main(list(argv) + extra)
+        worst = torch.tensor([status])
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX)     # also the barrier: every shard is written
+        return int(worst)
+    finally:
+        TORCHRUN_RANK.clear()
+        dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------- feature store (--pack)

@@ -44,3 +44,26 @@ def test_precision_resolution():
     with ef.forward_precision("tf32", "cuda"):
         assert torch.backends.cuda.matmul.allow_tf32
     assert torch.backends.cuda.matmul.allow_tf32 == before
+
+
+def test_torchrun_two_processes_equal_one_process(tmp_path):
+    """torchrun --nproc_per_node 2 (gloo, CPU): each rank extracts half the proteins, the set is merged once both
+    are done, and manifest, info, labels and every feature file equal a one-process run's."""
+    from conftest import torchrun
+    assert extract(tmp_path, "one") == 0                                        # also writes the demo's raw files
+    raw = tmp_path / "raw" / "demo"
+    args = ["--fasta", raw / "demo.fasta", "--pdb-dir", raw / "pdb", "--protdescribe", raw / "protdescribe.tsv",
+            "--source", "fasta", "--encoders", "tiny", "--device", "cpu"]
+    assert ef.main([str(a) for a in args] + ["--out", str(tmp_path / "single")]) == 0
+    run = torchrun("extract_features.py", *args, "--out", tmp_path / "multi")
+    assert run.returncode == 0, run.stderr[-2000:]
+    one, two = tmp_path / "single", tmp_path / "multi"
+    assert (two / "manifest.shard-0-of-2.tsv").exists() and (two / "manifest.shard-1-of-2.tsv").exists()
+    assert (one / "manifest.tsv").read_text() == (two / "manifest.tsv").read_text()
+    assert json.loads((one / "info.json").read_text()) == json.loads((two / "info.json").read_text())
+    files = sorted(p.relative_to(one) for p in one.glob("*/*.pt"))
+    assert len(files) > 12 and files == sorted(p.relative_to(two) for p in two.glob("*/*.pt"))
+    for f in files:
+        assert torch.equal(torch.load(one / f, weights_only=True), torch.load(two / f, weights_only=True)), f
+    bad = torchrun("extract_features.py", *args, "--shard", "1/2", "--out", tmp_path / "x")
+    assert bad.returncode != 0 and "torchrun splits the proteins over its 2 processes itself" in bad.stderr
