@@ -519,6 +519,15 @@ def bench_feed(args, report):
             print(f"   {name:38s} feed: {per_s:.0f} proteins/s per process, {rate / 1e9:.2f} GB/s; raw read "
                   f"{raw[layout] / 1e9:.2f} GB/s (ratio {rate / raw[layout]:.2f}); a GPU at 2,000-3,000 proteins/s "
                   f"needs {need[0]}-{need[1]} loader processes")
+        manifest = amma.read_manifest(files)
+        for name, (path, _) in sets.items():
+            (path / ".checked.tsv").unlink(missing_ok=True)
+            t = time.perf_counter()
+            assert not amma.check_features(path, manifest)
+            rows[f"check_s_{name}"] = time.perf_counter() - t
+        print(f"   check before step 1 (amma.check_features) of the {n} proteins: files {rows['check_s_files']:.2f} s "
+              f"(every file read: loads, shape, finite), store {rows['check_s_store']:.3f} s (index checksum, "
+              f"shard sizes and headers, rows)")
         rows["pack_gb_per_s"] = n_bytes / pack_s / 1e9
         print(f"   extract_features.py --pack (read .pt, check finite, write shards, sha256): "
               f"{n_bytes / pack_s / 1e9:.2f} GB/s")

@@ -113,3 +113,18 @@ def test_pack_bad_input_and_a_second_packer_are_one_line_errors(tmp_path, capsys
         fcntl.flock(held, fcntl.LOCK_EX)
         assert pack(root) == 2 and "another --pack is writing" in capsys.readouterr().err
     assert pack(root) == 0
+
+
+def test_analyze_reads_a_packed_set_like_the_files(tmp_path):
+    import analyze
+    root = write_features(tmp_path / "f", [6 + i % 5 for i in range(10)])
+    mc = amma.AMMAConfig(**{**SMALL, "dropout": 0.0})
+    amma.pretrain(mc, amma.TrainConfig(features=str(root), out=str(tmp_path / "pre"), epochs=1, limit_steps=2,
+                                       batch_size=4, num_workers=0), quiet=True)
+    assert pack(root, "--store-out", tmp_path / "s") == 0
+    tables = []
+    for features, out in ((root, "a"), (tmp_path / "s", "b")):
+        analyze.main(["--ckpt", str(tmp_path / "pre" / "checkpoint.pt"), "--features", str(features),
+                      "--out", str(tmp_path / out), "--tsne-n", "0", "--batch-size", "4"])
+        tables.append(json.loads((tmp_path / out / "table1.json").read_text())["table1"])
+    assert tables[0] == tables[1]
