@@ -255,6 +255,8 @@ class FeatureStore(FeatureDataset):
         super().__init__(root, ids, modalities, max_len, max_text)
         self.meta, self.index = read_store_index(root)
         self.maps = {}
+        allow_open_files(sum(map(len, self.meta["files"].values())) + 256)
+
 
     def __getstate__(self):                       # DataLoader workers map the shards themselves
         return {**self.__dict__, "maps": {}}
@@ -276,6 +278,14 @@ class FeatureStore(FeatureDataset):
                 x = self.rows_of(m, row["id"])[: self.max_text if m == "func" else self.max_len]
             item[m] = x
         return item
+
+
+def allow_open_files(n):
+    """Raise this process's soft limit on open files towards n (each mapped shard holds a descriptor)."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < n:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (n if hard == resource.RLIM_INFINITY else min(n, hard), hard))
 
 
 def open_features(root, **kwargs):

@@ -497,7 +497,7 @@ def bench_feed(args, report):
         (files / "manifest.tsv").write_text("\n".join(lines) + "\n")
         with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
             t = time.perf_counter()
-            assert ef.pack_store(files, root / "store", shard_mb=1024) == 0
+            assert ef.pack_store(files, root / "store", shard_mb=4096) == 0
             pack_s = time.perf_counter() - t
         sets = {"files": (files, sorted(files.glob("*/*.pt"))),
                 "store": (root / "store", sorted((root / "store" / "store").glob("*/*.safetensors")))}
