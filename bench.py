@@ -24,6 +24,7 @@ feed: the pretraining feed per loader process at paper widths and lengths from t
 import argparse
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -423,15 +424,16 @@ def run_finetune(args, device, report):
 
 
 def raw_read(paths, chunk=1 << 24):
-    """Bytes/s of reading `paths` into one reused buffer (page cache -> user memory: the floor of any reader)."""
+    """Bytes per CPU-second of reading `paths` into one reused buffer (page cache -> user memory: the floor
+    of any reader)."""
     buf = bytearray(chunk)
     view, total = memoryview(buf), 0
-    t = time.perf_counter()
+    t = time.process_time()
     for p in paths:
         with open(p, "rb", buffering=0) as f:
             while n := f.readinto(view):
                 total += n
-    return total / (time.perf_counter() - t)
+    return total / (time.process_time() - t)
 
 
 def one_copy_collate(items):
@@ -454,17 +456,19 @@ def one_copy_collate(items):
 
 
 def feed_rate(open_set, batches, n_bytes, collate_fn=None, workers=0, passes=3):
-    """(proteins/s, bytes/s) of amma's dataset + collate through a DataLoader as make_loader builds it, in
-    this process (workers=0) or through worker processes; the set is opened afresh each pass (as each epoch's
-    loader does). The best of `passes` (the machine is shared)."""
+    """(proteins/s, bytes/s) of amma's dataset + collate through a DataLoader as make_loader builds it, the set
+    opened afresh each pass (as each epoch's loader does); the best of `passes`. In this process (workers=0):
+    per CPU-second of the process, so other jobs on a shared machine do not count; through worker processes:
+    per second of wall time."""
+    clock = time.process_time if workers == 0 else time.perf_counter
     best = 0.0
     for _ in range(passes):
         loader = torch.utils.data.DataLoader(open_set(), batch_sampler=batches, num_workers=workers,
                                              collate_fn=collate_fn or amma.collate)
-        t = time.perf_counter()
+        t = clock()
         for _ in loader:
             pass
-        best = max(best, 1 / (time.perf_counter() - t))
+        best = max(best, 1 / (clock() - t))
     return sum(map(len, batches)) * best, n_bytes * best
 
 
@@ -482,7 +486,8 @@ def bench_feed(args, report):
     L, Lf = realistic_lengths(n, seed=1)
     n_bytes = sum(2 * (l * (dims["seq"] + dims["str"]) + lf * dims["func"]) for l, lf in zip(L, Lf))
     print(f"\n== feed: {n} proteins at paper widths, mean L {sum(L) / n:.0f}, {n_bytes / n / 1e6:.2f} MB per protein, "
-          f"{n_bytes / 1e9:.2f} GB per layout; page cache, batches of 4, 1 thread, best of 3")
+          f"{n_bytes / 1e9:.2f} GB per layout; page cache, batches of 4, 1 thread, best of 3, per CPU-second of "
+          f"the process (load average {os.getloadavg()[0]:.1f})")
     root = Path(tempfile.mkdtemp(dir=args.tmp or None))
     try:
         files = root / "files"
@@ -510,13 +515,13 @@ def bench_feed(args, report):
         for name, layout, collate_fn, workers in (("files, amma.collate", "files", None, 0),
                                                   ("store, amma.collate", "store", None, 0),
                                                   ("store, one-copy collate", "store", one_copy_collate, 0),
-                                                  ("store, amma.collate, 1 worker process", "store", None, 1)):
+                                                  ("store, amma.collate, 1 worker (wall time)", "store", None, 1)):
             per_s, rate = feed_rate(lambda: amma.open_features(sets[layout][0]), batches, n_bytes, collate_fn,
                                     workers)
             need = [math.ceil(x / per_s) for x in (2000, 3000)]
             rows[name] = {"proteins_per_s": per_s, "gb_per_s": rate / 1e9, "raw_gb_per_s": raw[layout] / 1e9,
                           "ratio": rate / raw[layout], "processes_for_2000_3000": need}
-            print(f"   {name:38s} feed: {per_s:.0f} proteins/s per process, {rate / 1e9:.2f} GB/s; raw read "
+            print(f"   {name:42s} feed: {per_s:.0f} proteins/s per process, {rate / 1e9:.2f} GB/s; raw read "
                   f"{raw[layout] / 1e9:.2f} GB/s (ratio {rate / raw[layout]:.2f}); a GPU at 2,000-3,000 proteins/s "
                   f"needs {need[0]}-{need[1]} loader processes")
         manifest = amma.read_manifest(files)
