@@ -2024,7 +2024,8 @@ TORCHRUN_RANK = []          # [rank] while this process runs its shard under tor
 
 def extract_torchrun(argv, cfg):
     """torchrun --nproc_per_node N extract_features.py ... (several nodes too): rank r of n runs this command
-    as --shard r/n, on cuda:LOCAL_RANK when there is CUDA; the shard that finishes last merges the shard
+    as --shard r/n, on cuda:LOCAL_RANK when there is CUDA (rank 0 first fetches and unpacks torchdrug's
+    archives alone, --download / --data zip); the shard that finishes last merges the shard
     manifests into manifest.tsv (as for --shard jobs started by hand), and the ranks wait for each other so
     that the run ends with the merged set. Returns the worst rank's exit status on every rank."""
     import torch.distributed as dist
@@ -2039,6 +2040,14 @@ def extract_torchrun(argv, cfg):
     dist.init_process_group("gloo")                      # only exit statuses travel: gloo, CPU tensors
     TORCHRUN_RANK.append(rank)
     try:
+        if rank == 0 and (cfg.download or cfg.data):     # torchdrug's archives: fetched and unpacked once
+            try:
+                source = infer_source(cfg)
+                if source in ("ec", "go"):
+                    task_files(cfg, source)
+            except (FatalError, OSError, ValueError):
+                pass                                     # every rank's main() reports it the same way
+        dist.barrier()
         status = main(list(argv) + extra)
         worst = torch.tensor([status])
         dist.all_reduce(worst, op=dist.ReduceOp.MAX)     # also the barrier: every shard is written
