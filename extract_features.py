@@ -29,6 +29,9 @@ Commands (tests/test_extract.py runs the first, with --demo-n 6; --source is inf
         # DeepFRI's own file set: labels for every chain, features for chains with a sequence (test FASTA)
     python extract_features.py --source ec ... --shard 0/4     # four jobs: --shard 0/4 .. 3/4, then
     python extract_features.py --out features/ec --merge       # (or nothing: the last shard merges)
+    torchrun --nproc_per_node 8 extract_features.py --source ec ...   # the same split over 8 GPUs, merged at the end
+    python extract_features.py --pack features/pretrain        # -> features/pretrain/store: float16 shards for
+        # streaming (--store-out DIR: a set of its own elsewhere); amma.py, finetune.py, analyze.py read either layout
 
 Encoders: real by default -- fair-esm's esm1b_t33_650M_UR50S (--esm-model names another fair-esm model,
 e.g. esm2_t33_650M_UR50D; features are its last layer), GearNet-Edge from --gearnet-ckpt, PubMedBERT-abs
