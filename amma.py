@@ -238,14 +238,14 @@ def shard_header(path):
 
 
 def map_shard(path):
-    """A float16 [rows, d] tensor over the memory-mapped shard file (copy-on-write: nothing is written back)."""
+    """(mmap, data offset, float16 [rows, d] tensor over it) of a shard file (copy-on-write: nothing is written back)."""
     import mmap
     offset, dtype, (rows, d) = shard_header(path)
     if dtype != "F16":
         raise ValueError(f"{path}: dtype {dtype}, the store holds F16")
     with open(path, "rb") as f:
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-    return torch.frombuffer(mm, dtype=torch.float16, count=rows * d, offset=offset).view(rows, d)   # [rows, d]
+    return mm, offset, torch.frombuffer(mm, dtype=torch.float16, count=rows * d, offset=offset).view(rows, d)
 
 
 class FeatureStore(FeatureDataset):
@@ -255,6 +255,8 @@ class FeatureStore(FeatureDataset):
         super().__init__(root, ids, modalities, max_len, max_text)
         self.meta, self.index = read_store_index(root)
         self.maps = {}
+        import mmap
+        self.willneed, self.page = getattr(mmap, "MADV_WILLNEED", None), mmap.PAGESIZE
         allow_open_files(sum(map(len, self.meta["files"].values())) + 256)
 
 
@@ -267,7 +269,11 @@ class FeatureStore(FeatureDataset):
         shard, start, n = self.index[m][pid]
         if (m, shard) not in self.maps:
             self.maps[m, shard] = map_shard(self.root / STORE_DIR / m / f"{shard}.safetensors")
-        return self.maps[m, shard][start:start + n]                         # [n, d] view, no copy
+        mm, offset, x = self.maps[m, shard]
+        if self.willneed is not None and n:          # from disk: the protein's whole range is read ahead at once
+            a = offset + 2 * start * x.shape[1]
+            mm.madvise(self.willneed, a - a % self.page, 2 * n * x.shape[1] + a % self.page)
+        return x[start:start + n]                                           # [n, d] view, no copy
 
     def __getitem__(self, i):
         row = self.rows[i]

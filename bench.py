@@ -477,6 +477,7 @@ def bench_feed(args, report):
     cache, batches of 4, per loader process: the per-protein .pt files and the packed store (extract_features.py
     --pack), against reading the same bytes raw; and the loader processes a GPU at 2,000-3,000 proteins/s needs."""
     import contextlib
+    import gc
     import io
     import shutil
     import tempfile
@@ -524,6 +525,15 @@ def bench_feed(args, report):
             print(f"   {name:42s} feed: {per_s:.0f} proteins/s per process, {rate / 1e9:.2f} GB/s; raw read "
                   f"{raw[layout] / 1e9:.2f} GB/s (ratio {rate / raw[layout]:.2f}); a GPU at 2,000-3,000 proteins/s "
                   f"needs {need[0]}-{need[1]} loader processes")
+        gc.collect()                                                           # no mapping left: the pages can go
+        for p in sets["store"][1]:
+            fd = os.open(p, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)                 # only these files leave the cache
+            os.close(fd)
+        per_s, rate = feed_rate(lambda: amma.open_features(sets["store"][0]), batches, n_bytes, one_copy_collate,
+                                passes=1)
+        rows["store_from_disk"] = {"proteins_per_s": per_s, "gb_per_s": rate / 1e9}
+        print(f"   store from this machine's disk (its pages dropped first): {per_s:.0f} proteins/s, {rate / 1e9:.2f} GB/s")
         manifest = amma.read_manifest(files)
         for name, (path, _) in sets.items():
             (path / ".checked.tsv").unlink(missing_ok=True)
