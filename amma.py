@@ -259,7 +259,6 @@ class FeatureStore(FeatureDataset):
         self.willneed, self.page = getattr(mmap, "MADV_WILLNEED", None), mmap.PAGESIZE
         allow_open_files(sum(map(len, self.meta["files"].values())) + 256)
 
-
     def __getstate__(self):                       # DataLoader workers map the shards themselves
         return {**self.__dict__, "maps": {}}
 
@@ -288,7 +287,10 @@ class FeatureStore(FeatureDataset):
 
 def allow_open_files(n):
     """Raise this process's soft limit on open files towards n (each mapped shard holds a descriptor)."""
-    import resource
+    try:
+        import resource
+    except ImportError:                      # not a Unix: no such limit to raise
+        return
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < n:
         resource.setrlimit(resource.RLIMIT_NOFILE, (n if hard == resource.RLIM_INFINITY else min(n, hard), hard))
