@@ -256,7 +256,11 @@ class FeatureStore(FeatureDataset):
         self.meta, self.index = read_store_index(root)
         self.maps = {}
         import mmap
-        self.willneed, self.page = getattr(mmap, "MADV_WILLNEED", None), mmap.PAGESIZE
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 0
+        # a set larger than half the memory streams from disk: ask for each protein's range at once (+10-25%
+        # from this machine's disk); a smaller one stays in the page cache, where the call costs ~10%
+        self.willneed = getattr(mmap, "MADV_WILLNEED", None) if self.meta["bytes"] > ram / 2 else None
+        self.page = mmap.PAGESIZE
         allow_open_files(sum(map(len, self.meta["files"].values())) + 256)
 
     def __getstate__(self):                       # DataLoader workers map the shards themselves

@@ -27,6 +27,9 @@ def test_store_items_are_the_files_rows_and_safetensors_reads_them(tmp_path):
     for i in range(len(files)):
         a, b = files[i], store[i]
         assert b["func"] is None and all(torch.equal(a[m], b[m]) for m in ("seq", "str"))
+    import mmap
+    store.willneed = mmap.MADV_WILLNEED                                   # as for a set larger than half the memory
+    assert all(torch.equal(files[i]["str"], store[i]["str"]) for i in range(len(files)))
     st = pytest.importorskip("safetensors.torch")                      # the shards are plain safetensors files
     shard = st.load_file(tmp_path / "s" / "store" / "str" / "00001.safetensors")["str"]
     ours = torch.cat([store[i]["str"] for i in range(len(store)) if store.index["str"][store.rows[i]["id"]][0] == "00001"])
