@@ -673,7 +673,9 @@ def feature_dims_recorded(root):
 
 
 def feature_dims(root):
-    """The width of each modality of a feature set: info.json's dims, else the first files'."""
+    """The width of each modality of a feature set: info.json's dims (the store's), else the first files'."""
+    if is_store(root):
+        return store_dims(root)
     dims = feature_dims_recorded(root)
     if dims:
         return dims
@@ -730,6 +732,203 @@ class FeatureDataset(torch.utils.data.Dataset):
 
 
 # ----------------------------------------------------------------------------------------------
+# feature store: the same sets packed for streaming (extract_features.py --pack writes it)
+#
+#   <set>/store/store.json             format, dims, the manifest's and index's sha256, per shard file: rows, bytes, sha256
+#   <set>/store/index.tsv              id, shard, then start and rows in that shard for seq, str, func
+#   <set>/store/<m>/<shard>.safetensors   one float16 tensor [rows, d_m]: the proteins' rows back to back
+#   <set>/store/SHA256SUMS             `sha256sum -c` of the shard files
+# Shards are safetensors files (no pickle; readable by the safetensors and numpy tools) read here with the
+# standard library: mmap + torch.frombuffer, so a protein is a view of the page cache and collate's padding
+# copy is the only copy. Finiteness is checked once, when the store is written.
+
+STORE_DIR, STORE_FORMAT = "store", "amma-feature-store/1"
+STORE_COLUMNS = ("id", "shard") + tuple(f"{m}_{k}" for m in MODALITIES for k in ("start", "rows"))
+
+
+def is_store(root):
+    return (Path(root) / STORE_DIR / "store.json").exists()
+
+
+def sha256_file(path, chunk=1 << 22):
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_store_index(root):
+    """(store.json, {m: {id: (shard, start, rows)}}) of a store; ValueError when it is unreadable, another
+    format, its index does not match its checksum, or it is stale (manifest.tsv changed since packing)."""
+    root = Path(root)
+    try:
+        meta = json.loads((root / STORE_DIR / "store.json").read_text())
+        text = (root / STORE_DIR / "index.tsv").read_text()
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{root}/{STORE_DIR}: not a readable feature store ({type(e).__name__}: {e})") from None
+    if meta.get("format") != STORE_FORMAT:
+        raise ValueError(f"{root}/{STORE_DIR}/store.json: format {meta.get('format')!r}, expected {STORE_FORMAT}")
+    if sha256_file(root / "manifest.tsv") != meta["manifest_sha256"]:
+        raise ValueError(f"{root}/{STORE_DIR} is stale: manifest.tsv changed since it was packed; run "
+                         f"extract_features.py --pack {root} again")
+    if sha256_file(root / STORE_DIR / "index.tsv") != meta["index_sha256"]:
+        raise ValueError(f"{root}/{STORE_DIR}/index.tsv does not match its checksum in store.json: pack it again")
+    lines = text.splitlines()
+    if lines[0].split("\t") != list(STORE_COLUMNS):
+        raise ValueError(f"{root}/{STORE_DIR}/index.tsv: header is not {' '.join(STORE_COLUMNS)}")
+    index = {m: {} for m in MODALITIES}
+    for line in lines[1:]:
+        v = line.split("\t")
+        for k, m in enumerate(MODALITIES):
+            if v[2 + 2 * k]:
+                index[m][v[0]] = (v[1], int(v[2 + 2 * k]), int(v[3 + 2 * k]))
+    return meta, index
+
+
+def shard_header(path):
+    """(data offset, dtype, shape) of a one-tensor safetensors file, from its first bytes."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    (name, t), = [(k, v) for k, v in header.items() if k != "__metadata__"]
+    return 8 + n + t["data_offsets"][0], t["dtype"], tuple(t["shape"])
+
+
+def map_shard(path):
+    """(mmap, data offset, float16 [rows, d] tensor over it) of a shard file (copy-on-write: nothing is written back)."""
+    import mmap
+    offset, dtype, (rows, d) = shard_header(path)
+    if dtype != "F16":
+        raise ValueError(f"{path}: dtype {dtype}, the store holds F16")
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    return mm, offset, torch.frombuffer(mm, dtype=torch.float16, count=rows * d, offset=offset).view(rows, d)
+
+
+class FeatureStore(FeatureDataset):
+    """FeatureDataset's items read from a packed store: each modality's rows are a view of a mapped shard."""
+
+    def __init__(self, root, ids=None, modalities=MODALITIES, max_len=1022, max_text=512):
+        super().__init__(root, ids, modalities, max_len, max_text)
+        self.meta, self.index = read_store_index(root)
+        self.maps = {}
+        import mmap
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 0
+        # a set larger than half the memory streams from disk: ask for each protein's range at once (+10-25%
+        # from this machine's disk); a smaller one stays in the page cache, where the call costs ~10%
+        self.willneed = getattr(mmap, "MADV_WILLNEED", None) if self.meta["bytes"] > ram / 2 else None
+        self.page = mmap.PAGESIZE
+        allow_open_files(sum(map(len, self.meta["files"].values())) + 256)
+
+    def __getstate__(self):                       # DataLoader workers map the shards themselves
+        return {**self.__dict__, "maps": {}}
+
+    def rows_of(self, m, pid):
+        if pid not in self.index[m]:
+            raise ValueError(f"{self.root}/{STORE_DIR}: protein {pid} has no {m} rows")
+        shard, start, n = self.index[m][pid]
+        if (m, shard) not in self.maps:
+            self.maps[m, shard] = map_shard(self.root / STORE_DIR / m / f"{shard}.safetensors")
+        mm, offset, x = self.maps[m, shard]
+        if self.willneed is not None and n:          # from disk: the protein's whole range is read ahead at once
+            a = offset + 2 * start * x.shape[1]
+            mm.madvise(self.willneed, a - a % self.page, 2 * n * x.shape[1] + a % self.page)
+        return x[start:start + n]                                           # [n, d] view, no copy
+
+    def __getitem__(self, i):
+        row = self.rows[i]
+        item = {"id": row["id"]}
+        for m in MODALITIES:
+            x = None
+            if m in self.modalities and m in row["modalities"]:
+                x = self.rows_of(m, row["id"])[: self.max_text if m == "func" else self.max_len]
+            item[m] = x
+        return item
+
+
+def allow_open_files(n):
+    """Raise this process's soft limit on open files towards n (each mapped shard holds a descriptor)."""
+    try:
+        import resource
+    except ImportError:                      # not a Unix: no such limit to raise
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < n:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (n if hard == resource.RLIM_INFINITY else min(n, hard), hard))
+
+
+def open_features(root, **kwargs):
+    """The feature set at root: a FeatureStore when it has been packed (<root>/store), else FeatureDataset."""
+    return (FeatureStore if is_store(root) else FeatureDataset)(root, **kwargs)
+
+
+_STORES = {}                                 # (root, store.json's mtime) -> FeatureStore, per process
+
+
+def read_feature(root, m, pid):
+    """One protein's [L, d] features of modality m from either layout (a store is opened once per process)."""
+    try:
+        key = (str(root), (Path(root) / STORE_DIR / "store.json").stat().st_mtime_ns)
+    except OSError:
+        return load_tensor(Path(root) / m / feature_file(pid))
+    if key not in _STORES:
+        _STORES[key] = FeatureStore(root)
+    return _STORES[key].rows_of(m, pid)
+
+
+def store_dims(root):
+    return dict(json.loads((Path(root) / STORE_DIR / "store.json").read_text())["dims"])
+
+
+def _check_shard(path, info, width):
+    """None when the shard file has store.json's size and an F16 [rows, width] header, else why not."""
+    try:
+        size = path.stat().st_size
+        if size != info["bytes"]:
+            return f"{path}: {size} bytes, store.json says {info['bytes']}"
+        _, dtype, shape = shard_header(path)
+    except (OSError, ValueError, KeyError) as e:
+        return f"{path}: unreadable ({type(e).__name__}: {e})"
+    if (dtype, shape) != ("F16", (info["rows"], width)):
+        return f"{path}: {dtype} {shape}, store.json says F16 {(info['rows'], width)}"
+    return None
+
+
+def check_store(root, rows, modalities=MODALITIES, widths=None):
+    """check_feature_files for a store, cheap by construction: the index's checksum, every needed shard file's
+    size and header against store.json, and each protein's rows and width against the manifest. Values were
+    checked finite when the store was written. Returns {id: 'm: reason'} of the bad proteins."""
+    root = Path(root)
+    meta, index = read_store_index(root)
+    widths = meta["dims"] if widths is None else widths
+    shard_ok = {(m, name): _check_shard(root / STORE_DIR / m / f"{name}.safetensors", info, meta["dims"][m])
+                for m in modalities for name, info in meta["files"].get(m, {}).items()}
+    bad = {}
+    for r in rows:
+        for m in r["modalities"]:
+            if m not in modalities:
+                continue
+            want, loc = r["L_func" if m == "func" else "L"], index[m].get(r["id"])
+            why = "not in the store" if loc is None else shard_ok.get((m, loc[0]), f"shard {loc[0]} not in store.json")
+            if why is None and loc[2] != want:
+                why = f"{loc[2]} rows, the manifest says {want}"
+            if why is None and widths.get(m) not in (None, meta["dims"][m]):
+                why = f"width {meta['dims'][m]}, the set's is {widths[m]}"
+            if why:
+                bad.setdefault(r["id"], f"{m}: {why}")
+    return bad
+
+
+def check_features(root, rows, modalities=MODALITIES, widths=None, workers=8):
+    """The check before step 1 for either layout: check_store or check_feature_files."""
+    if is_store(root):
+        return check_store(root, rows, modalities, widths)
+    return check_feature_files(root, rows, modalities, widths, workers)
+
+
+# ----------------------------------------------------------------------------------------------
 # batches: padded to a few lengths, with their masks and loss weights (made in the loader workers)
 
 def padded_length(n):
@@ -739,10 +938,13 @@ def padded_length(n):
     return max(-(-n // step) * step, 1)
 
 
-def _zeros(shape, dtype):
-    """A zero tensor, in shared memory inside a loader worker (so the batch is not copied once more)."""
-    x = torch.zeros(shape, dtype=dtype)
-    return x.share_memory_() if torch.utils.data.get_worker_info() is not None else x
+def _empty(shape, dtype):
+    """An uninitialised tensor, allocated in shared memory inside a loader worker (as torch's default
+    collate does), so the batch is not copied again on its way to the main process."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
 
 
 def collate(items, mask=None, pad=True):
@@ -762,10 +964,11 @@ def collate(items, mask=None, pad=True):
             raise ValueError(f"{m} features of different widths in one batch: {sorted({x.shape[1] for x in present})}")
         lengths = [0 if x is None else len(x) for x in xs]
         L = max(lengths) if not pad else padded_length(max(lengths))
-        out = _zeros((len(items), max(L, 1), d), dtype)
-        for b, x in enumerate(xs):
-            if x is not None:
-                out[b, : len(x)] = x
+        out = _empty((len(items), max(L, 1), d), dtype)
+        for b, (x, n) in enumerate(zip(xs, lengths)):
+            if n:
+                out[b, :n] = x                                                   # each row written once
+            out[b, n:] = 0
         batch[m], batch[m + "_len"] = out, torch.tensor(lengths)
     if "group" in items[0]:
         batch["group"] = torch.tensor([it["group"] for it in items])
@@ -966,7 +1169,7 @@ def find_bad_files(checks, out, skip_bad, is_main):
     bad = {}
     for name, (root, rows, modalities) in checks.items():
         bad.update({(name, pid): f"{root}/{why.split(':')[0]}/{feature_file(pid)}: {why.split(': ', 1)[1]}"
-                    for pid, why in check_feature_files(root, rows, modalities).items()})
+                    for pid, why in check_features(root, rows, modalities).items()})
     if bad:
         listing = sorted(bad.values())
         if is_main:
@@ -1381,12 +1584,12 @@ def load_sets(tc):
     """{"paired": ..., "seqstr": ..., "seqfunc": ...}: the sets this run trains on; empty ones are errors."""
     sets = {}
     if tc.features:
-        sets["paired"] = FeatureDataset(tc.features, max_len=tc.max_len)
+        sets["paired"] = open_features(tc.features, max_len=tc.max_len)
     if tc.unpaired_seqstr or tc.unpaired_seqfunc:
         if not (tc.unpaired_seqstr and tc.unpaired_seqfunc):
             raise SystemExit("error: --unpaired-seqstr and --unpaired-seqfunc go together (eq. 12)")
-        sets["seqstr"] = FeatureDataset(tc.unpaired_seqstr, modalities=("seq", "str"), max_len=tc.max_len)
-        sets["seqfunc"] = FeatureDataset(tc.unpaired_seqfunc, modalities=("seq", "func"), max_len=tc.max_len)
+        sets["seqstr"] = open_features(tc.unpaired_seqstr, modalities=("seq", "str"), max_len=tc.max_len)
+        sets["seqfunc"] = open_features(tc.unpaired_seqfunc, modalities=("seq", "func"), max_len=tc.max_len)
     if not sets:
         raise SystemExit("error: no data: give --features and/or the two --unpaired-* sets")
     for ds in sets.values():

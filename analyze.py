@@ -379,7 +379,7 @@ def write_attention(cfg, model, root, pid, out, device):
     if pid not in rows:
         raise SystemExit(f"error: protein {pid} is not in {root}/manifest.tsv")
     row = rows[pid]
-    ds = amma.FeatureDataset(root, ids=[pid], max_len=cfg.max_len, max_text=cfg.func_tokens or 512)
+    ds = amma.open_features(root, ids=[pid], max_len=cfg.max_len, max_text=cfg.func_tokens or 512)
     batch = amma.batch_to(amma.collate([ds[0]]), device)
     try:
         total, a_seq, a_str, _ = function_attention(model, batch)
@@ -472,7 +472,7 @@ def analyze(cfg):
     ids = paired_ids(root, cfg.n_proteins, cfg.seed)
     if len(ids) < 2:
         raise SystemExit(f"error: {root} has {len(ids)} proteins with seq, str and func; Table 1 needs 2 or more")
-    dataset = amma.FeatureDataset(root, ids=ids, max_len=cfg.max_len)
+    dataset = amma.open_features(root, ids=ids, max_len=cfg.max_len)
     print(f"AMMA {config.variant} from {cfg.ckpt} on {root}: {len(ids)} proteins with all three modalities, "
           f"relation batches of {cfg.batch_size}, device {device}")
     scores, kept = compute_latents(models, dataset, cfg.batch_size, cfg.tsne_n, device)

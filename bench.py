@@ -2,7 +2,7 @@
 Speed figures of the kit, printed (and written as JSON): nothing here is asserted by the tests.
 
     python bench.py                      # everything that runs on this machine
-    python bench.py --only pretrain      # pretrain | metrics | extract | check | esm-memory | finetune
+    python bench.py --only pretrain      # pretrain | metrics | extract | check | esm-memory | finetune | feed
     python bench.py --steps 6 --json bench.json
 
 pretrain: throughput of one AMMA training step (forward, backward, AdamW) at the paper config
@@ -18,10 +18,13 @@ check: the feature-set check before step 1, seconds per 10,000 files (first time
 esm-memory: memory of finetuning with ESM-1b in the loop at 1022 residues, batch 1 and 4, with and
   without --esm-checkpointing (saved activations measured in real bf16 forward passes on the CPU).
 finetune: steps/s of finetuning with ESM-1b in the loop (random weights) at batch 1 and 4.
+feed: the pretraining feed per loader process at paper widths and lengths from the page cache, per-protein
+  files and the packed store, against reading the same bytes raw.
 """
 import argparse
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -801,6 +804,133 @@ def run_gpu_report(args, device, report):
     report["gpu_report"] = out
 
 
+def raw_read(paths, chunk=1 << 24):
+    """Bytes per CPU-second of reading `paths` into one reused buffer (page cache -> user memory: the floor
+    of any reader)."""
+    buf = bytearray(chunk)
+    view, total = memoryview(buf), 0
+    t = time.process_time()
+    for p in paths:
+        with open(p, "rb", buffering=0) as f:
+            while n := f.readinto(view):
+                total += n
+    return total / (time.process_time() - t)
+
+
+def one_copy_collate(items):
+    """amma.collate with torch.empty and only the padding tails zeroed: each row is written once (the
+    proposal for amma.collate measured next to it; same output)."""
+    batch = {"ids": [it["id"] for it in items]}
+    for m in amma.MODALITIES:
+        xs = [it.get(m) for it in items]
+        present = [x for x in xs if x is not None]
+        if not present:
+            continue
+        lengths = [0 if x is None else len(x) for x in xs]
+        out = torch.empty(len(items), max(max(lengths), 1), present[0].shape[1], dtype=present[0].dtype)
+        for b, x in enumerate(xs):
+            if lengths[b]:
+                out[b, :lengths[b]] = x
+            out[b, lengths[b]:] = 0
+        batch[m], batch[m + "_len"] = out, torch.tensor(lengths)
+    return batch
+
+
+def feed_rate(open_set, batches, n_bytes, collate_fn=None, workers=0, passes=3):
+    """(proteins/s, bytes/s) of amma's dataset + collate through a DataLoader as make_loader builds it, the set
+    opened afresh each pass (as each epoch's loader does); the best of `passes`. In this process (workers=0):
+    per CPU-second of the process, so other jobs on a shared machine do not count; through worker processes:
+    per second of wall time."""
+    clock = time.process_time if workers == 0 else time.perf_counter
+    best = 0.0
+    for _ in range(passes):
+        loader = torch.utils.data.DataLoader(open_set(), batch_sampler=batches, num_workers=workers,
+                                             collate_fn=collate_fn or amma.collate)
+        t = clock()
+        for _ in loader:
+            pass
+        best = max(best, 1 / (clock() - t))
+    return sum(map(len, batches)) * best, n_bytes * best
+
+
+def bench_feed(args, report):
+    """The pretraining feed at the paper's widths (1280/3072/768, float16) and the kit's lengths, from the page
+    cache, batches of 4, per loader process: the per-protein .pt files and the packed store (extract_features.py
+    --pack), against reading the same bytes raw; and the loader processes a GPU at 2,000-3,000 proteins/s needs."""
+    import contextlib
+    import gc
+    import io
+    import shutil
+    import tempfile
+    import extract_features as ef
+    torch.set_num_threads(1)
+    n, dims = args.feed_n, {"seq": 1280, "str": 3072, "func": 768}
+    L, Lf = realistic_lengths(n, seed=1)
+    n_bytes = sum(2 * (l * (dims["seq"] + dims["str"]) + lf * dims["func"]) for l, lf in zip(L, Lf))
+    print(f"\n== feed: {n} proteins at paper widths, mean L {sum(L) / n:.0f}, {n_bytes / n / 1e6:.2f} MB per protein, "
+          f"{n_bytes / 1e9:.2f} GB per layout; page cache, batches of 4, 1 thread, best of 3, per CPU-second of "
+          f"the process (load average {os.getloadavg()[0]:.1f})")
+    root = Path(tempfile.mkdtemp(dir=args.tmp or None))
+    try:
+        files = root / "files"
+        g = torch.Generator().manual_seed(0)
+        lines = ["id\tL\tL_func\tmodalities"]
+        for m in dims:
+            (files / m).mkdir(parents=True)
+        for i, (l, lf) in enumerate(zip(L, Lf)):
+            for m, d in dims.items():
+                torch.save(torch.randn(lf if m == "func" else l, d, generator=g).half(), files / m / f"P{i:05d}.pt")
+            lines.append(f"P{i:05d}\t{l}\t{lf}\tseq,str,func")
+        (files / "manifest.tsv").write_text("\n".join(lines) + "\n")
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            t = time.perf_counter()
+            assert ef.pack_store(files, root / "store", shard_mb=4096) == 0
+            pack_s = time.perf_counter() - t
+        sets = {"files": (files, sorted(files.glob("*/*.pt"))),
+                "store": (root / "store", sorted((root / "store" / "store").glob("*/*.safetensors")))}
+        batches = amma.bucket_batches([2 * l + lf for l, lf in zip(L, Lf)], 4, 0, 0)
+        raw = {}
+        for name, (_, paths) in sets.items():
+            raw_read(paths)                                                    # into the page cache
+            raw[name] = max(raw_read(paths) for _ in range(3))
+        rows = {}
+        for name, layout, collate_fn, workers in (("files, amma.collate", "files", None, 0),
+                                                  ("store, amma.collate", "store", None, 0),
+                                                  ("store, one-copy collate", "store", one_copy_collate, 0),
+                                                  ("store, amma.collate, 1 worker (wall time)", "store", None, 1)):
+            per_s, rate = feed_rate(lambda: amma.open_features(sets[layout][0]), batches, n_bytes, collate_fn,
+                                    workers)
+            need = [math.ceil(x / per_s) for x in (2000, 3000)]
+            rows[name] = {"proteins_per_s": per_s, "gb_per_s": rate / 1e9, "raw_gb_per_s": raw[layout] / 1e9,
+                          "ratio": rate / raw[layout], "processes_for_2000_3000": need}
+            print(f"   {name:42s} feed: {per_s:.0f} proteins/s per process, {rate / 1e9:.2f} GB/s; raw read "
+                  f"{raw[layout] / 1e9:.2f} GB/s (ratio {rate / raw[layout]:.2f}); a GPU at 2,000-3,000 proteins/s "
+                  f"needs {need[0]}-{need[1]} loader processes")
+        gc.collect()                                                           # no mapping left: the pages can go
+        for p in sets["store"][1]:
+            fd = os.open(p, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)                 # only these files leave the cache
+            os.close(fd)
+        per_s, rate = feed_rate(lambda: amma.open_features(sets["store"][0]), batches, n_bytes, one_copy_collate,
+                                passes=1)
+        rows["store_from_disk"] = {"proteins_per_s": per_s, "gb_per_s": rate / 1e9}
+        print(f"   store from this machine's disk (its pages dropped first): {per_s:.0f} proteins/s, {rate / 1e9:.2f} GB/s")
+        manifest = amma.read_manifest(files)
+        for name, (path, _) in sets.items():
+            (path / ".checked.tsv").unlink(missing_ok=True)
+            t = time.perf_counter()
+            assert not amma.check_features(path, manifest)
+            rows[f"check_s_{name}"] = time.perf_counter() - t
+        print(f"   check before step 1 (amma.check_features) of the {n} proteins: files {rows['check_s_files']:.2f} s "
+              f"(every file read: loads, shape, finite), store {rows['check_s_store']:.3f} s (index checksum, "
+              f"shard sizes and headers, rows)")
+        rows["pack_gb_per_s"] = n_bytes / pack_s / 1e9
+        print(f"   extract_features.py --pack (read .pt, check finite, write shards, sha256): "
+              f"{n_bytes / pack_s / 1e9:.2f} GB/s")
+        report["feed"] = rows
+    finally:
+        shutil.rmtree(root)
+
 def positive_int(text):
     value = int(text)
     if value < 1:
@@ -811,7 +941,7 @@ def positive_int(text):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=("pretrain", "metrics", "extract", "check", "esm-memory", "finetune"))
+    p.add_argument("--only", choices=("pretrain", "metrics", "extract", "check", "esm-memory", "finetune", "feed"))
     p.add_argument("--gpu-report", action="store_true",
                    help="the GPU figures of README (under 5 minutes on one H100/H200); on a CPU: host syncs and "
                         "dispatched ops per step, the proxies of GPU idling (under 2 minutes)")
@@ -827,6 +957,8 @@ def main(argv=None):
     p.add_argument("--extract-n", type=int, default=48, help="demo proteins to extract")
     p.add_argument("--finetune-steps", type=positive_int, default=2, help="timed finetuning steps per batch size")
     p.add_argument("--check-n", type=positive_int, default=300, help="paper-size proteins for the check figure")
+    p.add_argument("--feed-n", type=positive_int, default=400, help="paper-size proteins for the feed figure "
+                   "(about 3.3 MB each, written twice: per-protein files and the store; removed afterwards)")
     p.add_argument("--tmp", default="", help="folder for the check's temporary files (default: the system's)")
     args = p.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -846,6 +978,8 @@ def main(argv=None):
         run_esm_memory(args, report)
     if args.only in (None, "finetune"):
         run_finetune(args, device, report)
+    if args.only in (None, "feed"):
+        bench_feed(args, report)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

@@ -30,6 +30,9 @@ Commands (tests/test_extract.py runs the first, with --demo-n 6; --source is inf
         # DeepFRI's own file set: labels for every chain, features for chains with a sequence (test FASTA)
     python extract_features.py --source ec ... --shard 0/4     # four jobs: --shard 0/4 .. 3/4, then
     python extract_features.py --out features/ec --merge       # (or nothing: the last shard merges)
+    torchrun --nproc_per_node 8 extract_features.py --source ec ...   # the same split over 8 GPUs, merged at the end
+    python extract_features.py --pack features/pretrain        # -> features/pretrain/store: float16 shards for
+        # streaming (--store-out DIR: a set of its own elsewhere); amma.py, finetune.py, analyze.py read either layout
 
 Encoders: real by default -- fair-esm's esm1b_t33_650M_UR50S (--esm-model names another fair-esm model,
 e.g. esm2_t33_650M_UR50D; features are its last layer), GearNet-Edge from --gearnet-ckpt, PubMedBERT-abs
@@ -76,6 +79,7 @@ Choices made here:
   shard has not finished.
 """
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -193,6 +197,17 @@ class ExtractConfig:
     overwrite: bool = _opt(False, "recompute files that already exist")
     limit: int = _opt(None, "only the first N ids (sorted), for trial runs", type=int)
     device: str = _opt("auto", "torch device (auto: cuda if available)")
+    pack: str = _opt(None, "only pack the finished per-protein set DIR into a feature store DIR/store (large "
+                     "float16 shards for streaming; amma.py, finetune.py and analyze.py read either layout); "
+                     "resumable, an up-to-date store is left as it is", metavar="DIR")
+    store_out: str = _opt(None, "--pack: write the store (with the set's manifest, info and labels) to this "
+                          "directory instead of DIR itself", metavar="DIR")
+    precision: str = _opt("auto", "encoder forward passes: bf16 autocast, tf32 matmuls (CUDA) or exact fp32; auto: "
+                          "bf16 on CUDA, fp32 on the CPU (features are saved in float16 either way; the precision "
+                          "is part of the encoder names in info.json, so one set never mixes two)",
+                          choices=("auto", "bf16", "tf32", "fp32"))
+    store_shard_mb: float = _opt(4096, "--pack: MiB of features per shard (all modalities together: about 1/3 in "
+                                 "the seq file, 2/3 in str, 1/15 in func)", type=float)
 
 
 # ----------------------------------------------------------------------------- small pure helpers
@@ -389,24 +404,25 @@ class SeqEncoder:
     """A fair-esm model; __call__(sequences) -> per-residue [L_i, d] float32 (BOS/EOS rows dropped).
     name / weights: the fair-esm name and the local file it came from ("" for the hub cache)."""
 
-    def __init__(self, model, alphabet, layer, device, name="", weights=""):
+    def __init__(self, model, alphabet, layer, device, name="", weights="", precision="fp32"):
         self.model, self.alphabet, self.layer, self.device = model.to(device).eval(), alphabet, layer, device
-        self.name, self.weights = name, weights
+        self.name, self.weights, self.precision = name, weights, precision
         self.batch_converter = alphabet.get_batch_converter()
         self.offset = int(alphabet.prepend_bos)
 
     @torch.no_grad()
     def __call__(self, seqs):
         _, _, tokens = self.batch_converter([(str(k), s) for k, s in enumerate(seqs)])  # (B, T)
-        out = self.model(tokens.to(self.device), repr_layers=[self.layer])["representations"][self.layer]
+        with forward_precision(self.precision, self.device):
+            out = self.model(tokens.to(self.device), repr_layers=[self.layer])["representations"][self.layer]
         return [out[k, self.offset:self.offset + len(s)].float().cpu() for k, s in enumerate(seqs)]
 
 
 class TextEncoder:
     """A BERT tokenizer + model; ids(fields) builds the joined text, __call__(id lists) -> [L'_i, d]."""
 
-    def __init__(self, tokenizer, model, device):
-        self.tokenizer, self.model, self.device = tokenizer, model.to(device).eval(), device
+    def __init__(self, tokenizer, model, device, precision="fp32"):
+        self.tokenizer, self.model, self.device, self.precision = tokenizer, model.to(device).eval(), device, precision
 
     def ids(self, fields):
         def encode(text):
@@ -421,8 +437,9 @@ class TextEncoder:
         for k, x in enumerate(id_lists):
             input_ids[k, :len(x)] = torch.tensor(x)
             mask[k, :len(x)] = 1
-        out = self.model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
-                         token_type_ids=torch.zeros_like(input_ids).to(self.device)).last_hidden_state
+        with forward_precision(self.precision, self.device):
+            out = self.model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
+                             token_type_ids=torch.zeros_like(input_ids).to(self.device)).last_hidden_state
         return [out[k, :len(x)].float().cpu() for k, x in enumerate(id_lists)]  # (L'_k, d)
 
 
@@ -597,10 +614,14 @@ def text_model_name(cfg):
 
 
 def encoder_names(cfg):
-    if cfg.encoders == "tiny":
-        return dict(TINY_NAMES)
+    """The encoders as info.json and the manifest record them; ' [bf16]' / ' [tf32]' when not run in fp32."""
+    precision = resolve_precision(cfg.precision, cfg.device)
+    tags = {m: "" if p == "fp32" else f" [{p}]"
+            for m, p in zip(MODALITIES, (precision, structure_precision(precision, cfg.device), precision))}
     ckpt = Path(cfg.gearnet_ckpt).name if cfg.gearnet_ckpt else "?"
-    return {"seq": esm_model_name(cfg), "str": f"gearnet_edge:{ckpt}", "func": text_model_name(cfg)}
+    names = dict(TINY_NAMES) if cfg.encoders == "tiny" else {"seq": esm_model_name(cfg), "str": f"gearnet_edge:{ckpt}",
+                                                            "func": text_model_name(cfg)}
+    return {m: name + tags[m] for m, name in names.items()}
 
 
 def text_fix(cfg):
@@ -636,11 +657,11 @@ def load_encoder(modality, cfg, device):
     if modality == "seq":
         if tiny:
             model, alphabet, layer = tiny_esm()
-            return SeqEncoder(model, alphabet, layer, device, TINY_NAMES["seq"])
+            return SeqEncoder(model, alphabet, layer, device, TINY_NAMES["seq"], precision=cfg.precision)
         name = esm_model_name(cfg)
         model, alphabet, layer, weights = resolve_esm(name, cfg.esm_weights)
         log(f"sequence encoder: {name}{f' from {weights}' if weights else ''}, layer {layer} of {layer}")
-        return SeqEncoder(model, alphabet, layer, device, name, weights)
+        return SeqEncoder(model, alphabet, layer, device, name, weights, cfg.precision)
     if modality == "str":
         if tiny:
             return gearnet.tiny_gearnet(seed=0).to(device).eval()
@@ -664,13 +685,13 @@ def load_encoder(modality, cfg, device):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             model = BertModel(config, add_pooling_layer=False)
-        return TextEncoder(tokenizer, model, device)
+        return TextEncoder(tokenizer, model, device, cfg.precision)
     try:
         tokenizer, model = load_text_model(cfg.text_model)
     except Exception as e:  # no network, missing cache, corrupt file: all end the run the same way
         raise FatalError(f"could not load the text model {cfg.text_model}: {type(e).__name__}: {full_reason(e)} "
                          f"-- fix: {text_fix(cfg)}{TINY_HINT}") from None
-    return TextEncoder(tokenizer, model, device)
+    return TextEncoder(tokenizer, model, device, cfg.precision)
 
 
 # ----------------------------------------------------------------------------- proteins and their files
@@ -976,7 +997,9 @@ def encode_batches(encode, proteins, lengths, budget, desc, save, fail):
 def encode_structures(model, proteins, cfg, save, fail):
     """GearNet features; the graphs are built on the CPU (gearnet.protein_graph) and the packed batch
     moves to the model's device once (gearnet.encode_structures)."""
-    encode_batches(lambda group: gearnet.encode_structures(model, [p.graph_input for p in group]), proteins,
+    run = lambda group: gearnet.encode_structures(model, [p.graph_input for p in group])
+    device = next(model.parameters()).device
+    encode_batches(lambda group: with_precision(structure_precision(cfg.precision, device), device, run, group), proteins,
                    [len(p.seq) for p in proteins], cfg.str_toks_per_batch, "str", save, fail)
 
 
@@ -1277,12 +1300,16 @@ def main(argv=None):
     """The command line; returns the exit status (EXIT_CODES)."""
     args = build_parser().parse_args(argv)
     cfg = ExtractConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items()})
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (cfg.merge or cfg.pack or TORCHRUN_RANK):
+        return extract_torchrun(sys.argv[1:] if argv is None else argv, cfg)   # torchrun: rank r of n is --shard r/n
     modalities = tuple(m for m in MODALITIES if m in cfg.modality)
     try:
         if cfg.merge:
             if not cfg.out:
                 raise FatalError("--merge needs --out")
             return EXIT_OK if merge_shards(Path(cfg.out)) is not None else EXIT_INCOMPLETE
+        if cfg.pack:
+            return pack_store(cfg.pack, cfg.store_out, cfg.store_shard_mb)
         if not 1 <= cfg.max_len <= 1022:
             raise FatalError(f"--max-len {cfg.max_len}: need 1 <= max-len <= 1022 (ESM-1b's positions)")
         if cfg.source is None:
@@ -1319,6 +1346,293 @@ def main(argv=None):
     except (OSError, UnicodeDecodeError) as e:  # a missing or unreadable input file or directory
         log(f"error: {type(e).__name__}: {e}", err=True)
         return EXIT_FATAL
+
+
+# ----------------------------------------------------------------------------- encoder precision
+
+def resolve_precision(precision, device):
+    """--precision as run on `device` ('auto' allowed): auto is bf16 on CUDA, fp32 on the CPU; tf32 off CUDA is fp32."""
+    kind = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if str(device) == "auto" else device).type
+    if precision == "auto":
+        return "bf16" if kind == "cuda" else "fp32"
+    return "fp32" if precision == "tf32" and kind != "cuda" else precision
+
+
+class tf32_matmuls:
+    """TF32 for CUDA matmuls and convolutions inside the block; the previous settings restored after."""
+
+    def __enter__(self):
+        self.saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.saved
+
+
+def forward_precision(precision, device):
+    """The context an encoder's forward pass runs in: bf16 autocast, TF32 matmuls, or nothing (exact fp32)."""
+    device = torch.device(device)
+    precision = resolve_precision(precision, device)
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return tf32_matmuls() if precision == "tf32" else contextlib.nullcontext()
+
+
+def structure_precision(precision, device):
+    """GearNet-Edge's precision: as asked, except bf16 becomes TF32 (fp32 off CUDA): its relational aggregation is a
+    sparse CSR product, which has no bf16 kernel on the CPU and is not verified in bf16 on CUDA here."""
+    precision = resolve_precision(precision, device)
+    return resolve_precision("tf32", device) if precision == "bf16" else precision
+
+
+def with_precision(precision, device, fn, *args):
+    with forward_precision(precision, device):
+        return fn(*args)
+
+
+# ----------------------------------------------------------------------------- torchrun
+
+TORCHRUN_RANK = []          # [rank] while this process runs its shard under torchrun
+
+
+def extract_torchrun(argv, cfg):
+    """torchrun --nproc_per_node N extract_features.py ... (several nodes too): rank r of n runs this command
+    as --shard r/n, on cuda:LOCAL_RANK when there is CUDA (rank 0 first fetches and unpacks torchdrug's
+    archives alone, --download / --data zip); the shard that finishes last merges the shard
+    manifests into manifest.tsv (as for --shard jobs started by hand), and the ranks wait for each other so
+    that the run ends with the merged set. Returns the worst rank's exit status on every rank."""
+    import torch.distributed as dist
+    rank, world, local = (int(os.environ.get(k, "0")) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    if cfg.shard != "0/1":
+        log(f"error: --shard {cfg.shard} under torchrun: torchrun splits the proteins over its {world} processes "
+            f"itself (leave --shard out)", err=True)
+        return EXIT_FATAL
+    extra = ["--shard", f"{rank}/{world}"]
+    if torch.cuda.is_available() and not any(a == "--device" or a.startswith("--device=") for a in argv):
+        extra += ["--device", f"cuda:{local}"]
+    dist.init_process_group("gloo")                      # only exit statuses travel: gloo, CPU tensors
+    TORCHRUN_RANK.append(rank)
+    try:
+        if rank == 0 and (cfg.download or cfg.data):     # torchdrug's archives: fetched and unpacked once
+            try:
+                source = infer_source(cfg)
+                if source in ("ec", "go"):
+                    task_files(cfg, source)
+            except (FatalError, OSError, ValueError):
+                pass                                     # every rank's main() reports it the same way
+        dist.barrier()
+        status = main(list(argv) + extra)
+        worst = torch.tensor([status])
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX)     # also the barrier: every shard is written
+        return int(worst)
+    finally:
+        TORCHRUN_RANK.clear()
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- feature store (--pack)
+# The per-protein set packed for streaming (amma.py's FeatureStore reads it; its format is written there):
+# per modality, shards of about --store-shard-mb of contiguous float16 rows, one safetensors file each.
+
+def safetensors_header(name, rows, width):
+    """Header of a one-tensor float16 safetensors file, padded with spaces (as the format allows) so
+    the data starts on a 4 KiB boundary."""
+    header = json.dumps({name: {"dtype": "F16", "shape": [rows, width],
+                                "data_offsets": [0, 2 * rows * width]}}).encode()
+    header += b" " * (-(8 + len(header)) % 4096)
+    return len(header).to_bytes(8, "little") + header
+
+
+def store_plan(rows, dims, shard_bytes):
+    """Manifest rows cut, in order, into shards of at least shard_bytes (the last one smaller)."""
+    shards, size = [[]], 0
+    for r in rows:
+        if shards[-1] and size >= shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(r)
+        size += sum(2 * dims[m] * (r["L_func"] if m == "func" else r["L"]) for m in r["modalities"])
+    return shards
+
+
+def read_for_store(path, rows, width):
+    """A protein's float16 [rows, width] features as packed; ValueError (one line) if it is missing,
+    unreadable, of another shape or dtype, or not finite."""
+    import amma
+    try:
+        x = amma.load_tensor(path)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: missing") from None
+    if x.dtype != torch.float16 or tuple(x.shape) != (rows, width):
+        raise ValueError(f"{path}: {x.dtype} {tuple(x.shape)}, expected float16 ({rows}, {width})")
+    if not torch.isfinite(x.sum(dtype=torch.float32)):          # NaN and inf survive a float32 sum: one fast pass
+        raise ValueError(f"{path}: {int((~torch.isfinite(x)).sum())} values are nan or inf")
+    return x
+
+
+def pack_shard(src, work, name, rows, dims):
+    """Write <work>/<m>/<name>.safetensors for every modality of these rows (a temporary file, fsync, rename).
+    Returns ({id: {m: [start, rows]}}, {m: {rows, bytes, sha256}}, {id: reason} of the bad proteins:
+    when there are any, no file of the shard is kept)."""
+    entries, files, bad = {r["id"]: {} for r in rows}, {}, {}
+    for m in MODALITIES:
+        members = [r for r in rows if m in r["modalities"]]
+        if not members:
+            continue
+        total = sum(r["L_func" if m == "func" else "L"] for r in members)
+        path = work / m / f"{name}.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        h, start = hashlib.sha256(), 0
+        with open(tmp, "wb") as f:
+            head = safetensors_header(m, total, dims[m])
+            f.write(head)
+            h.update(head)
+            for r in members:
+                n = r["L_func" if m == "func" else "L"]
+                try:
+                    x = read_for_store(src / m / feature_file(r["id"]), n, dims[m])
+                except ValueError as e:
+                    bad.setdefault(r["id"], str(e))
+                    continue
+                data = memoryview(x.contiguous().view(torch.uint8).numpy())     # [n, 2 d] bytes, little-endian
+                f.write(data)
+                h.update(data)
+                entries[r["id"]][m] = [start, n]
+                start += n
+            f.flush()
+            os.fsync(f.fileno())
+        if bad:
+            tmp.unlink()
+            continue
+        os.replace(tmp, path)
+        files[m] = {"rows": total, "bytes": path.stat().st_size, "sha256": h.hexdigest()}
+    return entries, files, bad
+
+
+def copy_set_files(src, dst):
+    """The small files of a feature set (manifest.tsv, info.json, labels_*.json, ...) copied next to a store
+    written elsewhere (--store-out), each atomically."""
+    for f in sorted(src.iterdir()):
+        if f.is_file() and not f.name.startswith(".") and ".shard-" not in f.name:
+            tmp = dst / f".{f.name}.{os.getpid()}.tmp"
+            shutil.copyfile(f, tmp)
+            os.replace(tmp, dst / f.name)
+
+
+def commit_store(dst, work, rows, plan, key, done):
+    """index.tsv, SHA256SUMS and store.json (written last) into work, then work becomes <dst>/store."""
+    import amma
+    lines = ["\t".join(amma.STORE_COLUMNS)]
+    for k, shard in enumerate(plan):
+        entries = done[f"{k:05d}"]["entries"]
+        for r in shard:
+            e = entries[r["id"]]
+            lines.append("\t".join([r["id"], f"{k:05d}"] + [str(v) for m in MODALITIES for v in e.get(m, ("", ""))]))
+    write_text_atomic(work / "index.tsv", "\n".join(lines) + "\n")
+    files = {m: {name: rec["files"][m] for name, rec in sorted(done.items()) if m in rec["files"]} for m in MODALITIES}
+    files = {m: v for m, v in files.items() if v}
+    write_text_atomic(work / "SHA256SUMS", "".join(f"{info['sha256']}  {m}/{name}.safetensors\n"
+                                                   for m, v in files.items() for name, info in v.items()))
+    meta = {**key, "dtype": "float16", "proteins": len(rows), "shards": len(plan),
+            "bytes": sum(i["bytes"] for v in files.values() for i in v.values()),
+            "index_sha256": amma.sha256_file(work / "index.tsv"), "files": files}
+    for name in done:
+        (work / f"{name}.json").unlink()
+    (work / "plan.json").unlink()
+    write_text_atomic(work / "store.json", json.dumps(meta, indent=1))
+    final, old = dst / amma.STORE_DIR, dst / f"{amma.STORE_DIR}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(work, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return meta
+
+
+def store_is_current(dst, rows, key):
+    """The store at dst was packed from this manifest, with these dims and shard size, and its files are whole."""
+    import amma
+    try:
+        meta, _ = amma.read_store_index(dst)
+        return all(meta.get(k) == v for k, v in key.items()) and not amma.check_store(dst, rows)
+    except (ValueError, KeyError, OSError):
+        return False
+
+
+def pack_store(src, dst=None, shard_mb=4096):
+    """extract_features.py --pack SRC [--store-out DST]: the per-protein set SRC packed into DST/store (DST
+    defaults to SRC; otherwise SRC's manifest, info and labels are copied to DST, a set of its own). Every
+    file is checked (shape, float16, finite) as it is packed: any bad protein stops the commit (exit 3,
+    each listed), shards already written are kept and a rerun resumes; an up-to-date store is left as it
+    is. One --pack at a time per DST (a lock file). Returns the exit status."""
+    import fcntl
+    import time
+    import amma
+    src, dst = Path(src), Path(dst or src)
+    if not (src / "manifest.tsv").exists():
+        raise FatalError(f"--pack {src}: {src}/manifest.tsv not found (not a feature set)")
+    if sys.byteorder != "little":
+        raise FatalError("--pack writes little-endian float16 (safetensors): this machine is big-endian")
+    if not shard_mb > 0:
+        raise FatalError(f"--store-shard-mb {shard_mb}: need a size > 0")
+    try:
+        rows = amma.read_manifest(src)
+    except ValueError as e:
+        raise FatalError(str(e)) from None
+    if not rows:
+        raise FatalError(f"--pack {src}: manifest.tsv lists no proteins")
+    dims = amma.set_widths(src)
+    missing = sorted({m for r in rows for m in r["modalities"]} - set(dims))
+    if missing:
+        raise FatalError(f"--pack {src}: no width known for {', '.join(missing)} (info.json's dims)")
+    dims = {m: dims[m] for m in MODALITIES if m in dims}
+    dst.mkdir(parents=True, exist_ok=True)
+    lock = open(dst / ".pack.lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise FatalError(f"--pack: another --pack is writing {dst}/{amma.STORE_DIR}; wait for it") from None
+    with lock:
+        key = {"format": amma.STORE_FORMAT, "manifest_sha256": amma.sha256_file(src / "manifest.tsv"),
+               "dims": dims, "shard_mb": shard_mb}
+        if dst != src:
+            copy_set_files(src, dst)
+        if store_is_current(dst, rows, key):
+            log(f"{dst}/{amma.STORE_DIR}: up to date with {src}/manifest.tsv ({len(rows)} proteins); nothing to do")
+            return EXIT_OK
+        work = dst / f"{amma.STORE_DIR}.partial"
+        plan_path = work / "plan.json"
+        if work.exists() and (not plan_path.exists() or json.loads(plan_path.read_text()) != key):
+            shutil.rmtree(work)                                # another manifest or shard size: start over
+        work.mkdir(exist_ok=True)
+        write_text_atomic(plan_path, json.dumps(key))
+        plan = store_plan(rows, dims, int(shard_mb * 2 ** 20))
+        done, bad, t0, resumed = {}, {}, time.time(), 0
+        for k, shard in enumerate(progress(plan, "pack")):
+            name, record = f"{k:05d}", work / f"{k:05d}.json"
+            if record.exists():
+                done[name], resumed = json.loads(record.read_text()), resumed + 1
+                continue
+            entries, files, why = pack_shard(src, work, name, shard, dims)
+            bad.update(why)
+            if not why:
+                done[name] = {"entries": entries, "files": files}
+                write_text_atomic(record, json.dumps(done[name]))
+        if bad:
+            for pid, why in list(bad.items())[:20]:
+                log(f"  bad {pid}: {why}", err=True)
+            log(f"error: --pack {src}: {len(bad)} proteins have bad feature files (above); nothing committed, "
+                f"{len(done)} of {len(plan)} shards kept in {work} for the rerun: re-extract them "
+                f"(extract_features.py rewrites bad files), then --pack again", err=True)
+            return EXIT_PARTIAL
+        meta = commit_store(dst, work, rows, plan, key, done)
+    seconds = time.time() - t0
+    log(f"{dst}/{amma.STORE_DIR}: {len(rows)} proteins, {len(plan)} shards ({resumed} from an earlier run), "
+        f"{meta['bytes'] / 1e9:.2f} GB, {', '.join(f'{m} {d}' for m, d in dims.items())} wide, float16; "
+        f"{seconds:.1f} s ({meta['bytes'] / 1e9 / max(seconds, 1e-9):.2f} GB/s)")
+    return EXIT_OK
+
 
 
 if __name__ == "__main__":

@@ -228,7 +228,7 @@ class TaskSet(torch.utils.data.Dataset):
         item = {"id": row["id"], "index": k, "target": self.targets[k], "seq": None, "str": None, "func": None}
         for m in self.cached:
             if m in row["modalities"]:
-                item[m] = amma.load_tensor(self.root / m / amma.feature_file(row["id"]))[: self.max_len]
+                item[m] = amma.read_feature(self.root, m, row["id"])[: self.max_len]
         if self.esm_in_loop:
             item["sequence"] = row["sequence"][: self.max_len]
         n = {m: len(item[m]) for m in ("seq", "str", "sequence") if item.get(m) is not None}
