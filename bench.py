@@ -1,9 +1,18 @@
 """
 Speed figures of the kit, printed (and written as JSON): nothing here is asserted by the tests.
 
+    python bench.py --gpu-report         # the one command for a lent GPU (on a CPU: syncs and ops per step)
     python bench.py                      # everything that runs on this machine
     python bench.py --only pretrain      # pretrain | metrics | extract | check | esm-memory | finetune | feed
     python bench.py --steps 6 --json bench.json
+
+gpu-report: GPU, versions, spec bf16 peak beside a measured 8192^3 matmul; pretraining at the paper config
+  on synthetic in-memory batches, eager and --compile: p50/p90 step time, proteins/s, % of spec peak at
+  140.3 GFLOP per protein-step, kernels per step, GPU busy fraction, attention kernel names (profiler),
+  syncs per step (torch.cuda.set_sync_debug_mode), optimiser ms, peak memory, compiled-vs-eager losses;
+  EC finetuning with the ESM-1b architecture in the loop: ms per step (forward / backward / optimiser),
+  peak memory at 1022 residues, batch 1 and 4, with and without checkpointing; PASS/FAIL per goal. On a
+  CPU: host syncs and dispatched ops per training step on the demo (SyncCounter), the CPU proxies.
 
 pretrain: throughput of one AMMA training step (forward, backward, AdamW) at the paper config
   (1280/3072/768 -> D 512, 8 + 3x2 layers, M 160) on random features with realistic lengths
@@ -22,6 +31,7 @@ feed: the pretraining feed per loader process at paper widths and lengths from t
   files and the packed store, against reading the same bytes raw.
 """
 import argparse
+from dataclasses import dataclass
 import json
 import math
 import os
@@ -32,6 +42,7 @@ import torch
 import torch.nn as nn
 
 import amma
+from amma import arg
 
 
 def sync(device):
@@ -931,36 +942,37 @@ def bench_feed(args, report):
     finally:
         shutil.rmtree(root)
 
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text}: need an integer >= 1")
-    return value
+@dataclass
+class BenchConfig:
+    only: str = arg(None, "one part only", choices=("pretrain", "metrics", "extract", "check", "esm-memory", "finetune",
+                                                    "feed"))
+    gpu_report: bool = arg(False, "the GPU figures of README (under 5 minutes on one H100/H200); on a CPU: host syncs "
+                                  "and dispatched ops per step, the proxies of GPU idling (under 2 minutes)")
+    report_seconds: float = arg(60.0, "--gpu-report: timed seconds per pretraining mode")
+    report_scale: str = arg("paper", "--gpu-report at tiny sizes: the GPU code path end to end on any device (a smoke "
+                                     "test)", choices=("paper", "tiny"))
+    steps: int = arg(4, "timed training steps per row (>= 1)")
+    skip_loop: bool = arg(False, "skip the loop-per-protein reference")
+    json: str = arg("", "also write the figures to this JSON file")
+    device: str = arg("", "cpu or cuda (default: cuda if available)")
+    encoders: str = arg("tiny", "extraction encoders (real needs the downloaded weights)", choices=("tiny", "real"))
+    extract_n: int = arg(48, "demo proteins to extract")
+    finetune_steps: int = arg(2, "timed finetuning steps per batch size (>= 1)")
+    check_n: int = arg(300, "paper-size proteins for the check figure (>= 1)")
+    feed_n: int = arg(400, "paper-size proteins for the feed figure (about 3.3 MB each, written twice: per-protein "
+                           "files and the store; removed afterwards)")
+    tmp: str = arg("", "folder for the temporary files of check and feed (default: the system's)")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=("pretrain", "metrics", "extract", "check", "esm-memory", "finetune", "feed"))
-    p.add_argument("--gpu-report", action="store_true",
-                   help="the GPU figures of README (under 5 minutes on one H100/H200); on a CPU: host syncs and "
-                        "dispatched ops per step, the proxies of GPU idling (under 2 minutes)")
-    p.add_argument("--report-seconds", type=float, default=60.0, help="--gpu-report: timed seconds per pretraining mode")
-    p.add_argument("--report-scale", choices=("paper", "tiny"), default="paper",
-                   help="--gpu-report at tiny sizes: the GPU code path run end to end on any device (a smoke test)")
-    p.add_argument("--steps", type=positive_int, default=4, help="timed training steps per row (>= 1)")
-    p.add_argument("--skip-loop", action="store_true", help="skip the loop-per-protein reference")
-    p.add_argument("--json", default="", help="also write the figures to this JSON file")
-    p.add_argument("--device", default="", help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--encoders", default="tiny", choices=("tiny", "real"),
-                   help="extraction encoders (real needs the downloaded weights)")
-    p.add_argument("--extract-n", type=int, default=48, help="demo proteins to extract")
-    p.add_argument("--finetune-steps", type=positive_int, default=2, help="timed finetuning steps per batch size")
-    p.add_argument("--check-n", type=positive_int, default=300, help="paper-size proteins for the check figure")
-    p.add_argument("--feed-n", type=positive_int, default=400, help="paper-size proteins for the feed figure "
-                   "(about 3.3 MB each, written twice: per-protein files and the store; removed afterwards)")
-    p.add_argument("--tmp", default="", help="folder for the check's temporary files (default: the system's)")
-    args = p.parse_args(argv)
+    amma.add_config_flags(p, BenchConfig)
+    given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None and v is not False}
+    args = BenchConfig(**given)
+    for name in ("steps", "finetune_steps", "check_n", "feed_n", "extract_n"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: need an integer >= 1")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     report = {}
     if args.gpu_report:

@@ -1582,7 +1582,7 @@ def pack_store(src, dst=None, shard_mb=4096):
         raise FatalError(str(e)) from None
     if not rows:
         raise FatalError(f"--pack {src}: manifest.tsv lists no proteins")
-    dims = amma.set_widths(src)
+    dims = amma.feature_dims(src)
     missing = sorted({m for r in rows for m in r["modalities"]} - set(dims))
     if missing:
         raise FatalError(f"--pack {src}: no width known for {', '.join(missing)} (info.json's dims)")
