@@ -664,7 +664,9 @@ def read_manifest(root):
 
 
 def feature_dims_recorded(root):
-    """The widths info.json records for a feature set ({} without one)."""
+    """The widths a feature set records: its store's, else info.json's ({} without either)."""
+    if is_store(root):
+        return store_dims(root)
     try:
         dims = json.loads((Path(root) / "info.json").read_text())["dims"]
         return {m: int(d) for m, d in dims.items() if m in MODALITIES}
@@ -673,9 +675,7 @@ def feature_dims_recorded(root):
 
 
 def feature_dims(root):
-    """The width of each modality of a feature set: info.json's dims (the store's), else the first files'."""
-    if is_store(root):
-        return store_dims(root)
+    """The width of each modality of a feature set: as recorded (store, info.json), else the first files'."""
     dims = feature_dims_recorded(root)
     if dims:
         return dims

@@ -81,6 +81,7 @@ Choices made here:
 import argparse
 import contextlib
 import csv
+import hashlib
 import json
 import os
 import pickle
