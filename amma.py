@@ -940,9 +940,10 @@ def padded_length(n):
 
 def _empty(shape, dtype):
     """An uninitialised tensor, allocated in shared memory inside a loader worker (as torch's default
-    collate does), so the batch is not copied again on its way to the main process."""
+    collate does), so the batch is not copied again on its way to the main process; pinned inside a
+    ThreadLoader on a GPU machine, so it goes to the device as it is."""
     if torch.utils.data.get_worker_info() is None:
-        return torch.empty(shape, dtype=dtype)
+        return torch.empty(shape, dtype=dtype, pin_memory=getattr(_PIN, "on", False))
     storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
     return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
 
@@ -1085,10 +1086,55 @@ def epoch_steps(plan, first, n_steps, rank, world, accum):
     return [(s, parts[s]) for s in range(first, n_steps) if parts[s] is not None], any(parts.values())
 
 
-def make_loader(dataset, batches, num_workers, pin, collate_fn=collate):
+def make_loader(dataset, batches, num_workers, pin, collate_fn=collate, kind="processes"):
+    """The batches of `batches` (lists of keys), in order: worker processes (torch's DataLoader), or with
+    kind='threads' threads of this process (ThreadLoader)."""
+    if kind == "threads" and num_workers:
+        return ThreadLoader(dataset, batches, num_workers, pin, collate_fn)
     return torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate_fn,
                                        num_workers=num_workers, pin_memory=pin, persistent_workers=False,
                                        prefetch_factor=4 if num_workers else None)
+
+
+def loader_kind(kind, datasets):
+    """--loader auto: threads for packed stores (their items are views of mapped memory and the copies in
+    collate run outside the GIL, so no process hop is needed), worker processes for per-protein files."""
+    if kind != "auto":
+        return kind
+    return "threads" if all(isinstance(ds, FeatureStore) or is_store(getattr(ds, "root", "")) for ds in datasets) \
+        else "processes"
+
+
+_PIN = threading.local()                    # set by ThreadLoader: collate allocates its batch pinned
+
+
+class ThreadLoader:
+    """Batches made by `threads` threads of this process, in order, 2 x threads of them in flight. For a
+    packed store this skips the worker processes' copy through fresh shared memory (the slow part of a
+    process feed: bench.py --only feed); with pin, collate writes each row straight into pinned memory."""
+
+    def __init__(self, dataset, batches, threads, pin, collate_fn):
+        self.dataset, self.batches, self.threads, self.pin, self.collate_fn = dataset, batches, threads, pin, collate_fn
+
+    def make(self, keys):
+        _PIN.on = self.pin
+        try:
+            return self.collate_fn([self.dataset[k] for k in keys])
+        finally:
+            _PIN.on = False
+
+    def __iter__(self):
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+        todo = iter(self.batches)
+        with ThreadPoolExecutor(self.threads, thread_name_prefix="amma-loader") as pool:
+            pending = deque(pool.submit(self.make, keys) for keys, _ in zip(todo, range(2 * self.threads)))
+            while pending:
+                batch = pending.popleft().result()
+                keys = next(todo, None)
+                if keys is not None:
+                    pending.append(pool.submit(self.make, keys))
+                yield batch
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1553,7 +1599,9 @@ class TrainConfig:
     continue_from: str = arg("", "continue another run's finished checkpoint: weights, optimiser, StepLR and epoch "
                              "count carry on (e.g. epochs 11-15 on unpaired data, Table 3); writes to --out")
     max_len: int = arg(1022, "residues kept per protein (ESM-1b's 1022)")
-    num_workers: int = arg(2, "DataLoader worker processes (they read the files and make the masks)")
+    num_workers: int = arg(2, "loader workers (they read the features and make the masks); 0: in the main process")
+    loader: str = arg("auto", "loader workers as threads or processes; auto: threads for a packed store, processes "
+                      "for per-protein files", choices=("auto", "threads", "processes"))
     log_every: int = arg(20, "steps between lines of log.jsonl (and between reads of the losses from the device)")
     save_every_steps: int = arg(0, "also write checkpoint.pt every N steps (0 = off)")
     save_every_minutes: float = arg(30.0, "also write checkpoint.pt every T minutes (0 = off); always at epoch ends")
@@ -1805,7 +1853,8 @@ def pretraining_epoch(tc, mc, sets, counts, state, epoch, rank, world, device):
                          f"proteins, global batch {tc.batch_size}, {world} process(es) x --grad-accum {tc.grad_accum}")
     keys = {s: step_keys(tc, mc, sets, counts, plan, epoch, s) for s, _ in steps}
     micro = [[keys[s][j] for j in part] for s, parts in steps for part in parts]
-    loader = iter(make_loader(Sets(sets), micro, tc.num_workers, device.type == "cuda", _collate_masked(mc)))
+    loader = iter(make_loader(Sets(sets), micro, tc.num_workers, device.type == "cuda", _collate_masked(mc),
+                              loader_kind(tc.loader, sets.values())))
     return steps, n_steps, loader, keys
 
 
@@ -1831,8 +1880,8 @@ def add_config_flags(p, dc, skip=(), defaults_shown=True):
         elif isinstance(f.default, tuple):
             p.add_argument(name, type=float, nargs=len(f.default), default=None, help=meta["help"] + shown)
         else:
-            p.add_argument(name, type=type(f.default), choices=meta.get("choices"), default=None,
-                           help=meta["help"] + shown)
+            kind = f.type if isinstance(f.type, type) else type(f.default)       # the annotation, for a None default
+            p.add_argument(name, type=kind, choices=meta.get("choices"), default=None, help=meta["help"] + shown)
 
 
 def build_parser():

@@ -847,16 +847,16 @@ def one_copy_collate(items):
     return batch
 
 
-def feed_rate(open_set, batches, n_bytes, collate_fn=None, workers=0, passes=3):
+def feed_rate(open_set, batches, n_bytes, collate_fn=None, workers=0, passes=3, threads=False):
     """(proteins/s, bytes/s) of amma's dataset + collate through a DataLoader as make_loader builds it, the set
     opened afresh each pass (as each epoch's loader does); the best of `passes`. In this process (workers=0):
     per CPU-second of the process, so other jobs on a shared machine do not count; through worker processes:
     per second of wall time."""
-    clock = time.process_time if workers == 0 else time.perf_counter
+    clock = time.process_time if workers == 0 or threads else time.perf_counter
     best = 0.0
     for _ in range(passes):
-        loader = torch.utils.data.DataLoader(open_set(), batch_sampler=batches, num_workers=workers,
-                                             collate_fn=collate_fn or amma.collate)
+        loader = amma.make_loader(open_set(), batches, workers, False, collate_fn or amma.collate,
+                                  "threads" if threads else "processes")
         t = clock()
         for _ in loader:
             pass
@@ -908,9 +908,10 @@ def bench_feed(args, report):
         for name, layout, collate_fn, workers in (("files, amma.collate", "files", None, 0),
                                                   ("store, amma.collate", "store", None, 0),
                                                   ("store, one-copy collate", "store", one_copy_collate, 0),
-                                                  ("store, amma.collate, 1 worker (wall time)", "store", None, 1)):
+                                                  ("store, amma.collate, 1 worker (wall time)", "store", None, 1),
+                                                  ("store, 2 loader threads (--loader threads)", "store", None, -2)):
             per_s, rate = feed_rate(lambda: amma.open_features(sets[layout][0]), batches, n_bytes, collate_fn,
-                                    workers)
+                                    abs(workers), threads=workers < 0)
             need = [math.ceil(x / per_s) for x in (2000, 3000)]
             rows[name] = {"proteins_per_s": per_s, "gb_per_s": rate / 1e9, "raw_gb_per_s": raw[layout] / 1e9,
                           "ratio": rate / raw[layout], "processes_for_2000_3000": need}

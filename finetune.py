@@ -130,6 +130,8 @@ class FinetuneConfig:
     save_every_minutes: float = arg(30.0, "also write checkpoint.pt every T minutes (0 = off)")
     skip_bad: bool = arg(False, "leave out proteins whose feature files fail the check before step 1")
     num_workers: int = arg(2, "data loader workers")
+    loader: str = arg("auto", "loader workers as threads or processes; auto: threads for a packed store, processes "
+                      "for per-protein files", choices=("auto", "threads", "processes"))
     limit_steps: int = arg(0, "cap on training steps per epoch (smoke tests); 0 = all")
     amp: str = arg("auto", "auto: bf16 autocast on GPU, fp32 on CPU; bf16 or fp32 to force one",
                     choices=("auto", "bf16", "fp32"))
@@ -838,7 +840,8 @@ def finetuning_epoch(cfg, train, state, epoch, rank, world, device, collate_fn):
     n_steps = min(len(plan), cfg.limit_steps or len(plan))
     steps, _ = amma.epoch_steps(plan, state["next_step"], n_steps, rank, world, cfg.grad_accum)
     micro = [[plan[s][j] for j in part] for s, parts in steps for part in parts]
-    loader = iter(amma.make_loader(train, micro, cfg.num_workers, device.type == "cuda", collate_fn))
+    loader = iter(amma.make_loader(train, micro, cfg.num_workers, device.type == "cuda", collate_fn,
+                                   amma.loader_kind(cfg.loader, [train])))
     return plan, steps, n_steps, loader
 
 
