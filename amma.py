@@ -1128,7 +1128,7 @@ class ThreadLoader:
         from concurrent.futures import ThreadPoolExecutor
         todo = iter(self.batches)
         with ThreadPoolExecutor(self.threads, thread_name_prefix="amma-loader") as pool:
-            pending = deque(pool.submit(self.make, keys) for keys, _ in zip(todo, range(2 * self.threads)))
+            pending = deque(pool.submit(self.make, keys) for _, keys in zip(range(2 * self.threads), todo))
             while pending:
                 batch = pending.popleft().result()
                 keys = next(todo, None)
