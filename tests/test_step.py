@@ -121,3 +121,14 @@ def test_the_model_part_of_amma_py_runs_alone():
         losses.append(loss.item())
     assert set(logs) == {"loss_seq", "loss_str", "loss_func"}
     assert losses[-1] < 0.6 * losses[0]
+
+
+def test_loader_threads_give_the_batches_worker_processes_give(tmp_path):
+    root = write_features(tmp_path / "f", [5 + i % 9 for i in range(14)])
+    ds = amma.FeatureDataset(root)
+    batches = [[0, 3], [5, 1, 2], [13], [7, 8, 9, 10], [4, 6, 11, 12]]
+    threads = list(amma.make_loader(ds, batches, 2, False, amma.collate, "threads"))
+    inline = list(amma.make_loader(ds, batches, 0, False, amma.collate))
+    assert [b["ids"] for b in threads] == [b["ids"] for b in inline] == [[f"P{i:03d}" for i in b] for b in batches]
+    assert all(torch.equal(a[m], b[m]) for a, b in zip(threads, inline) for m in amma.MODALITIES)
+    assert amma.loader_kind("auto", [ds]) == "processes" and amma.loader_kind("threads", [ds]) == "threads"
