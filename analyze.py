@@ -63,6 +63,7 @@ import torch.nn.functional as F
 
 import amma
 from amma import MODALITIES
+from metrics import PAPER_TABLES, TASK_NAMES, TASKS
 
 PAIRS = (("seq", "str"), ("seq", "func"), ("str", "func"))
 PAIR_NAMES = {p: f"{p[0].capitalize()}-{p[1].capitalize()}" for p in PAIRS}      # "Seq-Str", ...
@@ -72,33 +73,8 @@ PAPER_TABLE1 = {"initial": {"seq-str": 0.865, "seq-func": 0.855, "str-func": 0.9
                 "amma": {"seq-str": 1.000, "seq-func": 0.999, "str-func": 0.999}}
 TSNE_COLOURS = {"seq": "#d62728", "str": "#e6b800", "func": "#1f77b4"}           # red, yellow, blue
 
-TASKS = ("ec", "go-mf", "go-cc", "go-bp")
-TASK_NAMES = {"ec": "EC", "go-mf": "GO-MF", "go-cc": "GO-CC", "go-bp": "GO-BP"}
-# The paper's results tables (percent, test Fmax / AUPR) with their PUBLISHED averages, and which of
-# ablations.sh's runs stands for each row. Tables 4 and 6 pretrain on a 22k subset of the 120k set;
-# Table 6's AMMA row is Table 4's alpha 1 2 2. Every finetuning there ran ESM-1b in the loop (B.2).
-PAPER_TABLES = {
-    "Table 2": dict(tasks=TASKS, averages=("Avg Fmax", "Avg AUPR"), title="function prediction, 120k pretraining", rows=[
-        ("amma", "AMMA", {"ec": (88.7, 89.8), "go-mf": (67.3, 65.5), "go-cc": (49.8, 36.9), "go-bp": (46.9, 33.6)}, (63.2, 56.5)),
-        ("symmetric", "AMMA-symmetric", {"ec": (71.6, 74.9), "go-mf": (52.0, 52.3), "go-cc": (48.8, 35.1),
-                                         "go-bp": (35.5, 24.3)}, (52.0, 46.7)),
-        ("contrastive", "AMMA-contrastive", {"ec": (87.7, 89.5), "go-mf": (65.2, 61.3), "go-cc": (44.3, 28.2),
-                                             "go-bp": (28.2, 17.3)}, (56.4, 49.1)),
-        (None, "ESM-1b", {"ec": (86.9, 88.4), "go-mf": (65.9, 63.0), "go-cc": (47.7, 32.4), "go-bp": (45.2, 33.2)},
-         (61.4, 54.3))]),
-    "Table 3": dict(tasks=("ec", "go-mf"), averages=("Average",), title="15 epochs, with extra unpaired data", rows=[
-        ("paired-15", "120k paired, 0k unpaired", {"ec": (88.1, 89.7), "go-mf": (66.4, 64.6)}, (77.2,)),
-        ("unpaired-15", "120k paired, 50k unpaired", {"ec": (88.2, 90.4), "go-mf": (66.9, 64.6)}, (77.5,))]),
-    "Table 4": dict(tasks=("ec", "go-mf"), averages=("Average",), title="Dirichlet alpha (seq str func), 22k subset", rows=[
-        ("alpha-1-1-1", "alpha 1 1 1", {"ec": (84.6, 87.2), "go-mf": (66.4, 64.8)}, (75.8,)),
-        ("alpha-1-2-2", "alpha 1 2 2", {"ec": (87.7, 89.8), "go-mf": (66.4, 64.2)}, (77.0,)),
-        ("alpha-2-1-1", "alpha 2 1 1", {"ec": (73.0, 75.9), "go-mf": (65.1, 63.2)}, (69.3,)),
-        ("alpha-2-1-2", "alpha 2 1 2", {"ec": (86.7, 89.2), "go-mf": (65.9, 64.7)}, (76.6,)),
-        ("alpha-2-2-1", "alpha 2 2 1", {"ec": (87.9, 89.5), "go-mf": (52.4, 53.6)}, (70.9,))]),
-    "Table 6": dict(tasks=("ec", "go-mf"), averages=("Average",), title="auxiliary decoder inputs, 22k subset", rows=[
-        ("alpha-1-2-2", "AMMA", {"ec": (87.7, 89.8), "go-mf": (66.4, 64.2)}, (77.0,)),
-        ("noaux", "AMMA-w/o auxiliary", {"ec": (87.7, 90.1), "go-mf": (65.0, 63.6)}, (76.6,))]),
-}
+# TASKS, TASK_NAMES and the paper's Tables 2, 3, 4 and 6 (with ablations.sh's run name of each row) live
+# in metrics.py, the benchmark's one home.
 PAPER_PROTOCOL = "esm-finetune"
 
 
