@@ -53,6 +53,7 @@ Choices made where the paper is silent (the README repeats them):
 import argparse
 import gzip
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass, fields
@@ -529,16 +530,53 @@ def read_metrics(results):
 def read_run(path):
     """One finetuning's results.json -> dict(fmax, aupr in percent, protocol, synthetic, tiny, baseline)."""
     results = json.loads(path.read_text())
+    if not isinstance(results, dict):
+        raise ValueError("not a results object")
     fm, au = read_metrics(results)
     base = (results.get("baseline") or {}).get("test") or {}
     return {"fmax": fm, "aupr": au, "protocol": results.get("protocol", "unknown"),
             "synthetic": bool(results.get("synthetic")), "tiny": bool(results.get("tiny")),
-            "features": results.get("features", ""),
+            "features": results.get("features", ""), "seed": results.get("seed"), "path": str(path),
             "baseline": [100 * base["fmax"], 100 * base["aupr"]] if "fmax" in base and "aupr" in base else None}
 
 
 def _cell(pair):
     return " / ".join("-" if v is None else f"{v:.1f}" for v in pair)
+
+
+def seed_stats(runs):
+    """One cell from a run's finetunings over seeds: mean (fmax, aupr), sample SD (None for one seed), n,
+    and the per-seed values; protocol, marks and the baseline from all of them."""
+    def mean_sd(vals):
+        vals = [v for v in vals if v is not None]
+        if not vals:
+            return None, None
+        m = sum(vals) / len(vals)
+        return m, (math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else None)
+    (fm, fsd), (au, asd) = mean_sd([r["fmax"] for r in runs]), mean_sd([r["aupr"] for r in runs])
+    return {"fmax": fm, "aupr": au, "fmax_sd": fsd, "aupr_sd": asd, "n": len(runs),
+            "seeds": [r.get("seed") for r in runs], "values": [[r["fmax"], r["aupr"]] for r in runs],
+            "protocol": ", ".join(sorted({r["protocol"] for r in runs})),
+            "synthetic": any(r["synthetic"] for r in runs), "tiny": any(r["tiny"] for r in runs),
+            "features": runs[0]["features"], "baseline": runs[0]["baseline"], "paths": [r["path"] for r in runs]}
+
+
+def far_from_paper(mean, sd, paper):
+    """More than 2 SD of our seeds away from the paper's number (an SD of 0 counts any difference);
+    never with one seed (no SD)."""
+    if mean is None or sd is None or paper is None:
+        return False
+    return abs(mean - paper) > 2 * sd if sd > 0 else abs(mean - paper) > 0.05
+
+
+def _stat_cell(r, paper=None):
+    """Our cell: 'mean+-SD / mean+-SD (n=k)', a '!' after a metric more than 2 SD from the paper's."""
+    parts = []
+    for i, metric in enumerate(("fmax", "aupr")):
+        m, sd = r[metric], r[f"{metric}_sd"]
+        text = "-" if m is None else f"{m:.1f}" + ("" if sd is None else f"+-{sd:.1f}")
+        parts.append(text + ("!" if paper and far_from_paper(m, sd, paper[i]) else ""))
+    return " / ".join(parts) + f" (n={r['n']})"
 
 
 def _our_averages(cells, averages):
@@ -553,7 +591,7 @@ def _our_averages(cells, averages):
 
 def table_rows(name, spec, found):
     """The rows of one paper table: ours (when run), each followed by the paper's; then the baseline."""
-    rows, protocols, marks = [], set(), set()
+    rows, protocols, marks, flagged = [], set(), set(), []
     for run, label, paper, paper_avg in spec["rows"]:
         if run in found:
             r = found[run]
@@ -562,9 +600,16 @@ def table_rows(name, spec, found):
             mark = "synthetic" if any(r[t]["synthetic"] for t in r) else "tiny" if any(r[t]["tiny"] for t in r) else ""
             protocols.update(proto)
             marks.add(mark)
+            stats = {t: {k: r[t][k] for k in ("fmax_sd", "aupr_sd", "n", "seeds", "values")} for t in spec["tasks"]
+                     if t in r}
+            far = [t for t in stats if paper and far_from_paper(r[t]["fmax"], r[t]["fmax_sd"], paper[t][0])
+                   or paper and far_from_paper(r[t]["aupr"], r[t]["aupr_sd"], paper[t][1])]
+            if far:
+                flagged.append(f"{run}: {', '.join(far)}")
             rows.append({"row": f"ours: {run}" + (f" [{mark}]" if mark else ""), "protocol": ", ".join(proto),
-                         "cells": [_cell(c) if c else "-" for c in cells],
-                         "averages": _our_averages(cells, spec["averages"]), "values": cells})
+                         "cells": [_stat_cell(r[t], paper.get(t) if paper else None) if t in r else "-"
+                                   for t in spec["tasks"]],
+                         "averages": _our_averages(cells, spec["averages"]), "values": cells, "seeds": stats})
         if not paper:                                                          # a run of no paper table
             continue
         rows.append({"row": f"  paper: {label}", "protocol": PAPER_PROTOCOL,
@@ -586,6 +631,9 @@ def table_rows(name, spec, found):
                      "compare rows of the same protocol only")
     elif protocols and protocols != {PAPER_PROTOCOL}:
         notes.append(f"{name}: our rows ran {protocols.pop()}, the paper's {PAPER_PROTOCOL}")
+    if flagged:
+        notes.append(f"{name}: '!' marks a mean more than 2 SD (of our seeds) from the paper's number: "
+                     + "; ".join(flagged))
     if marks - {""}:
         notes.append(f"{name}: rows marked [synthetic] / [tiny] come from the demo or tiny random-init encoders: "
                      "they test the pipeline and say nothing about real proteins")
@@ -603,16 +651,30 @@ def format_table(name, spec, rows, markdown=False):
     return "\n".join([f"{name}: {spec['title']} (test, percent)", fmt(header)] + [fmt(b) for b in body])
 
 
+def run_and_task(rel):
+    """(run, task) of a results.json path relative to the collected folder: <run>/<task>/results.json,
+    <run>/<task>/seed-<s>/results.json (SEEDS) or <run>/seed-<s>/<task>/results.json (SEED_PRETRAIN);
+    None for anything else."""
+    parts = rel.parts[:-1]
+    seeds = [p for p in parts[1:] if p.startswith("seed-")]
+    rest = [p for p in parts[1:] if not p.startswith("seed-")]
+    if len(parts) not in (2, 3) or parts[0].startswith("seed-") or len(seeds) != len(parts) - 2 or rest[0] not in TASKS:
+        return None
+    return parts[0], rest[0]
+
+
 def collect(root):
-    """Gather <root>/<run>/<task>/results.json into the paper's Tables 2, 3, 4 and 6 (ours, each with the
-    paper's row under it and the label-frequency baseline), plus any other runs; print them and write
-    <root>/results_table.md and .json."""
+    """Gather every finetuning's results.json under root (<run>/<task>/, one folder per seed below or
+    above the task's with ablations.sh's SEEDS) into the paper's Tables 2, 3, 4 and 6: ours as mean +- SD
+    over seeds with n, each followed by the paper's row, then the label-frequency baseline; plus any other
+    runs; print them and write <root>/results_table.md and .json."""
     root = Path(root)
     found = {}
-    for path in sorted(root.glob("*/*/results.json")):
-        run, task = path.parent.parent.name, path.parent.name
-        if task not in TASKS:
+    for path in sorted(root.rglob("results.json")):
+        key = run_and_task(path.relative_to(root))
+        if key is None:
             continue
+        run, task = key
         try:
             r = read_run(path)
         except (OSError, ValueError) as e:
@@ -621,7 +683,8 @@ def collect(root):
         if r["fmax"] is None and r["aupr"] is None:
             print(f"skipping {path}: no test Fmax/AUPR found")
             continue
-        found.setdefault(run, {})[task] = r
+        found.setdefault(run, {}).setdefault(task, []).append(r)
+    found = {run: {t: seed_stats(rs) for t, rs in tasks.items()} for run, tasks in found.items()}
     if not found:
         raise SystemExit(f"error: no {root}/<run>/<task>/results.json with task in {', '.join(TASKS)}")
     text, md, saved = [], [f"# Results collected from {root}", ""], {}
@@ -643,7 +706,9 @@ def collect(root):
     (root / "results_table.json").write_text(json.dumps(
         {"unit": "percent", "metrics": "test Fmax / AUPR", "tables": saved,
          "runs": {run: {t: [r["fmax"], r["aupr"]] for t, r in tasks.items()} for run, tasks in found.items()},
-         "protocols": {run: {t: r["protocol"] for t, r in tasks.items()} for run, tasks in found.items()}},
+         "protocols": {run: {t: r["protocol"] for t, r in tasks.items()} for run, tasks in found.items()},
+         "seeds": {run: {t: {k: r[k] for k in ("n", "seeds", "fmax_sd", "aupr_sd", "values", "paths")}
+                         for t, r in tasks.items()} for run, tasks in found.items()}},
         indent=1) + "\n")
     print(f"wrote {root / 'results_table.md'} and {root / 'results_table.json'} ({len(found)} runs)")
     return {run: {t: [r["fmax"], r["aupr"]] for t, r in tasks.items()} for run, tasks in found.items()}

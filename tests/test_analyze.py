@@ -343,3 +343,31 @@ def test_collector_builds_the_table(tmp_path, capsys):
     assert "Table 3" not in saved["tables"] and "Other runs" in saved["tables"]
     md = (tmp_path / "results_table.md").read_text()
     assert "| paper: AMMA | esm-finetune | 88.7 / 89.8 | 67.3 / 65.5 | 49.8 / 36.9 | 46.9 / 33.6 | 63.2 | 56.5 |" in md
+
+
+def test_collector_over_seeds_gives_mean_sd_n_and_marks_cells_far_from_the_paper(tmp_path, capsys):
+    def result(fmax, aupr, seed):
+        return {"test": {"fmax": fmax, "aupr": aupr}, "protocol": "esm-finetune", "seed": seed}
+    fake = {"amma/ec/seed-0": result(0.880, 0.890, 0), "amma/ec/seed-1": result(0.884, 0.900, 1),   # SEEDS
+            "amma/go-mf/seed-0": result(0.600, 0.655, 0), "amma/go-mf/seed-1": result(0.610, 0.655, 1),
+            "noaux/seed-0/ec": result(0.877, 0.901, 0), "noaux/seed-1/ec": result(0.877, 0.901, 1),  # SEED_PRETRAIN
+            "esm-1b/go-cc": result(0.477, 0.324, 0),                                             # one seed
+            "amma/seed-0/seed-1/ec": result(0.1, 0.1, 0), "seed-0/ec": result(0.1, 0.1, 0)}     # not a layout
+    for rel, results in fake.items():
+        (tmp_path / rel).mkdir(parents=True)
+        (tmp_path / rel / "results.json").write_text(json.dumps(results))
+    runs = analyze.main(["--collect", str(tmp_path)])
+    assert set(runs) == {"amma", "noaux", "esm-1b"}
+    assert runs["amma"]["ec"] == pytest.approx([88.2, 89.5])                                 # means
+    saved = json.loads((tmp_path / "results_table.json").read_text())
+    t2 = {r["row"]: r for r in saved["tables"]["Table 2"]["rows"]}
+    ec, mf = t2["ours: amma"]["cells"][:2]
+    assert ec == "88.2+-0.3 / 89.5+-0.7 (n=2)"                      # 88.7 and 89.8 within 2 SD: no mark
+    assert mf == "60.5+-0.7! / 65.5+-0.0 (n=2)"                     # 67.3 is 9 SD away; an exact 65.5 is not
+    assert t2["ours: esm-1b"]["cells"][2] == "47.7 / 32.4 (n=1)"    # one seed: no SD, no mark
+    assert saved["seeds"]["amma"]["ec"]["n"] == 2 and saved["seeds"]["amma"]["ec"]["seeds"] == [0, 1]
+    assert saved["seeds"]["amma"]["ec"]["fmax_sd"] == pytest.approx(0.2828, abs=1e-3)
+    assert any("'!' marks" in n and "amma: go-mf" in n for n in saved["tables"]["Table 2"]["notes"])
+    t6 = {r["row"]: r for r in saved["tables"]["Table 6"]["rows"]}
+    assert t6["ours: noaux"]["cells"][0] == "87.7+-0.0 / 90.1+-0.0 (n=2)"
+    assert "(n=2)" in capsys.readouterr().out
