@@ -63,6 +63,7 @@ import torch
 import torch.nn.functional as F
 
 import amma
+import overlap
 from amma import MODALITIES
 from metrics import PAPER_TABLES, TASK_NAMES, TASKS
 
@@ -97,6 +98,11 @@ class AnalyzeConfig:
     seed: int = 0
     device: str = ""                # '' = cuda if available else cpu
     collect: str = ""               # collect runs/*/<task>/results.json under this dir instead
+    overlap: bool = False           # the pretraining-test overlap audit instead (overlap.py)
+    pretrain: str = ""              # --overlap: the pretraining feature set
+    tasks: tuple = ()               # --overlap: feature sets with labels_<task>.json (features/ec features/go)
+    predictions: tuple = ()         # --overlap: predictions.npz files to re-score without the neighbours
+    threads: int = 1                # --overlap: MMseqs2 threads
 
 
 HELP = {
@@ -118,6 +124,12 @@ HELP = {
     "seed": "seed of the protein order (Table 1 batches, t-SNE subset) and of t-SNE",
     "device": "torch device ('' = cuda if available else cpu)",
     "collect": "instead of analysing a checkpoint, gather every <dir>/*/<task>/results.json into one table",
+    "overlap": "instead: how many test chains of --tasks have a pretraining protein (--pretrain) with an identical "
+               "sequence or at >= 95/50/30%% identity (MMseqs2), and Fmax/AUPR of --predictions without them",
+    "pretrain": "--overlap: the pretraining feature set (its manifest.tsv sequences)",
+    "tasks": "--overlap: the benchmark feature sets whose labels_<task>.json test chains are audited",
+    "predictions": "--overlap: finetune.py's predictions.npz files, re-scored on the test chains without neighbours",
+    "threads": "--overlap: MMseqs2 threads",
 }
 
 
@@ -715,6 +727,70 @@ def collect(root):
 
 
 # ----------------------------------------------------------------------------------------------
+# the overlap audit: test chains with a pretraining neighbour, and the metrics without them
+
+def neighbour_sets(entry):
+    """{label: ids} of one task's audit entry: identical, then >= 95 / 50 / 30 % (where MMseqs2 ran)."""
+    out = {"identical": set(entry["identical"])}
+    for t in overlap.THRESHOLDS:
+        key = f">={round(100 * t)}"
+        if entry[key] is not None:
+            out[key] = set(entry[key])
+    return out
+
+
+def rescore(path, report):
+    """Fmax / AUPR of one predictions file at its cutoff: all its test chains, then without each neighbour set."""
+    import metrics
+    data = metrics.load_predictions(path)
+    task, cutoff = data["meta"].get("task"), data["meta"].get("cutoff", 95)
+    if task not in report["tasks"]:
+        raise ValueError(f"{path}: task {task!r} is not among the audited tasks ({', '.join(report['tasks'])})")
+    cutoff = cutoff if cutoff in data["test_cutoffs"].tolist() else None
+    ids = set(data["test_ids"].tolist())
+    rows = {"all test chains": metrics.split_scores(data, "test", cutoff)}
+    for label, drop in neighbour_sets(report["tasks"][task]).items():
+        rows[f"without {label}"] = metrics.split_scores(data, "test", cutoff, keep=ids - drop)
+    return {"file": str(path), "task": task, "cutoff": cutoff, "epoch": data["meta"].get("epoch"), "rows": rows}
+
+
+def overlap_text(report, rescored):
+    cols = ["identical"] + [f">={round(100 * t)}%" for t in overlap.THRESHOLDS]
+    lines = [f"Overlap of test chains with the pretraining set {report['pretrain']} ({report['pretrain_proteins']} "
+             f"proteins; identity: {report['identity']})", f"{'task':<8}{'test chains':>12}" + "".join(f"{c:>11}" for c in cols)]
+    for task, e in report["tasks"].items():
+        cells = [len(e["identical"])] + [e[f">={round(100 * t)}"] for t in overlap.THRESHOLDS]
+        lines.append(f"{task:<8}{e['test_chains']:>12}" + "".join(f"{'-' if c is None else len(c) if isinstance(c, list) else c:>11}"
+                                                                   for c in cells))
+    if not report["mmseqs"]:
+        lines.append(f"note: the >= 95/50/30% columns need MMseqs2 ({overlap.MMSEQS_HINT}); identical sequences "
+                     "were counted without it")
+    for r in rescored:
+        lines += ["", f"{r['file']} ({r['task']}, epoch {r['epoch']}, test at <{r['cutoff']}% identity): Fmax / AUPR (%)"]
+        for label, s in r["rows"].items():
+            cell = "-" if s["n"] == 0 else f"{100 * s['fmax']:.1f} / {100 * s['aupr']:.1f}"
+            lines.append(f"  {label:<22}{s['n']:>7} chains  {cell}")
+    return "\n".join(lines)
+
+
+def overlap_audit(cfg):
+    """analyze.py --overlap: the audit table, the re-scored predictions, overlap.json in --out (default runs/overlap)."""
+    if not cfg.pretrain or not cfg.tasks:
+        raise SystemExit("error: --overlap needs --pretrain DIR and --tasks DIR [DIR ...]")
+    try:
+        report = overlap.audit(cfg.pretrain, cfg.tasks, cfg.threads)
+        rescored = [rescore(p, report) for p in cfg.predictions]
+    except (ValueError, RuntimeError, OSError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(overlap_text(report, rescored))
+    out = Path(cfg.out or "runs/overlap")
+    out.mkdir(parents=True, exist_ok=True)
+    amma.atomic_write_text(out / "overlap.json", json.dumps({**report, "rescored": rescored}, indent=1) + "\n")
+    print(f"\nwrote {out / 'overlap.json'}")
+    return {**report, "rescored": rescored}
+
+
+# ----------------------------------------------------------------------------------------------
 # command line
 
 def build_parser():
@@ -722,9 +798,11 @@ def build_parser():
                                             "AMMA (paper 4.3, B.4, B.5, B.8); --collect gathers finetuning results.")
     for f in fields(AnalyzeConfig):
         name = "--" + f.name.replace("_", "-")
-        shown = f.default not in ("", 0) and "default" not in HELP[f.name]
-        p.add_argument(name, type=type(f.default), default=f.default,
-                       help=HELP[f.name] + (" (default: %(default)s)" if shown else ""))
+        shown = f.default not in ("", 0, (), False) and "default" not in HELP[f.name]
+        kind = (dict(action="store_true") if isinstance(f.default, bool) else
+                dict(nargs="+", type=str) if isinstance(f.default, tuple) else dict(type=type(f.default)))
+        p.add_argument(name, default=f.default, help=HELP[f.name] + (" (default: %(default)s)" if shown else ""),
+                       **kind)
     return p
 
 
@@ -733,8 +811,10 @@ def main(argv=None):
     cfg = AnalyzeConfig(**vars(args))
     if cfg.collect:
         return collect(cfg.collect)
+    if cfg.overlap:
+        return overlap_audit(cfg)
     if not cfg.ckpt:
-        build_parser().error("--ckpt is required (or --collect DIR)")
+        build_parser().error("--ckpt is required (or --collect DIR, or --overlap)")
     try:
         return analyze(cfg)
     except (ValueError, FileNotFoundError) as e:  # a truncated feature file, a missing structure: one line

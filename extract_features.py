@@ -112,6 +112,7 @@ import torch
 from tqdm import tqdm
 
 import gearnet
+import overlap
 
 MODALITIES = ("seq", "str", "func")
 SOURCES = ("fasta", "pdb-dir", "protdescribe", "alphafold", "ec", "go", "demo")
@@ -186,6 +187,12 @@ class ExtractConfig:
                        "go to <out>/picks.json",
                        nargs=3, type=int, metavar=("PAIRED", "SEQSTR", "SEQFUNC"))
     seed: int = _opt(0, "random seed of --pick", type=int)
+    exclude_similar_to: tuple = _opt(None, "alphafold: leave out every protein whose sequence is identical, or "
+                                     "at >= --identity (MMseqs2), to a test chain of these feature sets (e.g. "
+                                     "features/ec features/go), before --pick; ids in <out>/excluded_similar.json",
+                                     nargs="+", metavar="SET")
+    identity: float = _opt(0.95, "sequence identity of --exclude-similar-to (1.0 = identical sequences only, "
+                           "no MMseqs2 needed)", type=float)
     data: str = _opt(None, "ec/go: torchdrug's EnzymeCommission.zip / GeneOntology.zip, the directory torchdrug "
                      "or this script extracted it to, or a directory of DeepFRI's files "
                      "(nrPDB-EC_*_annot.tsv, *_train.txt, ...)")
@@ -1915,6 +1922,9 @@ def main(argv=None):
         encoders, summaries = {}, []
         if cfg.source == "alphafold":
             sets, left_out, join, table = alphafold_sets(cfg)
+            if cfg.exclude_similar_to:   # overlap.py: pretraining proteins too close to the benchmarks' test chains
+                sets, table, _ = overlap.exclude_similar(sets, table, cfg.exclude_similar_to, cfg.identity, log, out,
+                                                         FatalError)
             names = ("paired", "seqstr", "seqfunc") if cfg.unpaired else ("paired",)
             if cfg.pick is not None:
                 sets, record = pick_sets(sets, table, cfg.pick, cfg.seed)

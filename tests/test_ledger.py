@@ -109,3 +109,128 @@ def test_paper_numbers_live_once():
     import demo
     assert ft.TASKS is metrics.TASKS and analyze.TASKS is metrics.TASKS and demo.TASKS is metrics.TASKS
     assert ft.TABLE2 == metrics.PAPER_TABLES["Table 2"]["rows"][0][2] and analyze.PAPER_TABLES is metrics.PAPER_TABLES
+
+
+# ---- the overlap audit ------------------------------------------------------------------------
+
+def mutate(seq, fraction, seed):
+    """seq with round(fraction * len) positions changed to another residue (no insertions)."""
+    import random
+    rng = random.Random(seed)
+    s = list(seq)
+    for i in rng.sample(range(len(s)), round(fraction * len(s))):
+        s[i] = rng.choice([a for a in "ACDEFGHIKLMNPQRSTVWY" if a != s[i]])
+    return "".join(s)
+
+
+@pytest.fixture(scope="module")
+def planted(demo_run):
+    """A pretraining 'set' (manifest only): 40 random sequences, exact copies of three test chains and 97%
+    copies of two more, all five from two families; the other families' test chains have no neighbour."""
+    import random
+    tmp, root, _ = demo_run
+    rows = {r["id"]: r for r in amma.read_manifest(root)}
+    test = json.loads((root / "labels_ec.json").read_text())["splits"]["test"]
+    families = sorted({rows[x]["family"] for x in test})
+    near = [x for x in test if rows[x]["family"] in families[:2]]
+    exact, close = near[:3], near[3:5]
+    rng = random.Random(1)
+    seqs = {f"R{i:03d}": "".join(rng.choice("ACDEFGHIKLMNPQRSTVWY") for _ in range(rng.randint(60, 150)))
+            for i in range(40)}
+    seqs.update({f"X_{x}": rows[x]["sequence"] for x in exact})
+    seqs.update({f"M_{x}": mutate(rows[x]["sequence"], 0.03, k) for k, x in enumerate(close)})
+    pre = tmp / "pretrain"
+    pre.mkdir()
+    (pre / "manifest.tsv").write_text("id\tL\tL_func\tmodalities\tsequence\n" + "".join(
+        f"{k}\t{len(s)}\t0\tseq\t{s}\n" for k, s in seqs.items()))
+    clean = [x for x in test if rows[x]["family"] not in families[:2]]
+    return pre, root, exact, close, clean
+
+
+def test_overlap_exact_part_runs_without_mmseqs(planted, monkeypatch, capsys):
+    import analyze
+    import overlap
+    pre, root, exact, close, _ = planted
+    monkeypatch.setattr(overlap, "mmseqs", lambda: None)
+    report = analyze.main(["--overlap", "--pretrain", str(pre), "--tasks", str(root), "--out", str(pre.parent / "ov0")])
+    assert set(report["tasks"]) == {"ec", "go-mf", "go-cc", "go-bp"}
+    for entry in report["tasks"].values():
+        assert entry["identical"] == sorted(exact) and entry[">=95"] is None and entry[">=30"] is None
+    out = capsys.readouterr().out
+    assert "apt-get install mmseqs2" in out and "need MMseqs2" in out
+    with pytest.raises(SystemExit, match="needs --pretrain"):
+        analyze.main(["--overlap", "--tasks", str(root)])
+    with pytest.raises(SystemExit, match="no 'sequence' column"):
+        (pre.parent / "noseq").mkdir(exist_ok=True)
+        (pre.parent / "noseq/manifest.tsv").write_text("id\tL\tL_func\tmodalities\nP1\t3\t0\tseq\n")
+        analyze.main(["--overlap", "--pretrain", str(pre.parent / "noseq"), "--tasks", str(root)])
+
+
+def test_overlap_audit_finds_every_planted_neighbour_and_rescores_without_them(planted, demo_run):
+    import analyze
+    import overlap
+    if overlap.mmseqs() is None:
+        pytest.skip("mmseqs not installed (apt-get install mmseqs2): the MMseqs2 part of the audit is not tested")
+    pre, root, exact, close, clean = planted
+    pred = demo_run[0] / "ec/predictions.npz"
+    report = analyze.main(["--overlap", "--pretrain", str(pre), "--tasks", str(root), "--predictions", str(pred),
+                           "--out", str(pre.parent / "ov")])
+    ec = report["tasks"]["ec"]
+    assert ec["identical"] == sorted(exact)
+    assert ec[">=95"] == sorted(exact + close)                        # exactly the planted ones
+    assert set(ec[">=95"]) <= set(ec[">=50"]) <= set(ec[">=30"])
+    assert not set(ec[">=30"]) & set(clean)                           # the random sequences match nothing
+    assert report["identical_pairs"] == {x: [f"X_{x}"] for x in sorted(exact)}
+    rows = report["rescored"][0]["rows"]
+    n = rows["all test chains"]["n"]
+    assert rows["without identical"]["n"] == n - 3 and rows["without >=95"]["n"] == n - 5
+    data = metrics.load_predictions(pred)
+    keep = ~np.isin(data["test_ids"], exact + close)
+    assert rows["without >=95"]["fmax"] == metrics.fmax(data["test_scores"][keep], data["test_labels"][keep])
+    assert json.loads((pre.parent / "ov/overlap.json").read_text())["tasks"]["ec"][">=95"] == ec[">=95"]
+
+
+def test_exclude_similar_to_leaves_out_the_planted_proteins(planted):
+    import extract_features as ef
+    import overlap
+    if overlap.mmseqs() is None:
+        pytest.skip("mmseqs not installed (apt-get install mmseqs2): --identity below 1 needs it")
+    pre, root, exact, close, _ = planted
+    seqs = overlap.read_sequences(pre)
+    sets = {"paired": [ef.Protein(k, sequence=s) for k, s in seqs.items() if not k.startswith("R0")],
+            "seqstr": [ef.Protein("NOSEQ")] + [ef.Protein(k, sequence=s) for k, s in seqs.items() if k.startswith("R0")]}
+    table = ef.ProtDescribe("t.tsv", "id", [{"id": k, "sequence": s, "fields": {}} for k, s in seqs.items()])
+    said = []
+    sets2, table2, dropped = overlap.exclude_similar(sets, table, [root], 0.95, said.append)
+    assert dropped == sorted([f"X_{x}" for x in exact] + [f"M_{x}" for x in close])
+    assert not sets2["paired"] and len(sets2["seqstr"]) == 41 and len(table2.rows) == len(seqs) - 5
+    assert "5 of 45 proteins" in said[0] and "1 proteins without a known sequence" in said[0]
+    _, _, only_exact = overlap.exclude_similar(sets, table, [root], 1.0, said.append)
+    assert only_exact == sorted(f"X_{x}" for x in exact)
+
+
+def test_extract_pick_excludes_proteins_identical_to_test_chains(tmp_path):
+    """extract_features.py --pick ... --exclude-similar-to SET --identity 1.0 (no MMseqs2 needed): the two
+    accessions whose sequence is a test chain's are never picked; their ids are recorded."""
+    import extract_features as ef
+    import replicas
+    accs = [f"P{10000 + k}" for k in range(8)]
+    seqs = {a: replicas.random_sequence(16 + k, 300 + k) for k, a in enumerate(accs)}
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "manifest.tsv").write_text("id\tL\tL_func\tmodalities\tsequence\n" + "".join(
+        f"T{k}\t{len(seqs[a])}\t0\tseq\t{seqs[a]}\n" for k, a in enumerate(accs[:2])))
+    (bench / "labels_ec.json").write_text(json.dumps({"splits": {"train": [], "valid": [], "test": ["T0", "T1"]}}))
+    af = replicas.write_alphafold_dir(tmp_path / "af", seqs)
+    (tmp_path / "pd.tsv").write_text(replicas.protdescribe_text(replicas.protdescribe_rows(seqs)))
+    out = tmp_path / "pretrain"
+    rc = ef.main(["--af-dir", str(af), "--protdescribe", str(tmp_path / "pd.tsv"), "--pick", "8", "0", "0",
+                  "--exclude-similar-to", str(bench), "--identity", "1.0", "--modality", "seq", "--encoders", "tiny",
+                  "--out", str(out)])
+    assert rc == 0
+    assert sorted(r["id"] for r in amma.read_manifest(out)) == accs[2:]
+    assert json.loads((out / "excluded_similar.json").read_text())["excluded"] == accs[:2]
+    rc = ef.main(["--af-dir", str(af), "--protdescribe", str(tmp_path / "pd.tsv"), "--pick", "8", "0", "0",
+                  "--exclude-similar-to", str(tmp_path / "nothing"), "--modality", "seq", "--encoders", "tiny",
+                  "--out", str(tmp_path / "p2")])
+    assert rc == 2                                                    # one line, the kit's "could not start"
