@@ -1,9 +1,13 @@
-"""The paper's analyses of a pretrained AMMA (section 4.3, B.4, B.5, B.8) and the ablation collector.
+"""The paper's analyses of a pretrained AMMA (section 4.3, B.4, B.5, B.8), the ablation collector and
+the pretraining-test overlap audit. Its own command line (amma.py does not import it):
 
-    python amma.py --analyze --ckpt runs/amma/checkpoint.pt --features features/pretrain \\
-        --contrastive-ckpt runs/contrastive/checkpoint.pt --protein P69905 --structure AF-P69905-F1-model_v4.pdb
-    python analyze.py --ckpt runs/demo/checkpoint.pt --features features/demo       # same thing, no amma.py
-    python analyze.py --collect runs/           # every runs/*/<task>/results.json -> one table (ablations.sh)
+    python analyze.py --ckpt runs/amma/checkpoint.pt --features features/pretrain \\
+        --contrastive-ckpt runs/contrastive/checkpoint.pt --protein P69905 --structure AF-P69905-F1-model_v4.pdb \\
+        --sites sites.tsv                       # B.8: the top k residues, k = the protein's annotated sites
+    python analyze.py --ckpt runs/demo/checkpoint.pt --features features/demo       # the demo
+    python analyze.py --collect runs/           # every finetuning's results.json -> one table, mean +- SD over seeds
+    python analyze.py --overlap --pretrain features/pretrain --tasks features/ec features/go \\
+        --predictions runs/amma/ec/predictions.npz   # test chains with pretraining neighbours; metrics without them
 
 Outputs (in --out, default <checkpoint dir>/analysis, e.g. runs/amma/analysis):
     table1.json, table1.md      Table 1: cosine similarity of the relation matrices, ours beside the paper's
@@ -11,10 +15,13 @@ Outputs (in --out, default <checkpoint dir>/analysis, e.g. runs/amma/analysis):
     tsne_amma.png               t-SNE of AMMA's Z'_{m,0} (Figure 4a)
     tsne_contrastive.png        t-SNE of the contrastive z_m of eq. 14 (Figure 4b), with --contrastive-ckpt
     attention_<id>.tsv          residues ranked by function-to-residue attention (B.8)
+    attention_<id>.json         the top k residues (k = annotated sites with --sites, else --top-k) and hits
     attention_<id>.pdb          with a structure: a copy whose B-factor column holds that attention
---collect writes <dir>/results_table.json and <dir>/results_table.md.
+--collect writes <dir>/results_table.json and <dir>/results_table.md; --overlap writes
+<out, default runs/overlap>/overlap.json (its choices: overlap.py's docstring).
 
-Choices made where the paper is silent (the README repeats them):
+Choices made where the paper is silent (this list is their one home; README's analysis section
+points here):
 - Latents. Initial: the frozen features X'_m averaged over length (B.5 names X'; Table 1's caption
   mentions projection layers, but B.5 is the precise text). CL: z_seq, z_str, z_func of eq. 14.
   AMMA: l0 applied to Enc_multi's output with no masking, scattered to the full layout
@@ -28,10 +35,11 @@ Choices made where the paper is silent (the README repeats them):
   modality, the mean cosine between different proteins' latents: when that is near 1 (latents sharing
   one large common direction, as l0 outputs early in training do), every relation matrix is near
   all-ones and the column is near 1 whatever the alignment; a note is printed then.
-- t-SNE (B.4): the same --tsne-n proteins (default 500, Fig. 4a's count) for every panel. Per modality:
-  min-max scaling by the modality's overall min and max, PCA (100 components for the frozen features
-  as in Fig. 1, 500 for the trained latents as in Fig. 4; capped by the number of proteins and the
-  smallest width), then the three modalities' points stacked and embedded by one t-SNE. Perplexity
+- t-SNE (B.4): Fig. 1 (the frozen features) on --tsne-n-initial paired proteins (default 1,000, B.4's),
+  PCA to 100 components, no scaling (B.4 names none there); Fig. 4a/b on the first --tsne-n of the same
+  shuffled proteins (default 500), each modality min-max scaled by its overall min and max, then PCA to
+  500 components (capped by the number of proteins and the smallest width); the three modalities'
+  points stacked and embedded by one t-SNE. Perplexity
   200 and 2500 iterations as in B.4, scaled down for small sets: perplexity min(200, (points - 1) / 3),
   iterations min(2500, max(250, 2 x points)). Colours as the paper: seq red, str yellow, func blue.
 - Attention (B.8): one protein, all three modalities, no masking, batch of one. The last Enc_multi
@@ -39,6 +47,9 @@ Choices made where the paper is silent (the README repeats them):
   attention is the sum of what its seq slot and its str slot receive (both are the same residue).
   The paper used the protein name only as text; the cached features hold the whole ProtST text, so we
   use every text token (--func-tokens K keeps only the first K, e.g. [CLS] and the name).
+  B.8 then takes as many top residues as UniProtKB annotates interacting residues: with --sites the
+  protein's count is k (and attention_<id>.json says how many of the top k are sites); without it
+  k = --top-k (10).
   The PDB copy: every ATOM/HETATM line of a residue gets B = 100 x attention / max attention (so the
   top residue reads 100.00 and the %6.2f column keeps the contrast); residues without features
   (no C-alpha, beyond --max-len, ligands, water) get 0.00.
@@ -88,12 +99,15 @@ class AnalyzeConfig:
     out: str = ""                   # default: <ckpt dir>/analysis
     batch_size: int = 4             # relation-matrix batch (B.5 is silent; B.1's pretraining batch size)
     n_proteins: int = 0             # Table 1 on this many proteins (shuffled); 0 = all
-    tsne_n: int = 500               # proteins per t-SNE panel (0 = no t-SNE)
+    tsne_n: int = 500               # proteins per Fig. 4 t-SNE panel (0 = no t-SNE)
+    tsne_n_initial: int = 1000      # proteins of Fig. 1's panel (the frozen features)
     tsne_perplexity: float = 0.0    # 0 = min(200, (points - 1) / 3)
     tsne_iter: int = 0              # 0 = min(2500, max(250, 2 x points))
     protein: str = ""               # attention of this protein; default: the first with all three modalities
     structure: str = ""             # PDB file of that protein: also write a B-factor copy
     func_tokens: int = 0            # attention: keep only the first K text tokens (0 = all)
+    sites: str = ""                 # attention: TSV of annotated sites (id, residue numbers): k = their count
+    top_k: int = 10                 # attention: residues reported without --sites
     max_len: int = 1022
     seed: int = 0
     device: str = ""                # '' = cuda if available else cpu
@@ -113,13 +127,18 @@ HELP = {
     "out": "output folder (default: <checkpoint dir>/analysis)",
     "batch_size": "proteins per relation matrix (the paper is silent; 4 = its pretraining batch size)",
     "n_proteins": "Table 1 on the first N proteins after shuffling (0 = all)",
-    "tsne_n": "proteins per t-SNE panel (B.4 used 500 for Fig. 4, 1000 for Fig. 1; 0 = skip t-SNE)",
+    "tsne_n": "paired proteins per Fig. 4 t-SNE panel (AMMA, contrastive; B.4: 500; 0 = skip t-SNE)",
+    "tsne_n_initial": "paired proteins of Fig. 1's t-SNE panel (the frozen features; B.4: 1000)",
     "tsne_perplexity": "t-SNE perplexity (0 = min(200, (points - 1) / 3); B.4: 200)",
     "tsne_iter": "t-SNE iterations (0 = min(2500, max(250, 2 x points)); B.4: 2500)",
     "protein": "protein id for the function-to-residue attention (default: first with seq, str and func)",
     "structure": "PDB file of --protein: also write a copy with the attention in the B-factor column "
                  "(default: the manifest's structure column when that file exists)",
     "func_tokens": "attention: use only the first K function-text tokens (0 = all; the paper used the name)",
+    "sites": "attention: TSV of annotated interacting residues, one line per protein: id<TAB>12,45,46 (1-based "
+             "positions of the features' sequence, e.g. UniProtKB binding sites); the top k residues are reported "
+             "with k = the protein's number of sites (B.8) and how many of them are sites",
+    "top_k": "attention: residues reported as the top k when --sites gives none for the protein",
     "max_len": "residues per protein (as in pretraining)",
     "seed": "seed of the protein order (Table 1 batches, t-SNE subset) and of t-SNE",
     "device": "torch device ('' = cuda if available else cpu)",
@@ -267,8 +286,9 @@ def tsne_params(n_points, perplexity=0.0, n_iter=0):
     return perplexity, n_iter
 
 
-def tsne_embed(latents, pca_dim, perplexity=0.0, n_iter=0, seed=0):
-    """B.4: per modality min-max scaling and PCA, the modalities' points stacked, one 2-D t-SNE.
+def tsne_embed(latents, pca_dim, perplexity=0.0, n_iter=0, seed=0, minmax=True):
+    """B.4: per modality min-max scaling (Fig. 4; minmax=False for Fig. 1, which B.4 describes with PCA
+    only) and PCA, the modalities' points stacked, one 2-D t-SNE.
     latents {m: [n, d_m]} -> ({m: [n, 2] numpy}, info dict)."""
     import numpy as np
     from sklearn.decomposition import PCA
@@ -279,7 +299,8 @@ def tsne_embed(latents, pca_dim, perplexity=0.0, n_iter=0, seed=0):
     parts = []
     for m in MODALITIES:
         x = latents[m].double().numpy()
-        x = (x - x.min()) / max(x.max() - x.min(), 1e-12)                  # the modality's min and max
+        if minmax:
+            x = (x - x.min()) / max(x.max() - x.min(), 1e-12)              # the modality's min and max
         parts.append(PCA(n_components=k, random_state=seed).fit_transform(x))          # [n, k]
     points = np.concatenate(parts, 0)                                       # [3n, k], modality-major
     perplexity, n_iter = tsne_params(len(points), perplexity, n_iter)
@@ -414,6 +435,36 @@ def write_attention(cfg, model, root, pid, out, device):
     return tsv, pdb_path, table
 
 
+def read_sites(path):
+    """{protein id: sorted 1-based residue numbers} from a sites TSV (id<TAB>12,45 or one site per line)."""
+    sites = {}
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        raise SystemExit(f"error: --sites {path}: {e.strerror}") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        parts = line.split("\t")
+        try:
+            nums = [int(x) for x in parts[1].replace(" ", "").split(",") if x]
+        except (IndexError, ValueError):
+            raise SystemExit(f"error: --sites {path}:{n}: expected 'id<TAB>12,45,46' (1-based residue numbers), "
+                             f"got {line[:60]!r}") from None
+        sites.setdefault(parts[0], set()).update(nums)
+    return {k: sorted(v) for k, v in sites.items()}
+
+
+def top_residues(ranked, sites, k_default):
+    """B.8: the top-k residues by attention, k = the number of annotated sites (else k_default), and how
+    many of them are sites."""
+    k = len(sites) if sites else k_default
+    top = ranked[:k]
+    return {"k": len(top), "k_from": "annotated sites" if sites else "--top-k", "top": [i for _, i, *_ in top],
+            "letters": [c for _, _, c, *_ in top], "sites": sites,
+            "hits": len({i for _, i, *_ in top} & set(sites)) if sites else None}
+
+
 # ----------------------------------------------------------------------------------------------
 # the analysis
 
@@ -464,7 +515,8 @@ def analyze(cfg):
     dataset = amma.FeatureDataset(root, ids=ids, max_len=cfg.max_len)
     print(f"AMMA {config.variant} from {cfg.ckpt} on {root}: {len(ids)} proteins with all three modalities, "
           f"relation batches of {cfg.batch_size}, device {device}")
-    scores, kept = compute_latents(models, dataset, cfg.batch_size, cfg.tsne_n, device)
+    n_tsne = {"initial": cfg.tsne_n_initial if cfg.tsne_n else 0, "amma": cfg.tsne_n, "contrastive": cfg.tsne_n}
+    scores, kept = compute_latents(models, dataset, cfg.batch_size, max(n_tsne.values()), device)
     n_batches = len(scores["initial"][False]["seq-str"])
     mean = lambda v: sum(v) / len(v)
     table = {c: {p: mean(v) for p, v in scores[c][False].items()} for c in models}
@@ -490,24 +542,31 @@ def analyze(cfg):
                   f"all-ones, so this column is close to 1 whatever the alignment")
 
     if cfg.tsne_n:
-        panels = {"initial": ("frozen features (Fig. 1)", 100), "amma": ("AMMA Z'_{m,0} (Fig. 4a)", 500),
-                  "contrastive": ("AMMA-contrastive z_m (Fig. 4b)", 500)}
+        # B.4: Fig. 1 = PCA to 100 of the encoders' outputs; Fig. 4 = min-max scaling per modality, PCA to 500
+        panels = {"initial": ("frozen features (Fig. 1)", 100, False), "amma": ("AMMA Z'_{m,0} (Fig. 4a)", 500, True),
+                  "contrastive": ("AMMA-contrastive z_m (Fig. 4b)", 500, True)}
         for col in models:
-            title, pca_dim = panels[col]
-            coords, info = tsne_embed(kept[col], pca_dim, cfg.tsne_perplexity, cfg.tsne_iter, cfg.seed)
+            title, pca_dim, minmax = panels[col]
+            first = {m: z[:n_tsne[col]] for m, z in kept[col].items()}           # the same proteins, first n
+            coords, info = tsne_embed(first, pca_dim, cfg.tsne_perplexity, cfg.tsne_iter, cfg.seed, minmax)
             path = out / f"tsne_{col}.png"
             plot_tsne(coords, info, f"t-SNE: {title}", path)
             files.append(path)
-        print(f"\nt-SNE: {info['n_proteins']} proteins x 3 modalities, perplexity {info['perplexity']:.1f}, "
-              f"{info['iterations']} iterations")
+            print(f"\nt-SNE {col}: {info['n_proteins']} proteins x 3 modalities, PCA {info['pca_components']}"
+                  f"{', min-max scaled' if minmax else ''}, perplexity {info['perplexity']:.1f}, "
+                  f"{info['iterations']} iterations")
 
     pid = cfg.protein or ids[0]
     if not cfg.protein:
         print(f"\nattention: no --protein given, using {pid}")
     tsv, pdb, ranked = write_attention(cfg, model, root, pid, out, device)
     files += [tsv] + ([pdb] if pdb else [])
-    top = ", ".join(f"{c}{i}" for _, i, c, *_ in ranked[:10])
-    print(f"\nfunction-to-residue attention of {pid} ({len(ranked)} residues), top 10: {top}")
+    top = top_residues(ranked, read_sites(cfg.sites).get(pid) if cfg.sites else None, cfg.top_k)
+    amma.atomic_write_text(out / f"attention_{pid}.json", json.dumps({"protein": pid, **top}, indent=1) + "\n")
+    files.append(out / f"attention_{pid}.json")
+    print(f"\nfunction-to-residue attention of {pid} ({len(ranked)} residues), top {top['k']} ({top['k_from']}): "
+          + ", ".join(f"{c}{i}" for c, i in zip(top["letters"], top["top"]))
+          + (f"; {top['hits']} of them annotated sites" if top["sites"] is not None else ""))
     print(f"\nwrote ({time.time() - t0:.0f} s):\n" + "\n".join(f"  {f}" for f in files))
     return result
 

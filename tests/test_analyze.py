@@ -145,7 +145,7 @@ def test_function_attention_finds_a_steered_residue(tiny, tmp_path):
     assert torch.equal(analyze.function_attention(model, batch)[0], base)     # hook removed
 
 
-# ---- the whole analysis through amma.py --analyze ------------------------------------------
+# ---- the whole analysis: python analyze.py ------------------------------------------------
 
 def test_analysis_outputs(tiny, capsys):
     from threadpoolctl import threadpool_limits
@@ -154,9 +154,10 @@ def test_analysis_outputs(tiny, capsys):
     pdb = pdb_file(tmp / "P002.pdb", L=10)
     out = tmp / "analysis"
     with threadpool_limits(1):        # t-SNE's OpenMP threads crawl on a busy shared CPU
-        amma.main(["--analyze", "--ckpt", str(ckpts["asymmetric"]), "--contrastive-ckpt", str(ckpts["contrastive"]),
-                   "--features", str(root), "--out", str(out), "--protein", "P002", "--structure", str(pdb),
-                   "--tsne-iter", "250"])
+        (tmp / "sites.tsv").write_text("# id, sites\nP002\t3,4\nP002\t9\nP001\t1\n")
+        analyze.main(["--ckpt", str(ckpts["asymmetric"]), "--contrastive-ckpt", str(ckpts["contrastive"]),
+                      "--features", str(root), "--out", str(out), "--protein", "P002", "--structure", str(pdb),
+                      "--tsne-iter", "250", "--sites", str(tmp / "sites.tsv")])
     printed = capsys.readouterr().out
     assert "Table 1" in printed and "0.865" in printed and "attention_P002.tsv" in printed
 
@@ -197,6 +198,9 @@ def test_analysis_outputs(tiny, capsys):
     top = rows[0][6].split(":")[1]
     assert per_residue[f"A{int(top.rstrip('B')):4d}{'B' if top.endswith('B') else ' '}"] == {100.0}
     assert per_residue["A  55 "] == {0.0} and per_residue["A 900 "] == {0.0}     # no CA / water
+    top = json.loads((out / "attention_P002.json").read_text())          # B.8: k = the 3 annotated sites
+    assert top["k"] == 3 and top["sites"] == [3, 4, 9] and top["top"] == [int(r[1]) for r in rows[:3]]
+    assert top["hits"] == len({3, 4, 9} & set(top["top"])) and "annotated sites" in printed
     by_pdb = {r[6]: float(r[3]) for r in rows}
     for key, bs in per_residue.items():
         rid = f"A:{int(key[1:5])}{key[5].strip()}"
