@@ -45,8 +45,9 @@ points here):
 - Attention (B.8): one protein, all three modalities, no masking, batch of one. The last Enc_multi
   layer's attention is averaged over heads and over the function-token queries; a residue's
   attention is the sum of what its seq slot and its str slot receive (both are the same residue).
-  The paper used the protein name only as text; the cached features hold the whole ProtST text, so we
-  use every text token (--func-tokens K keeps only the first K, e.g. [CLS] and the name).
+  The paper used the protein name only as text: --name 'Hemoglobin subunit alpha' does that, encoding
+  [CLS] + the name alone with the feature set's text encoder (info.json). Without --name the cached
+  features of the whole ProtST text are used (--func-tokens K keeps only the first K tokens).
   B.8 then takes as many top residues as UniProtKB annotates interacting residues: with --sites the
   protein's count is k (and attention_<id>.json says how many of the top k are sites); without it
   k = --top-k (10).
@@ -106,6 +107,7 @@ class AnalyzeConfig:
     protein: str = ""               # attention of this protein; default: the first with all three modalities
     structure: str = ""             # PDB file of that protein: also write a B-factor copy
     func_tokens: int = 0            # attention: keep only the first K text tokens (0 = all)
+    name: str = ""                  # attention: the protein name as the function text (B.8), encoded alone
     sites: str = ""                 # attention: TSV of annotated sites (id, residue numbers): k = their count
     top_k: int = 10                 # attention: residues reported without --sites
     max_len: int = 1022
@@ -135,6 +137,9 @@ HELP = {
     "structure": "PDB file of --protein: also write a copy with the attention in the B-factor column "
                  "(default: the manifest's structure column when that file exists)",
     "func_tokens": "attention: use only the first K function-text tokens (0 = all; the paper used the name)",
+    "name": "attention: the protein name as the only function text, as B.8 does (e.g. 'Hemoglobin subunit alpha'): "
+            "encoded alone by the feature set's text encoder (info.json; real PubMedBERT needs its weights "
+            "locally) instead of the cached whole-text tokens",
     "sites": "attention: TSV of annotated interacting residues, one line per protein: id<TAB>12,45,46 (1-based "
              "positions of the features' sequence, e.g. UniProtKB binding sites); the top k residues are reported "
              "with k = the protein's number of sites (B.8) and how many of them are sites",
@@ -390,7 +395,10 @@ def write_attention(cfg, model, root, pid, out, device):
         raise SystemExit(f"error: protein {pid} is not in {root}/manifest.tsv")
     row = rows[pid]
     ds = amma.FeatureDataset(root, ids=[pid], max_len=cfg.max_len, max_text=cfg.func_tokens or 512)
-    batch = amma.batch_to(amma.collate([ds[0]]), device)
+    item = ds[0]
+    if cfg.name:                                          # B.8: the name alone as the function text
+        item["func"] = name_features(root, cfg.name)[: cfg.func_tokens or 512]
+    batch = amma.batch_to(amma.collate([item]), device)
     try:
         total, a_seq, a_str, _ = function_attention(model, batch)
     except ValueError as e:
@@ -433,6 +441,29 @@ def write_attention(cfg, model, root, pid, out, device):
     lines += [f"{r}\t{i}\t{c}\t{a:.6g}\t{s_:.6g}\t{t:.6g}\t{p}" for r, i, c, a, s_, t, p in table]
     tsv.write_text("\n".join(lines) + "\n")
     return tsv, pdb_path, table
+
+
+def name_features(root, name):
+    """B.8's function text: [CLS] + the protein name's tokens, encoded alone by the feature set's text
+    encoder (info.json: the tiny BERT for tiny sets, else the Hugging Face model named there): [L', d]."""
+    import types
+    import extract_features as ef
+    try:
+        info = json.loads((Path(root) / "info.json").read_text())
+    except (OSError, ValueError):
+        info = {}
+    model = info.get("encoders", {}).get("func")
+    if info.get("synthetic") or not model:
+        raise SystemExit(f"error: --name needs the text encoder of {root}'s func features, but "
+                         f"{'its features are synthetic' if info.get('synthetic') else 'info.json names none'}; "
+                         "use --func-tokens K instead")
+    tiny = model == ef.TINY_NAMES["func"]
+    try:
+        encoder = ef.load_encoder("func", types.SimpleNamespace(encoders="tiny" if tiny else "real",
+                                                                text_model=model), "cpu")
+    except ef.FatalError as e:
+        raise SystemExit(f"error: --name: {e}") from None
+    return encoder([encoder.ids({"ProteinName": name})])[0]                  # [1 + name tokens, d]
 
 
 def read_sites(path):

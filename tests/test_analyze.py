@@ -375,3 +375,25 @@ def test_collector_over_seeds_gives_mean_sd_n_and_marks_cells_far_from_the_paper
     t6 = {r["row"]: r for r in saved["tables"]["Table 6"]["rows"]}
     assert t6["ours: noaux"]["cells"][0] == "87.7+-0.0 / 90.1+-0.0 (n=2)"
     assert "(n=2)" in capsys.readouterr().out
+
+
+def test_attention_with_the_protein_name_as_function_text(tiny, tmp_path, monkeypatch):
+    """--name: the function tokens are the name encoded alone (B.8), not the cached whole text."""
+    import extract_features as ef
+    (tmp_path / "info.json").write_text(json.dumps({"encoders": {"func": ef.TINY_NAMES["func"]}, "tiny": True}))
+    feats = analyze.name_features(tmp_path, "Hemoglobin subunit alpha")
+    enc = ef.load_encoder("func", type("C", (), {"encoders": "tiny"})(), "cpu")
+    assert feats.shape == (len(enc.ids({"ProteinName": "Hemoglobin subunit alpha"})), 48)
+    assert torch.allclose(feats, enc([enc.ids({"ProteinName": "Hemoglobin subunit alpha"})])[0])
+    tmp, root, ckpts = tiny
+    model, _ = analyze.load_model(ckpts["asymmetric"], False, torch.device("cpu"))
+    seen = []
+    monkeypatch.setattr(analyze, "name_features", lambda r, n: seen.append(n) or torch.ones(3, 8))
+    cfg = analyze.AnalyzeConfig(name="Kinase A")
+    _, _, named = analyze.write_attention(cfg, model, root, "P002", tmp_path, torch.device("cpu"))
+    _, _, whole = analyze.write_attention(analyze.AnalyzeConfig(), model, root, "P002", tmp_path, torch.device("cpu"))
+    assert seen == ["Kinase A"] and [r[3] for r in named] != [r[3] for r in whole]
+    monkeypatch.undo()
+    (tmp_path / "info.json").write_text(json.dumps({"synthetic": True}))
+    with pytest.raises(SystemExit, match="synthetic"):
+        analyze.name_features(tmp_path, "x")
