@@ -27,8 +27,8 @@ folder, 'scratch' with --from-scratch, 'esm-1b' with --baseline esm): results.js
 Fmax / AUPR per epoch, the epoch selected by validation Fmax, config, seed, proteins per split,
 whether tiny/synthetic features were used, a label-frequency baseline, the protocol),
 predictions.npz (the selected epoch's valid and test logits, labels, ids and cutoff membership,
-metrics.py's format: `python metrics.py PATH` gives results.json's numbers), checkpoint.pt (every epoch, every 30 minutes and on SIGTERM /
-Ctrl-C, for --resume) and best.pt (weights of the selected epoch). A table in the layout of the
+metrics.py's format: `python metrics.py PATH` gives results.json's numbers), checkpoint.pt (every
+epoch, every 30 minutes and on SIGTERM / Ctrl-C, for --resume) and best.pt (weights of the selected epoch). A table in the layout of the
 paper's Table 2 is printed at the end.
 
 Demo: with no --features, no --ckpt and no features/ec|go (or with --demo), the run uses the
@@ -525,7 +525,7 @@ def scores(pred, target):
     return {"fmax": fmax(pred, target), "aupr": aupr(pred, target)}
 
 
-def test_members(sets, data):
+def cutoff_rows(sets, data):
     """{cutoff: bool [test proteins]} of the test set as scored (metrics.cutoff_members)."""
     return cutoff_members(sets["test"].ids, data.get("test_identity") or {})
 
@@ -533,7 +533,7 @@ def test_members(sets, data):
 def cutoff_counts(sets, data, cutoff):
     """counts entries for the test set: 'test' = chains at --cutoff, 'test_scored' = all scored,
     'test_at_cutoff' = {cutoff: chains}."""
-    members = test_members(sets, data)
+    members = cutoff_rows(sets, data)
     n = {str(c): int(m.sum()) for c, m in members.items()}
     return {"test": n.get(str(cutoff), len(sets["test"])), "test_scored": len(sets["test"]), "test_at_cutoff": n}
 
@@ -541,7 +541,7 @@ def cutoff_counts(sets, data, cutoff):
 def evaluate(pred, sets, data, cutoff):
     """One epoch's metrics: valid, test at --cutoff (the reported one) and test at every cutoff of the
     file ({'30': {fmax, aupr, n}, ...}); the test set holds every test chain, each cutoff a subset."""
-    members = test_members(sets, data)
+    members = cutoff_rows(sets, data)
     target = sets["test"].targets
     at = {}
     for c, m in members.items():
@@ -559,7 +559,7 @@ def write_predictions(path, pred, sets, data, cfg, epoch):
     meta = {"task": cfg.task, "epoch": epoch, "cutoff": cfg.cutoff, "seed": cfg.seed, "features": cfg.features,
             "pretrained": cfg.ckpt or None, "baseline": cfg.baseline or None, "protocol": f"esm-{cfg.esm}",
             "scores": "logits (float32)"}
-    return save_predictions(path, splits, test_members(sets, data), data["terms"], meta)
+    return save_predictions(path, splits, cutoff_rows(sets, data), data["terms"], meta)
 
 
 def frequency_baseline(sets):
