@@ -9,12 +9,15 @@
 #   GPUS="0 1 2 3" bash ablations.sh           # independent runs side by side, one per GPU
 #   LAUNCH="torchrun --nproc_per_node 4" bash ablations.sh   # each run on 4 GPUs (DDP; global batch as the paper)
 #   ONLY="amma paired-15" bash ablations.sh    # some rows (names below)
+#   SEEDS="0 1 2" bash ablations.sh            # every finetuning once per seed (mean +- SD in the table)
+#   SEEDS="0 1 2" SEED_PRETRAIN=1 bash ablations.sh   # ... and every pretraining once per seed too
 #
 # Rows (runs/<name>/checkpoint.pt, runs/<name>/<task>/results.json):
 #   Table 2 (pretrained on $PRETRAIN, the paper's 120k; EC, GO-MF, GO-CC, GO-BP):
 #     amma           asymmetric decoders, alpha 1 2 2 (AMMA)
 #     symmetric      eq. 13 (AMMA-symmetric)
 #     contrastive    B.9 (AMMA-contrastive)
+#     esm-1b         ESM-1b with the same two-layer head, no AMMA (finetune.py --baseline esm; no pretraining)
 #   Table 3 (EC, GO-MF): amma continued from its epoch 10 to epoch 15, the StepLR schedule carrying on
 #     paired-15      on the paired set again (120k / 0k): the same as a 15-epoch run by construction
 #     unpaired-15    on the unpaired sets, eq. 12 (120k / 50k: $SEQSTR and $SEQFUNC, 25k each)
@@ -22,11 +25,17 @@
 #     alpha-1-1-1  alpha-1-2-2  alpha-2-1-1  alpha-2-1-2  alpha-2-2-1     Dirichlet (seq, str, func)
 #   Table 6 (the same subset; EC, GO-MF): noaux (eq. 17); its AMMA row is alpha-1-2-2
 #
+# Seeds: without SEEDS each finetuning runs once (--seed 0) into runs/<name>/<task>; with SEEDS="0 1 2"
+# once per seed into runs/<name>/<task>/seed-<s> (--seed s: head init, batch order, dropout); with
+# SEED_PRETRAIN=1 as well every pretraining once per seed into runs/<name>/seed-<s> (amma.py --seed s),
+# finetuned with the same seed into runs/<name>/seed-<s>/<task>. analyze.py --collect shows mean +- SD
+# over the seeds and n in every cell and marks with '!' a mean more than 2 SD from the paper's number.
 # Every command resumes (--resume): running the script again after a stop continues where it was.
 # It stops at the first failing command (GPUS mode: after the phase, listing the failures), exit status 1.
 # Environment: PYTHON (.venv/bin/python when it exists, else python3), LAUNCH, GPUS, RUNS (runs),
 # PRETRAIN (features/pretrain), SEQSTR / SEQFUNC (features/seqstr, features/seqfunc), SUBSET_N (22000;
-# 0 = all of $PRETRAIN), EPOCHS (10), EPOCHS_T3 (15), SEED (0), PT_ARGS / FT_ARGS (extra flags for
+# 0 = all of $PRETRAIN), EPOCHS (10), EPOCHS_T3 (15), SEED (0; the subset's and the analyses' seed, and
+# the pretrainings' without SEED_PRETRAIN), SEEDS (''), SEED_PRETRAIN (0), PT_ARGS / FT_ARGS (extra flags for
 # amma.py --pretrain / finetune.py), FT_FEATURES (finetuning feature set; default: finetune.py's
 # features/ec and features/go, or $PRETRAIN with QUICK=1), ANALYZE (1; 0 = skip the analyses).
 set -euo pipefail
@@ -38,6 +47,8 @@ fi
 QUICK=${QUICK:-0}
 DRY_RUN=${DRY_RUN:-0}
 SEED=${SEED:-0}
+SEEDS=${SEEDS:-}
+SEED_PRETRAIN=${SEED_PRETRAIN:-0}
 ANALYZE=${ANALYZE:-1}
 ONLY=${ONLY:-}
 GPUS=${GPUS:-}
@@ -46,6 +57,16 @@ if [[ -n $GPUS && -n ${LAUNCH:-} ]]; then
     echo "error: GPUS runs independent single-GPU jobs side by side; LAUNCH runs each job on several GPUs: pick one" >&2
     exit 2
 fi
+read -ra SEED_LIST <<< "$SEEDS"
+for s in "${SEED_LIST[@]}"; do
+    [[ $s =~ ^[0-9]+$ ]] || { echo "error: SEEDS must be whole numbers separated by spaces, got '$SEEDS'" >&2; exit 2; }
+done
+if [[ $SEED_PRETRAIN == 1 && ${#SEED_LIST[@]} == 0 ]]; then
+    echo "error: SEED_PRETRAIN=1 pretrains once per seed of SEEDS: set SEEDS too (e.g. SEEDS=\"0 1 2\")" >&2
+    exit 2
+fi
+PT_SEEDS=("$SEED")
+[[ $SEED_PRETRAIN != 1 ]] || PT_SEEDS=("${SEED_LIST[@]}")
 if [[ $DRY_RUN != 1 ]] && ! "$PYTHON" -c "import torch" 2>/dev/null; then
     echo "error: $PYTHON cannot import torch: set the kit up first (python3 -m venv .venv &&" \
          ".venv/bin/pip install -r requirements.txt), or point PYTHON at a Python that has it" >&2
@@ -145,15 +166,38 @@ job() {   # job PHASE NAME COMMAND...
     JOBS+=("$cmd") NAMES+=("$name") PHASES+=("$phase")
 }
 
-pretrain() {   # pretrain PHASE NAME "TASKS" amma.py flags...
-    local phase=$1 name=$2 tasks=$3 task
+finetunings() {   # finetunings PHASE NAME DIR TASK finetune.py flags...: into DIR/TASK, or DIR/TASK/seed-<s> per seed
+    local phase=$1 name=$2 dir=$3 task=$4 s
+    shift 4
+    if (( ${#SEED_LIST[@]} == 0 )); then
+        job "$phase" "$name-$task" "${LAUNCH_CMD[@]}" "$KIT/finetune.py" --task "$task" "$@" --out "$dir/$task" \
+            --resume "${FT_SET[@]}" "${FT[@]}"
+        return 0
+    fi
+    for s in "${SEED_LIST[@]}"; do
+        job "$phase" "$name-$task-seed$s" "${LAUNCH_CMD[@]}" "$KIT/finetune.py" --task "$task" "$@" --seed "$s" \
+            --out "$dir/$task/seed-$s" --resume "${FT_SET[@]}" "${FT[@]}"
+    done
+}
+
+pretrain() {   # pretrain PHASE NAME "TASKS" amma.py flags... (@SEEDDIR@ in a flag: the pretraining seed's folder)
+    local phase=$1 name=$2 tasks=$3 task ps sub dir
     shift 3
     wanted "$name" || return 0
-    job "$phase" "$name" "${LAUNCH_CMD[@]}" "$KIT/amma.py" --pretrain --out "$RUNS/$name" --seed "$SEED" --resume \
-        "$@" "${PT[@]}"
-    for task in $tasks; do
-        job $((phase + 1)) "$name-$task" "${LAUNCH_CMD[@]}" "$KIT/finetune.py" --task "$task" \
-            --ckpt "$RUNS/$name/checkpoint.pt" --resume "${FT_SET[@]}" "${FT[@]}"
+    for ps in "${PT_SEEDS[@]}"; do
+        sub=""
+        [[ $SEED_PRETRAIN != 1 ]] || sub="/seed-$ps"
+        dir=$RUNS/$name$sub
+        job "$phase" "$name${sub/\//-}" "${LAUNCH_CMD[@]}" "$KIT/amma.py" --pretrain --out "$dir" --seed "$ps" \
+            --resume "${@//@SEEDDIR@/$sub}" "${PT[@]}"
+        for task in $tasks; do
+            if [[ $SEED_PRETRAIN == 1 ]]; then    # the pretraining's own seed, into runs/<name>/seed-<s>/<task>
+                job $((phase + 1)) "$name-seed$ps-$task" "${LAUNCH_CMD[@]}" "$KIT/finetune.py" --task "$task" \
+                    --ckpt "$dir/checkpoint.pt" --seed "$ps" --resume "${FT_SET[@]}" "${FT[@]}"
+            else
+                finetunings $((phase + 1)) "$name" "$dir" "$task" --ckpt "$dir/checkpoint.pt"
+            fi
+        done
     done
 }
 
@@ -163,11 +207,24 @@ SUB_TASKS="ec go-mf"
 pretrain 1 amma        "$ALL_TASKS" --features "$PRETRAIN" --epochs "$EPOCHS" --variant asymmetric --alpha 1 2 2
 pretrain 1 symmetric   "$ALL_TASKS" --features "$PRETRAIN" --epochs "$EPOCHS" --variant symmetric --alpha 1 2 2
 pretrain 1 contrastive "$ALL_TASKS" --features "$PRETRAIN" --epochs "$EPOCHS" --variant contrastive
+# Table 2's ESM-1b row: no pretraining, ESM-1b + the same head finetuned with B.2's settings (no AMMA)
+if wanted esm-1b; then
+    for task in $ALL_TASKS; do
+        if [[ $SEED_PRETRAIN == 1 ]]; then
+            for s in "${SEED_LIST[@]}"; do
+                job 1 "esm-1b-seed$s-$task" "${LAUNCH_CMD[@]}" "$KIT/finetune.py" --task "$task" --baseline esm \
+                    --seed "$s" --out "$RUNS/esm-1b/seed-$s/$task" --resume "${FT_SET[@]}" "${FT[@]}"
+            done
+        else
+            finetunings 1 esm-1b "$RUNS/esm-1b" "$task" --baseline esm
+        fi
+    done
+fi
 # Table 3: amma's run carried on to epoch $EPOCHS_T3 on paired data again, or on the unpaired sets (eq. 12)
-pretrain 2 paired-15   "$SUB_TASKS" --continue-from "$RUNS/amma/checkpoint.pt" --epochs "$EPOCHS_T3" \
+pretrain 2 paired-15   "$SUB_TASKS" --continue-from "$RUNS/amma@SEEDDIR@/checkpoint.pt" --epochs "$EPOCHS_T3" \
     --features "$PRETRAIN" --variant asymmetric --alpha 1 2 2
 if [[ $UNPAIRED == 1 ]]; then
-    pretrain 2 unpaired-15 "$SUB_TASKS" --continue-from "$RUNS/amma/checkpoint.pt" --epochs "$EPOCHS_T3" \
+    pretrain 2 unpaired-15 "$SUB_TASKS" --continue-from "$RUNS/amma@SEEDDIR@/checkpoint.pt" --epochs "$EPOCHS_T3" \
         --features "" --unpaired-seqstr "$SEQSTR" --unpaired-seqfunc "$SEQFUNC" --variant asymmetric --alpha 1 2 2
 fi
 # Table 4: Dirichlet alphas (seq, str, func) on the subset
@@ -232,10 +289,13 @@ echo "+ $PYTHON $KIT/analyze.py --collect $RUNS"
 [[ $DRY_RUN == 1 ]] || "$PYTHON" "$KIT/analyze.py" --collect "$RUNS"
 if [[ $ANALYZE == 1 ]] && wanted amma; then
     CON=()
-    if [[ -f $RUNS/contrastive/checkpoint.pt || ($DRY_RUN == 1 && -z $ONLY) ]]; then
-        CON=(--contrastive-ckpt "$RUNS/contrastive/checkpoint.pt")
+    FIRST=$RUNS/amma                               # the analyses: the first pretraining seed's models
+    [[ $SEED_PRETRAIN != 1 ]] || FIRST=$RUNS/amma/seed-${PT_SEEDS[0]}
+    CFIRST=${FIRST/\/amma/\/contrastive}
+    if [[ -f $CFIRST/checkpoint.pt || ($DRY_RUN == 1 && -z $ONLY) ]]; then
+        CON=(--contrastive-ckpt "$CFIRST/checkpoint.pt")
     fi
-    echo "+ $PYTHON $KIT/amma.py --analyze --ckpt $RUNS/amma/checkpoint.pt ${CON[*]} --features $PRETRAIN --seed $SEED ${AN[*]}"
-    [[ $DRY_RUN == 1 ]] || "$PYTHON" "$KIT/amma.py" --analyze --ckpt "$RUNS/amma/checkpoint.pt" "${CON[@]}" \
+    echo "+ $PYTHON $KIT/analyze.py --ckpt $FIRST/checkpoint.pt ${CON[*]} --features $PRETRAIN --seed $SEED ${AN[*]}"
+    [[ $DRY_RUN == 1 ]] || "$PYTHON" "$KIT/analyze.py" --ckpt "$FIRST/checkpoint.pt" "${CON[@]}" \
         --features "$PRETRAIN" --seed "$SEED" "${AN[@]}"
 fi

@@ -1,9 +1,13 @@
-"""The paper's analyses of a pretrained AMMA (section 4.3, B.4, B.5, B.8) and the ablation collector.
+"""The paper's analyses of a pretrained AMMA (section 4.3, B.4, B.5, B.8), the ablation collector and
+the pretraining-test overlap audit. Its own command line (amma.py does not import it):
 
-    python amma.py --analyze --ckpt runs/amma/checkpoint.pt --features features/pretrain \\
-        --contrastive-ckpt runs/contrastive/checkpoint.pt --protein P69905 --structure AF-P69905-F1-model_v4.pdb
-    python analyze.py --ckpt runs/demo/checkpoint.pt --features features/demo       # same thing, no amma.py
-    python analyze.py --collect runs/           # every runs/*/<task>/results.json -> one table (ablations.sh)
+    python analyze.py --ckpt runs/amma/checkpoint.pt --features features/pretrain \\
+        --contrastive-ckpt runs/contrastive/checkpoint.pt --protein P69905 --structure AF-P69905-F1-model_v4.pdb \\
+        --sites sites.tsv                       # B.8: the top k residues, k = the protein's annotated sites
+    python analyze.py --ckpt runs/demo/checkpoint.pt --features features/demo       # the demo
+    python analyze.py --collect runs/           # every finetuning's results.json -> one table, mean +- SD over seeds
+    python analyze.py --overlap --pretrain features/pretrain --tasks features/ec features/go \\
+        --predictions runs/amma/ec/predictions.npz   # test chains with pretraining neighbours; metrics without them
 
 Outputs (in --out, default <checkpoint dir>/analysis, e.g. runs/amma/analysis):
     table1.json, table1.md      Table 1: cosine similarity of the relation matrices, ours beside the paper's
@@ -11,10 +15,13 @@ Outputs (in --out, default <checkpoint dir>/analysis, e.g. runs/amma/analysis):
     tsne_amma.png               t-SNE of AMMA's Z'_{m,0} (Figure 4a)
     tsne_contrastive.png        t-SNE of the contrastive z_m of eq. 14 (Figure 4b), with --contrastive-ckpt
     attention_<id>.tsv          residues ranked by function-to-residue attention (B.8)
+    attention_<id>.json         the top k residues (k = annotated sites with --sites, else --top-k) and hits
     attention_<id>.pdb          with a structure: a copy whose B-factor column holds that attention
---collect writes <dir>/results_table.json and <dir>/results_table.md.
+--collect writes <dir>/results_table.json and <dir>/results_table.md; --overlap writes
+<out, default runs/overlap>/overlap.json (its choices: overlap.py's docstring).
 
-Choices made where the paper is silent (the README repeats them):
+Choices made where the paper is silent (this list is their one home; README's analysis section
+points here):
 - Latents. Initial: the frozen features X'_m averaged over length (B.5 names X'; Table 1's caption
   mentions projection layers, but B.5 is the precise text). CL: z_seq, z_str, z_func of eq. 14.
   AMMA: l0 applied to Enc_multi's output with no masking, scattered to the full layout
@@ -28,17 +35,22 @@ Choices made where the paper is silent (the README repeats them):
   modality, the mean cosine between different proteins' latents: when that is near 1 (latents sharing
   one large common direction, as l0 outputs early in training do), every relation matrix is near
   all-ones and the column is near 1 whatever the alignment; a note is printed then.
-- t-SNE (B.4): the same --tsne-n proteins (default 500, Fig. 4a's count) for every panel. Per modality:
-  min-max scaling by the modality's overall min and max, PCA (100 components for the frozen features
-  as in Fig. 1, 500 for the trained latents as in Fig. 4; capped by the number of proteins and the
-  smallest width), then the three modalities' points stacked and embedded by one t-SNE. Perplexity
+- t-SNE (B.4): Fig. 1 (the frozen features) on --tsne-n-initial paired proteins (default 1,000, B.4's),
+  PCA to 100 components, no scaling (B.4 names none there); Fig. 4a/b on the first --tsne-n of the same
+  shuffled proteins (default 500), each modality min-max scaled by its overall min and max, then PCA to
+  500 components (capped by the number of proteins and the smallest width); the three modalities'
+  points stacked and embedded by one t-SNE. Perplexity
   200 and 2500 iterations as in B.4, scaled down for small sets: perplexity min(200, (points - 1) / 3),
   iterations min(2500, max(250, 2 x points)). Colours as the paper: seq red, str yellow, func blue.
 - Attention (B.8): one protein, all three modalities, no masking, batch of one. The last Enc_multi
   layer's attention is averaged over heads and over the function-token queries; a residue's
   attention is the sum of what its seq slot and its str slot receive (both are the same residue).
-  The paper used the protein name only as text; the cached features hold the whole ProtST text, so we
-  use every text token (--func-tokens K keeps only the first K, e.g. [CLS] and the name).
+  The paper used the protein name only as text: --name 'Hemoglobin subunit alpha' does that, encoding
+  [CLS] + the name alone with the feature set's text encoder (info.json). Without --name the cached
+  features of the whole ProtST text are used (--func-tokens K keeps only the first K tokens).
+  B.8 then takes as many top residues as UniProtKB annotates interacting residues: with --sites the
+  protein's count is k (and attention_<id>.json says how many of the top k are sites); without it
+  k = --top-k (10).
   The PDB copy: every ATOM/HETATM line of a residue gets B = 100 x attention / max attention (so the
   top residue reads 100.00 and the %6.2f column keeps the contrast); residues without features
   (no C-alpha, beyond --max-len, ligands, water) get 0.00.
@@ -53,6 +65,7 @@ Choices made where the paper is silent (the README repeats them):
 import argparse
 import gzip
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass, fields
@@ -62,7 +75,9 @@ import torch
 import torch.nn.functional as F
 
 import amma
+import overlap
 from amma import MODALITIES
+from metrics import PAPER_TABLES, TASK_NAMES, TASKS
 
 PAIRS = (("seq", "str"), ("seq", "func"), ("str", "func"))
 PAIR_NAMES = {p: f"{p[0].capitalize()}-{p[1].capitalize()}" for p in PAIRS}      # "Seq-Str", ...
@@ -72,33 +87,8 @@ PAPER_TABLE1 = {"initial": {"seq-str": 0.865, "seq-func": 0.855, "str-func": 0.9
                 "amma": {"seq-str": 1.000, "seq-func": 0.999, "str-func": 0.999}}
 TSNE_COLOURS = {"seq": "#d62728", "str": "#e6b800", "func": "#1f77b4"}           # red, yellow, blue
 
-TASKS = ("ec", "go-mf", "go-cc", "go-bp")
-TASK_NAMES = {"ec": "EC", "go-mf": "GO-MF", "go-cc": "GO-CC", "go-bp": "GO-BP"}
-# The paper's results tables (percent, test Fmax / AUPR) with their PUBLISHED averages, and which of
-# ablations.sh's runs stands for each row. Tables 4 and 6 pretrain on a 22k subset of the 120k set;
-# Table 6's AMMA row is Table 4's alpha 1 2 2. Every finetuning there ran ESM-1b in the loop (B.2).
-PAPER_TABLES = {
-    "Table 2": dict(tasks=TASKS, averages=("Avg Fmax", "Avg AUPR"), title="function prediction, 120k pretraining", rows=[
-        ("amma", "AMMA", {"ec": (88.7, 89.8), "go-mf": (67.3, 65.5), "go-cc": (49.8, 36.9), "go-bp": (46.9, 33.6)}, (63.2, 56.5)),
-        ("symmetric", "AMMA-symmetric", {"ec": (71.6, 74.9), "go-mf": (52.0, 52.3), "go-cc": (48.8, 35.1),
-                                         "go-bp": (35.5, 24.3)}, (52.0, 46.7)),
-        ("contrastive", "AMMA-contrastive", {"ec": (87.7, 89.5), "go-mf": (65.2, 61.3), "go-cc": (44.3, 28.2),
-                                             "go-bp": (28.2, 17.3)}, (56.4, 49.1)),
-        (None, "ESM-1b", {"ec": (86.9, 88.4), "go-mf": (65.9, 63.0), "go-cc": (47.7, 32.4), "go-bp": (45.2, 33.2)},
-         (61.4, 54.3))]),
-    "Table 3": dict(tasks=("ec", "go-mf"), averages=("Average",), title="15 epochs, with extra unpaired data", rows=[
-        ("paired-15", "120k paired, 0k unpaired", {"ec": (88.1, 89.7), "go-mf": (66.4, 64.6)}, (77.2,)),
-        ("unpaired-15", "120k paired, 50k unpaired", {"ec": (88.2, 90.4), "go-mf": (66.9, 64.6)}, (77.5,))]),
-    "Table 4": dict(tasks=("ec", "go-mf"), averages=("Average",), title="Dirichlet alpha (seq str func), 22k subset", rows=[
-        ("alpha-1-1-1", "alpha 1 1 1", {"ec": (84.6, 87.2), "go-mf": (66.4, 64.8)}, (75.8,)),
-        ("alpha-1-2-2", "alpha 1 2 2", {"ec": (87.7, 89.8), "go-mf": (66.4, 64.2)}, (77.0,)),
-        ("alpha-2-1-1", "alpha 2 1 1", {"ec": (73.0, 75.9), "go-mf": (65.1, 63.2)}, (69.3,)),
-        ("alpha-2-1-2", "alpha 2 1 2", {"ec": (86.7, 89.2), "go-mf": (65.9, 64.7)}, (76.6,)),
-        ("alpha-2-2-1", "alpha 2 2 1", {"ec": (87.9, 89.5), "go-mf": (52.4, 53.6)}, (70.9,))]),
-    "Table 6": dict(tasks=("ec", "go-mf"), averages=("Average",), title="auxiliary decoder inputs, 22k subset", rows=[
-        ("alpha-1-2-2", "AMMA", {"ec": (87.7, 89.8), "go-mf": (66.4, 64.2)}, (77.0,)),
-        ("noaux", "AMMA-w/o auxiliary", {"ec": (87.7, 90.1), "go-mf": (65.0, 63.6)}, (76.6,))]),
-}
+# TASKS, TASK_NAMES and the paper's Tables 2, 3, 4 and 6 (with ablations.sh's run name of each row) live
+# in metrics.py, the benchmark's one home.
 PAPER_PROTOCOL = "esm-finetune"
 
 
@@ -110,16 +100,25 @@ class AnalyzeConfig:
     out: str = ""                   # default: <ckpt dir>/analysis
     batch_size: int = 4             # relation-matrix batch (B.5 is silent; B.1's pretraining batch size)
     n_proteins: int = 0             # Table 1 on this many proteins (shuffled); 0 = all
-    tsne_n: int = 500               # proteins per t-SNE panel (0 = no t-SNE)
+    tsne_n: int = 500               # proteins per Fig. 4 t-SNE panel (0 = no t-SNE)
+    tsne_n_initial: int = 1000      # proteins of Fig. 1's panel (the frozen features)
     tsne_perplexity: float = 0.0    # 0 = min(200, (points - 1) / 3)
     tsne_iter: int = 0              # 0 = min(2500, max(250, 2 x points))
     protein: str = ""               # attention of this protein; default: the first with all three modalities
     structure: str = ""             # PDB file of that protein: also write a B-factor copy
     func_tokens: int = 0            # attention: keep only the first K text tokens (0 = all)
+    name: str = ""                  # attention: the protein name as the function text (B.8), encoded alone
+    sites: str = ""                 # attention: TSV of annotated sites (id, residue numbers): k = their count
+    top_k: int = 10                 # attention: residues reported without --sites
     max_len: int = 1022
     seed: int = 0
     device: str = ""                # '' = cuda if available else cpu
     collect: str = ""               # collect runs/*/<task>/results.json under this dir instead
+    overlap: bool = False           # the pretraining-test overlap audit instead (overlap.py)
+    pretrain: str = ""              # --overlap: the pretraining feature set
+    tasks: tuple = ()               # --overlap: feature sets with labels_<task>.json (features/ec features/go)
+    predictions: tuple = ()         # --overlap: predictions.npz files to re-score without the neighbours
+    threads: int = 1                # --overlap: MMseqs2 threads
 
 
 HELP = {
@@ -130,17 +129,31 @@ HELP = {
     "out": "output folder (default: <checkpoint dir>/analysis)",
     "batch_size": "proteins per relation matrix (the paper is silent; 4 = its pretraining batch size)",
     "n_proteins": "Table 1 on the first N proteins after shuffling (0 = all)",
-    "tsne_n": "proteins per t-SNE panel (B.4 used 500 for Fig. 4, 1000 for Fig. 1; 0 = skip t-SNE)",
+    "tsne_n": "paired proteins per Fig. 4 t-SNE panel (AMMA, contrastive; B.4: 500; 0 = skip t-SNE)",
+    "tsne_n_initial": "paired proteins of Fig. 1's t-SNE panel (the frozen features; B.4: 1000)",
     "tsne_perplexity": "t-SNE perplexity (0 = min(200, (points - 1) / 3); B.4: 200)",
     "tsne_iter": "t-SNE iterations (0 = min(2500, max(250, 2 x points)); B.4: 2500)",
     "protein": "protein id for the function-to-residue attention (default: first with seq, str and func)",
     "structure": "PDB file of --protein: also write a copy with the attention in the B-factor column "
                  "(default: the manifest's structure column when that file exists)",
     "func_tokens": "attention: use only the first K function-text tokens (0 = all; the paper used the name)",
+    "name": "attention: the protein name as the only function text, as B.8 does (e.g. 'Hemoglobin subunit alpha'): "
+            "encoded alone by the feature set's text encoder (info.json; real PubMedBERT needs its weights "
+            "locally) instead of the cached whole-text tokens",
+    "sites": "attention: TSV of annotated interacting residues, one line per protein: id<TAB>12,45,46 (1-based "
+             "positions of the features' sequence, e.g. UniProtKB binding sites); the top k residues are reported "
+             "with k = the protein's number of sites (B.8) and how many of them are sites",
+    "top_k": "attention: residues reported as the top k when --sites gives none for the protein",
     "max_len": "residues per protein (as in pretraining)",
     "seed": "seed of the protein order (Table 1 batches, t-SNE subset) and of t-SNE",
     "device": "torch device ('' = cuda if available else cpu)",
     "collect": "instead of analysing a checkpoint, gather every <dir>/*/<task>/results.json into one table",
+    "overlap": "instead: how many test chains of --tasks have a pretraining protein (--pretrain) with an identical "
+               "sequence or at >= 95/50/30%% identity (MMseqs2), and Fmax/AUPR of --predictions without them",
+    "pretrain": "--overlap: the pretraining feature set (its manifest.tsv sequences)",
+    "tasks": "--overlap: the benchmark feature sets whose labels_<task>.json test chains are audited",
+    "predictions": "--overlap: finetune.py's predictions.npz files, re-scored on the test chains without neighbours",
+    "threads": "--overlap: MMseqs2 threads",
 }
 
 
@@ -278,8 +291,9 @@ def tsne_params(n_points, perplexity=0.0, n_iter=0):
     return perplexity, n_iter
 
 
-def tsne_embed(latents, pca_dim, perplexity=0.0, n_iter=0, seed=0):
-    """B.4: per modality min-max scaling and PCA, the modalities' points stacked, one 2-D t-SNE.
+def tsne_embed(latents, pca_dim, perplexity=0.0, n_iter=0, seed=0, minmax=True):
+    """B.4: per modality min-max scaling (Fig. 4; minmax=False for Fig. 1, which B.4 describes with PCA
+    only) and PCA, the modalities' points stacked, one 2-D t-SNE.
     latents {m: [n, d_m]} -> ({m: [n, 2] numpy}, info dict)."""
     import numpy as np
     from sklearn.decomposition import PCA
@@ -290,7 +304,8 @@ def tsne_embed(latents, pca_dim, perplexity=0.0, n_iter=0, seed=0):
     parts = []
     for m in MODALITIES:
         x = latents[m].double().numpy()
-        x = (x - x.min()) / max(x.max() - x.min(), 1e-12)                  # the modality's min and max
+        if minmax:
+            x = (x - x.min()) / max(x.max() - x.min(), 1e-12)              # the modality's min and max
         parts.append(PCA(n_components=k, random_state=seed).fit_transform(x))          # [n, k]
     points = np.concatenate(parts, 0)                                       # [3n, k], modality-major
     perplexity, n_iter = tsne_params(len(points), perplexity, n_iter)
@@ -380,7 +395,10 @@ def write_attention(cfg, model, root, pid, out, device):
         raise SystemExit(f"error: protein {pid} is not in {root}/manifest.tsv")
     row = rows[pid]
     ds = amma.open_features(root, ids=[pid], max_len=cfg.max_len, max_text=cfg.func_tokens or 512)
-    batch = amma.batch_to(amma.collate([ds[0]]), device)
+    item = ds[0]
+    if cfg.name:                                          # B.8: the name alone as the function text
+        item["func"] = name_features(root, cfg.name)[: cfg.func_tokens or 512]
+    batch = amma.batch_to(amma.collate([item]), device)
     try:
         total, a_seq, a_str, _ = function_attention(model, batch)
     except ValueError as e:
@@ -423,6 +441,59 @@ def write_attention(cfg, model, root, pid, out, device):
     lines += [f"{r}\t{i}\t{c}\t{a:.6g}\t{s_:.6g}\t{t:.6g}\t{p}" for r, i, c, a, s_, t, p in table]
     tsv.write_text("\n".join(lines) + "\n")
     return tsv, pdb_path, table
+
+
+def name_features(root, name):
+    """B.8's function text: [CLS] + the protein name's tokens, encoded alone by the feature set's text
+    encoder (info.json: the tiny BERT for tiny sets, else the Hugging Face model named there): [L', d]."""
+    import types
+    import extract_features as ef
+    try:
+        info = json.loads((Path(root) / "info.json").read_text())
+    except (OSError, ValueError):
+        info = {}
+    model = info.get("encoders", {}).get("func")
+    if info.get("synthetic") or not model:
+        raise SystemExit(f"error: --name needs the text encoder of {root}'s func features, but "
+                         f"{'its features are synthetic' if info.get('synthetic') else 'info.json names none'}; "
+                         "use --func-tokens K instead")
+    tiny = model == ef.TINY_NAMES["func"]
+    try:
+        encoder = ef.load_encoder("func", types.SimpleNamespace(encoders="tiny" if tiny else "real",
+                                                                text_model=model, precision="fp32"), "cpu")
+    except ef.FatalError as e:
+        raise SystemExit(f"error: --name: {e}") from None
+    return encoder([encoder.ids({"ProteinName": name})])[0]                  # [1 + name tokens, d]
+
+
+def read_sites(path):
+    """{protein id: sorted 1-based residue numbers} from a sites TSV (id<TAB>12,45 or one site per line)."""
+    sites = {}
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        raise SystemExit(f"error: --sites {path}: {e.strerror}") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        parts = line.split("\t")
+        try:
+            nums = [int(x) for x in parts[1].replace(" ", "").split(",") if x]
+        except (IndexError, ValueError):
+            raise SystemExit(f"error: --sites {path}:{n}: expected 'id<TAB>12,45,46' (1-based residue numbers), "
+                             f"got {line[:60]!r}") from None
+        sites.setdefault(parts[0], set()).update(nums)
+    return {k: sorted(v) for k, v in sites.items()}
+
+
+def top_residues(ranked, sites, k_default):
+    """B.8: the top-k residues by attention, k = the number of annotated sites (else k_default), and how
+    many of them are sites."""
+    k = len(sites) if sites else k_default
+    top = ranked[:k]
+    return {"k": len(top), "k_from": "annotated sites" if sites else "--top-k", "top": [i for _, i, *_ in top],
+            "letters": [c for _, _, c, *_ in top], "sites": sites,
+            "hits": len({i for _, i, *_ in top} & set(sites)) if sites else None}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -475,7 +546,8 @@ def analyze(cfg):
     dataset = amma.open_features(root, ids=ids, max_len=cfg.max_len)
     print(f"AMMA {config.variant} from {cfg.ckpt} on {root}: {len(ids)} proteins with all three modalities, "
           f"relation batches of {cfg.batch_size}, device {device}")
-    scores, kept = compute_latents(models, dataset, cfg.batch_size, cfg.tsne_n, device)
+    n_tsne = {"initial": cfg.tsne_n_initial if cfg.tsne_n else 0, "amma": cfg.tsne_n, "contrastive": cfg.tsne_n}
+    scores, kept = compute_latents(models, dataset, cfg.batch_size, max(n_tsne.values()), device)
     n_batches = len(scores["initial"][False]["seq-str"])
     mean = lambda v: sum(v) / len(v)
     table = {c: {p: mean(v) for p, v in scores[c][False].items()} for c in models}
@@ -501,24 +573,31 @@ def analyze(cfg):
                   f"all-ones, so this column is close to 1 whatever the alignment")
 
     if cfg.tsne_n:
-        panels = {"initial": ("frozen features (Fig. 1)", 100), "amma": ("AMMA Z'_{m,0} (Fig. 4a)", 500),
-                  "contrastive": ("AMMA-contrastive z_m (Fig. 4b)", 500)}
+        # B.4: Fig. 1 = PCA to 100 of the encoders' outputs; Fig. 4 = min-max scaling per modality, PCA to 500
+        panels = {"initial": ("frozen features (Fig. 1)", 100, False), "amma": ("AMMA Z'_{m,0} (Fig. 4a)", 500, True),
+                  "contrastive": ("AMMA-contrastive z_m (Fig. 4b)", 500, True)}
         for col in models:
-            title, pca_dim = panels[col]
-            coords, info = tsne_embed(kept[col], pca_dim, cfg.tsne_perplexity, cfg.tsne_iter, cfg.seed)
+            title, pca_dim, minmax = panels[col]
+            first = {m: z[:n_tsne[col]] for m, z in kept[col].items()}           # the same proteins, first n
+            coords, info = tsne_embed(first, pca_dim, cfg.tsne_perplexity, cfg.tsne_iter, cfg.seed, minmax)
             path = out / f"tsne_{col}.png"
             plot_tsne(coords, info, f"t-SNE: {title}", path)
             files.append(path)
-        print(f"\nt-SNE: {info['n_proteins']} proteins x 3 modalities, perplexity {info['perplexity']:.1f}, "
-              f"{info['iterations']} iterations")
+            print(f"\nt-SNE {col}: {info['n_proteins']} proteins x 3 modalities, PCA {info['pca_components']}"
+                  f"{', min-max scaled' if minmax else ''}, perplexity {info['perplexity']:.1f}, "
+                  f"{info['iterations']} iterations")
 
     pid = cfg.protein or ids[0]
     if not cfg.protein:
         print(f"\nattention: no --protein given, using {pid}")
     tsv, pdb, ranked = write_attention(cfg, model, root, pid, out, device)
     files += [tsv] + ([pdb] if pdb else [])
-    top = ", ".join(f"{c}{i}" for _, i, c, *_ in ranked[:10])
-    print(f"\nfunction-to-residue attention of {pid} ({len(ranked)} residues), top 10: {top}")
+    top = top_residues(ranked, read_sites(cfg.sites).get(pid) if cfg.sites else None, cfg.top_k)
+    amma.atomic_write_text(out / f"attention_{pid}.json", json.dumps({"protein": pid, **top}, indent=1) + "\n")
+    files.append(out / f"attention_{pid}.json")
+    print(f"\nfunction-to-residue attention of {pid} ({len(ranked)} residues), top {top['k']} ({top['k_from']}): "
+          + ", ".join(f"{c}{i}" for c, i in zip(top["letters"], top["top"]))
+          + (f"; {top['hits']} of them annotated sites" if top["sites"] is not None else ""))
     print(f"\nwrote ({time.time() - t0:.0f} s):\n" + "\n".join(f"  {f}" for f in files))
     return result
 
@@ -553,16 +632,53 @@ def read_metrics(results):
 def read_run(path):
     """One finetuning's results.json -> dict(fmax, aupr in percent, protocol, synthetic, tiny, baseline)."""
     results = json.loads(path.read_text())
+    if not isinstance(results, dict):
+        raise ValueError("not a results object")
     fm, au = read_metrics(results)
     base = (results.get("baseline") or {}).get("test") or {}
     return {"fmax": fm, "aupr": au, "protocol": results.get("protocol", "unknown"),
             "synthetic": bool(results.get("synthetic")), "tiny": bool(results.get("tiny")),
-            "features": results.get("features", ""),
+            "features": results.get("features", ""), "seed": results.get("seed"), "path": str(path),
             "baseline": [100 * base["fmax"], 100 * base["aupr"]] if "fmax" in base and "aupr" in base else None}
 
 
 def _cell(pair):
     return " / ".join("-" if v is None else f"{v:.1f}" for v in pair)
+
+
+def seed_stats(runs):
+    """One cell from a run's finetunings over seeds: mean (fmax, aupr), sample SD (None for one seed), n,
+    and the per-seed values; protocol, marks and the baseline from all of them."""
+    def mean_sd(vals):
+        vals = [v for v in vals if v is not None]
+        if not vals:
+            return None, None
+        m = sum(vals) / len(vals)
+        return m, (math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else None)
+    (fm, fsd), (au, asd) = mean_sd([r["fmax"] for r in runs]), mean_sd([r["aupr"] for r in runs])
+    return {"fmax": fm, "aupr": au, "fmax_sd": fsd, "aupr_sd": asd, "n": len(runs),
+            "seeds": [r.get("seed") for r in runs], "values": [[r["fmax"], r["aupr"]] for r in runs],
+            "protocol": ", ".join(sorted({r["protocol"] for r in runs})),
+            "synthetic": any(r["synthetic"] for r in runs), "tiny": any(r["tiny"] for r in runs),
+            "features": runs[0]["features"], "baseline": runs[0]["baseline"], "paths": [r["path"] for r in runs]}
+
+
+def far_from_paper(mean, sd, paper):
+    """More than 2 SD of our seeds away from the paper's number (an SD of 0 counts any difference);
+    never with one seed (no SD)."""
+    if mean is None or sd is None or paper is None:
+        return False
+    return abs(mean - paper) > 2 * sd if sd > 0 else abs(mean - paper) > 0.05
+
+
+def _stat_cell(r, paper=None):
+    """Our cell: 'mean+-SD / mean+-SD (n=k)', a '!' after a metric more than 2 SD from the paper's."""
+    parts = []
+    for i, metric in enumerate(("fmax", "aupr")):
+        m, sd = r[metric], r[f"{metric}_sd"]
+        text = "-" if m is None else f"{m:.1f}" + ("" if sd is None else f"+-{sd:.1f}")
+        parts.append(text + ("!" if paper and far_from_paper(m, sd, paper[i]) else ""))
+    return " / ".join(parts) + f" (n={r['n']})"
 
 
 def _our_averages(cells, averages):
@@ -577,7 +693,7 @@ def _our_averages(cells, averages):
 
 def table_rows(name, spec, found):
     """The rows of one paper table: ours (when run), each followed by the paper's; then the baseline."""
-    rows, protocols, marks = [], set(), set()
+    rows, protocols, marks, flagged = [], set(), set(), []
     for run, label, paper, paper_avg in spec["rows"]:
         if run in found:
             r = found[run]
@@ -586,9 +702,16 @@ def table_rows(name, spec, found):
             mark = "synthetic" if any(r[t]["synthetic"] for t in r) else "tiny" if any(r[t]["tiny"] for t in r) else ""
             protocols.update(proto)
             marks.add(mark)
+            stats = {t: {k: r[t][k] for k in ("fmax_sd", "aupr_sd", "n", "seeds", "values")} for t in spec["tasks"]
+                     if t in r}
+            far = [t for t in stats if paper and far_from_paper(r[t]["fmax"], r[t]["fmax_sd"], paper[t][0])
+                   or paper and far_from_paper(r[t]["aupr"], r[t]["aupr_sd"], paper[t][1])]
+            if far:
+                flagged.append(f"{run}: {', '.join(far)}")
             rows.append({"row": f"ours: {run}" + (f" [{mark}]" if mark else ""), "protocol": ", ".join(proto),
-                         "cells": [_cell(c) if c else "-" for c in cells],
-                         "averages": _our_averages(cells, spec["averages"]), "values": cells})
+                         "cells": [_stat_cell(r[t], paper.get(t) if paper else None) if t in r else "-"
+                                   for t in spec["tasks"]],
+                         "averages": _our_averages(cells, spec["averages"]), "values": cells, "seeds": stats})
         if not paper:                                                          # a run of no paper table
             continue
         rows.append({"row": f"  paper: {label}", "protocol": PAPER_PROTOCOL,
@@ -610,6 +733,9 @@ def table_rows(name, spec, found):
                      "compare rows of the same protocol only")
     elif protocols and protocols != {PAPER_PROTOCOL}:
         notes.append(f"{name}: our rows ran {protocols.pop()}, the paper's {PAPER_PROTOCOL}")
+    if flagged:
+        notes.append(f"{name}: '!' marks a mean more than 2 SD (of our seeds) from the paper's number: "
+                     + "; ".join(flagged))
     if marks - {""}:
         notes.append(f"{name}: rows marked [synthetic] / [tiny] come from the demo or tiny random-init encoders: "
                      "they test the pipeline and say nothing about real proteins")
@@ -627,16 +753,30 @@ def format_table(name, spec, rows, markdown=False):
     return "\n".join([f"{name}: {spec['title']} (test, percent)", fmt(header)] + [fmt(b) for b in body])
 
 
+def run_and_task(rel):
+    """(run, task) of a results.json path relative to the collected folder: <run>/<task>/results.json,
+    <run>/<task>/seed-<s>/results.json (SEEDS) or <run>/seed-<s>/<task>/results.json (SEED_PRETRAIN);
+    None for anything else."""
+    parts = rel.parts[:-1]
+    seeds = [p for p in parts[1:] if p.startswith("seed-")]
+    rest = [p for p in parts[1:] if not p.startswith("seed-")]
+    if len(parts) not in (2, 3) or parts[0].startswith("seed-") or len(seeds) != len(parts) - 2 or rest[0] not in TASKS:
+        return None
+    return parts[0], rest[0]
+
+
 def collect(root):
-    """Gather <root>/<run>/<task>/results.json into the paper's Tables 2, 3, 4 and 6 (ours, each with the
-    paper's row under it and the label-frequency baseline), plus any other runs; print them and write
-    <root>/results_table.md and .json."""
+    """Gather every finetuning's results.json under root (<run>/<task>/, one folder per seed below or
+    above the task's with ablations.sh's SEEDS) into the paper's Tables 2, 3, 4 and 6: ours as mean +- SD
+    over seeds with n, each followed by the paper's row, then the label-frequency baseline; plus any other
+    runs; print them and write <root>/results_table.md and .json."""
     root = Path(root)
     found = {}
-    for path in sorted(root.glob("*/*/results.json")):
-        run, task = path.parent.parent.name, path.parent.name
-        if task not in TASKS:
+    for path in sorted(root.rglob("results.json")):
+        key = run_and_task(path.relative_to(root))
+        if key is None:
             continue
+        run, task = key
         try:
             r = read_run(path)
         except (OSError, ValueError) as e:
@@ -645,7 +785,8 @@ def collect(root):
         if r["fmax"] is None and r["aupr"] is None:
             print(f"skipping {path}: no test Fmax/AUPR found")
             continue
-        found.setdefault(run, {})[task] = r
+        found.setdefault(run, {}).setdefault(task, []).append(r)
+    found = {run: {t: seed_stats(rs) for t, rs in tasks.items()} for run, tasks in found.items()}
     if not found:
         raise SystemExit(f"error: no {root}/<run>/<task>/results.json with task in {', '.join(TASKS)}")
     text, md, saved = [], [f"# Results collected from {root}", ""], {}
@@ -667,10 +808,76 @@ def collect(root):
     (root / "results_table.json").write_text(json.dumps(
         {"unit": "percent", "metrics": "test Fmax / AUPR", "tables": saved,
          "runs": {run: {t: [r["fmax"], r["aupr"]] for t, r in tasks.items()} for run, tasks in found.items()},
-         "protocols": {run: {t: r["protocol"] for t, r in tasks.items()} for run, tasks in found.items()}},
+         "protocols": {run: {t: r["protocol"] for t, r in tasks.items()} for run, tasks in found.items()},
+         "seeds": {run: {t: {k: r[k] for k in ("n", "seeds", "fmax_sd", "aupr_sd", "values", "paths")}
+                         for t, r in tasks.items()} for run, tasks in found.items()}},
         indent=1) + "\n")
     print(f"wrote {root / 'results_table.md'} and {root / 'results_table.json'} ({len(found)} runs)")
     return {run: {t: [r["fmax"], r["aupr"]] for t, r in tasks.items()} for run, tasks in found.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# the overlap audit: test chains with a pretraining neighbour, and the metrics without them
+
+def neighbour_sets(entry):
+    """{label: ids} of one task's audit entry: identical, then >= 95 / 50 / 30 % (where MMseqs2 ran)."""
+    out = {"identical": set(entry["identical"])}
+    for t in overlap.THRESHOLDS:
+        key = f">={round(100 * t)}"
+        if entry[key] is not None:
+            out[key] = set(entry[key])
+    return out
+
+
+def rescore(path, report):
+    """Fmax / AUPR of one predictions file at its cutoff: all its test chains, then without each neighbour set."""
+    import metrics
+    data = metrics.load_predictions(path)
+    task, cutoff = data["meta"].get("task"), data["meta"].get("cutoff", 95)
+    if task not in report["tasks"]:
+        raise ValueError(f"{path}: task {task!r} is not among the audited tasks ({', '.join(report['tasks'])})")
+    cutoff = cutoff if cutoff in data["test_cutoffs"].tolist() else None
+    ids = set(data["test_ids"].tolist())
+    rows = {"all test chains": metrics.split_scores(data, "test", cutoff)}
+    for label, drop in neighbour_sets(report["tasks"][task]).items():
+        rows[f"without {label}"] = metrics.split_scores(data, "test", cutoff, keep=ids - drop)
+    return {"file": str(path), "task": task, "cutoff": cutoff, "epoch": data["meta"].get("epoch"), "rows": rows}
+
+
+def overlap_text(report, rescored):
+    cols = ["identical"] + [f">={round(100 * t)}%" for t in overlap.THRESHOLDS]
+    lines = [f"Overlap of test chains with the pretraining set {report['pretrain']} ({report['pretrain_proteins']} "
+             f"proteins; identity: {report['identity']})", f"{'task':<8}{'test chains':>12}" + "".join(f"{c:>11}" for c in cols)]
+    for task, e in report["tasks"].items():
+        cells = [len(e["identical"])] + [e[f">={round(100 * t)}"] for t in overlap.THRESHOLDS]
+        lines.append(f"{task:<8}{e['test_chains']:>12}" + "".join(f"{'-' if c is None else len(c) if isinstance(c, list) else c:>11}"
+                                                                   for c in cells))
+    if not report["mmseqs"]:
+        lines.append(f"note: the >= 95/50/30% columns need MMseqs2 ({overlap.MMSEQS_HINT}); identical sequences "
+                     "were counted without it")
+    for r in rescored:
+        lines += ["", f"{r['file']} ({r['task']}, epoch {r['epoch']}, test at <{r['cutoff']}% identity): Fmax / AUPR (%)"]
+        for label, s in r["rows"].items():
+            cell = "-" if s["n"] == 0 else f"{100 * s['fmax']:.1f} / {100 * s['aupr']:.1f}"
+            lines.append(f"  {label:<22}{s['n']:>7} chains  {cell}")
+    return "\n".join(lines)
+
+
+def overlap_audit(cfg):
+    """analyze.py --overlap: the audit table, the re-scored predictions, overlap.json in --out (default runs/overlap)."""
+    if not cfg.pretrain or not cfg.tasks:
+        raise SystemExit("error: --overlap needs --pretrain DIR and --tasks DIR [DIR ...]")
+    try:
+        report = overlap.audit(cfg.pretrain, cfg.tasks, cfg.threads)
+        rescored = [rescore(p, report) for p in cfg.predictions]
+    except (ValueError, RuntimeError, OSError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(overlap_text(report, rescored))
+    out = Path(cfg.out or "runs/overlap")
+    out.mkdir(parents=True, exist_ok=True)
+    amma.atomic_write_text(out / "overlap.json", json.dumps({**report, "rescored": rescored}, indent=1) + "\n")
+    print(f"\nwrote {out / 'overlap.json'}")
+    return {**report, "rescored": rescored}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -681,9 +888,11 @@ def build_parser():
                                             "AMMA (paper 4.3, B.4, B.5, B.8); --collect gathers finetuning results.")
     for f in fields(AnalyzeConfig):
         name = "--" + f.name.replace("_", "-")
-        shown = f.default not in ("", 0) and "default" not in HELP[f.name]
-        p.add_argument(name, type=type(f.default), default=f.default,
-                       help=HELP[f.name] + (" (default: %(default)s)" if shown else ""))
+        shown = f.default not in ("", 0, (), False) and "default" not in HELP[f.name]
+        kind = (dict(action="store_true") if isinstance(f.default, bool) else
+                dict(nargs="+", type=str) if isinstance(f.default, tuple) else dict(type=type(f.default)))
+        p.add_argument(name, default=f.default, help=HELP[f.name] + (" (default: %(default)s)" if shown else ""),
+                       **kind)
     return p
 
 
@@ -692,8 +901,10 @@ def main(argv=None):
     cfg = AnalyzeConfig(**vars(args))
     if cfg.collect:
         return collect(cfg.collect)
+    if cfg.overlap:
+        return overlap_audit(cfg)
     if not cfg.ckpt:
-        build_parser().error("--ckpt is required (or --collect DIR)")
+        build_parser().error("--ckpt is required (or --collect DIR, or --overlap)")
     try:
         return analyze(cfg)
     except (ValueError, FileNotFoundError) as e:  # a truncated feature file, a missing structure: one line

@@ -59,6 +59,8 @@ from pathlib import Path
 
 import torch
 
+from metrics import TASKS   # the benchmark's names live in metrics.py
+
 AA = "ACDEFGHIKLMNPQRSTVWY"
 AA3 = {"A": "ALA", "C": "CYS", "D": "ASP", "E": "GLU", "F": "PHE", "G": "GLY", "H": "HIS",
        "I": "ILE", "K": "LYS", "L": "LEU", "M": "MET", "N": "ASN", "P": "PRO", "Q": "GLN",
@@ -66,7 +68,6 @@ AA3 = {"A": "ALA", "C": "CYS", "D": "ASP", "E": "GLU", "F": "PHE", "G": "GLY", "
 CA_CA = 3.8                      # Angstrom between consecutive C-alpha atoms
 MAX_POS = 200                    # consensus lengths stay below this
 TEXT_FIELDS = ("ProteinName", "Function", "SubcellularLocation", "Similarity")
-TASKS = ("ec", "go-mf", "go-cc", "go-bp")
 CUTOFFS = ("30", "40", "50", "70", "95")
 DIMS = {"seq": 64, "str": 96, "func": 48}
 

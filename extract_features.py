@@ -110,6 +110,7 @@ from sources import (  # noqa: F401
     read_test_csv, require, safe_extract, split_structures, structure_bytes, structure_name, structure_of,
     structure_stem, structures_in, subsequence_gap, tar_members, task_files, task_proteins, texts_by_id,
     unmatched_residues)
+import overlap
 
 ESM1B_NAME = "esm1b_t33_650M_UR50S"
 ESM_URL = "https://dl.fbaipublicfiles.com/fair-esm/models/{}.pt"  # fair-esm's esm/pretrained.py
@@ -163,6 +164,12 @@ class ExtractConfig:
                        "go to <out>/picks.json",
                        nargs=3, type=int, metavar=("PAIRED", "SEQSTR", "SEQFUNC"))
     seed: int = _opt(0, "random seed of --pick", type=int)
+    exclude_similar_to: tuple = _opt(None, "alphafold: leave out every protein whose sequence is identical, or "
+                                     "at >= --identity (MMseqs2), to a test chain of these feature sets (e.g. "
+                                     "features/ec features/go), before --pick; ids in <out>/excluded_similar.json",
+                                     nargs="+", metavar="SET")
+    identity: float = _opt(0.95, "sequence identity of --exclude-similar-to (1.0 = identical sequences only, "
+                           "no MMseqs2 needed)", type=float)
     data: str = _opt(None, "ec/go: torchdrug's EnzymeCommission.zip / GeneOntology.zip, the directory torchdrug "
                      "or this script extracted it to, or a directory of DeepFRI's files "
                      "(nrPDB-EC_*_annot.tsv, *_train.txt, ...)")
@@ -655,14 +662,15 @@ def load_encoder(modality, cfg, device):
     """The encoder of one modality, loaded on first need. Weights that cannot be had raise FatalError
     with the full reason and the flag that fixes it (--esm-weights, --text-model, --gearnet-ckpt)."""
     tiny = cfg.encoders == "tiny"
+    precision = getattr(cfg, "precision", "fp32")     # a partial config (analyze.py --name, tests): exact fp32
     if modality == "seq":
         if tiny:
             model, alphabet, layer = tiny_esm()
-            return SeqEncoder(model, alphabet, layer, device, TINY_NAMES["seq"], precision=cfg.precision)
+            return SeqEncoder(model, alphabet, layer, device, TINY_NAMES["seq"], precision=precision)
         name = esm_model_name(cfg)
         model, alphabet, layer, weights = resolve_esm(name, cfg.esm_weights)
         log(f"sequence encoder: {name}{f' from {weights}' if weights else ''}, layer {layer} of {layer}")
-        return SeqEncoder(model, alphabet, layer, device, name, weights, cfg.precision)
+        return SeqEncoder(model, alphabet, layer, device, name, weights, precision)
     if modality == "str":
         if tiny:
             return gearnet.tiny_gearnet(seed=0).to(device).eval()
@@ -686,13 +694,13 @@ def load_encoder(modality, cfg, device):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             model = BertModel(config, add_pooling_layer=False)
-        return TextEncoder(tokenizer, model, device, cfg.precision)
+        return TextEncoder(tokenizer, model, device, precision)
     try:
         tokenizer, model = load_text_model(cfg.text_model)
     except Exception as e:  # no network, missing cache, corrupt file: all end the run the same way
         raise FatalError(f"could not load the text model {cfg.text_model}: {type(e).__name__}: {full_reason(e)} "
                          f"-- fix: {text_fix(cfg)}{TINY_HINT}") from None
-    return TextEncoder(tokenizer, model, device, cfg.precision)
+    return TextEncoder(tokenizer, model, device, precision)
 
 
 # ----------------------------------------------------------------------------- proteins and their files
@@ -1278,6 +1286,9 @@ def extract_alphafold(cfg, out, modalities, encoders):
     beside it); the join's left-out accessions in alphafold_mismatch.json. Returns the summaries."""
     summaries = []
     sets, left_out, join, table = alphafold_sets(cfg)
+    if cfg.exclude_similar_to:   # overlap.py: pretraining proteins too close to the benchmarks' test chains
+        sets, table, _ = overlap.exclude_similar(sets, table, cfg.exclude_similar_to, cfg.identity, log, out,
+                                                 FatalError)
     names = ("paired", "seqstr", "seqfunc") if cfg.unpaired else ("paired",)
     if cfg.pick is not None:
         sets, record = pick_sets(sets, table, cfg.pick, cfg.seed)

@@ -10,6 +10,8 @@ together (the paper's protocol, the default on real ESM features); --esm frozen 
     python finetune.py --task ec --ckpt runs/amma/checkpoint.pt            # features/ec, the paper's protocol
     python finetune.py --task go-bp --ckpt runs/amma/checkpoint.pt --cutoff 50   # test chains <50% identity
     python finetune.py --task go-cc --from-scratch                         # no pretraining (a baseline)
+    python finetune.py --task ec --baseline esm                            # Table 2's ESM-1b row (no AMMA)
+    python metrics.py runs/amma/ec/predictions.npz                         # recompute results.json's numbers
     python finetune.py --task ec --ckpt runs/amma/checkpoint.pt --esm frozen     # cached ESM features (fast)
     python finetune.py --task go-bp --ckpt runs/amma/checkpoint.pt --esm-checkpointing   # less GPU memory
     python finetune.py --task ec --ckpt runs/amma/checkpoint.pt --resume         # continue after a stop
@@ -17,12 +19,16 @@ together (the paper's protocol, the default on real ESM features); --esm frozen 
 
 Data: features/ec (task ec) or features/go (go-*), written by extract_features.py, and its
 labels_<task>.json (terms, class indices per protein, train/valid/test splits, test_identity).
---cutoff keeps the test chains whose test_identity[id][cutoff] is 1 (a chain without an entry is
-kept, as torchdrug does). Output: runs/<name>/<task>/ (name = the checkpoint's folder, 'scratch'
-with --from-scratch): results.json (valid and test Fmax / AUPR per epoch, the epoch selected by
-validation Fmax, config, seed, proteins per split, whether tiny/synthetic features were used, a
-label-frequency baseline, the protocol), checkpoint.pt (every epoch, every 30 minutes and on SIGTERM /
-Ctrl-C, for --resume) and best.pt (weights of the selected epoch). A table in the layout of the
+Every test chain is scored; a cutoff c keeps the chains whose test_identity[id][c] is 1 (a chain
+without an entry is kept, as torchdrug does). results.json's "test" is the --cutoff one (95, the
+paper's), "test_cutoffs" holds every cutoff of the file (30 40 50 70 95, torchdrug's test_cutoffs),
+all at the epoch selected on validation. Output: runs/<name>/<task>/ (name = the checkpoint's
+folder, 'scratch' with --from-scratch, 'esm-1b' with --baseline esm): results.json (valid and test
+Fmax / AUPR per epoch, the epoch selected by validation Fmax, config, seed, proteins per split,
+whether tiny/synthetic features were used, a label-frequency baseline, the protocol),
+predictions.npz (the selected epoch's valid and test logits, labels, ids and cutoff membership,
+metrics.py's format: `python metrics.py PATH` gives results.json's numbers), checkpoint.pt (every
+epoch, every 30 minutes and on SIGTERM / Ctrl-C, for --resume) and best.pt (weights of the selected epoch). A table in the layout of the
 paper's Table 2 is printed at the end.
 
 Demo: with no --features, no --ckpt and no features/ec|go (or with --demo), the run uses the
@@ -72,17 +78,16 @@ import torch.nn.functional as F
 
 import amma
 from amma import arg
-from metrics import aupr, fmax
+from metrics import CUTOFFS, TASKS, aupr, cutoff_members, fmax, paper_row, save_predictions
 
-TASKS = ("ec", "go-mf", "go-cc", "go-bp")
-CUTOFFS = (30, 40, 50, 70, 95)
 PAPER = {  # B.2
     "ec": dict(batch_size=1, epochs=100, optimizer="adamw"),
     "go-mf": dict(batch_size=1, epochs=50, optimizer="adam"),
     "go-cc": dict(batch_size=1, epochs=50, optimizer="adam"),
     "go-bp": dict(batch_size=4, epochs=50, optimizer="adamw"),
 }
-TABLE2 = {"ec": (88.7, 89.8), "go-mf": (67.3, 65.5), "go-cc": (49.8, 36.9), "go-bp": (46.9, 33.6)}  # AMMA, %
+TABLE2 = paper_row("Table 2", "amma")            # AMMA's row, percent (metrics.PAPER_TABLES is the one home)
+TABLE2_ESM = paper_row("Table 2", "esm-1b")      # the ESM-1b row (--baseline esm)
 WEIGHT_DECAY = {"adam": 0.0, "adamw": 0.01}   # torch's defaults; the paper gives none
 # The demo finetuning: the synthetic demo (168 train proteins) learns in well under a CPU minute.
 DEMO_FT = dict(epochs=6, batch_size=8, lr=2e-4, lr_head=2e-3, optimizer="adamw", num_workers=0, eval_batch_size=64)
@@ -95,6 +100,11 @@ class FinetuneConfig:
     task: str = arg("go-mf", "downstream task", choices=TASKS)
     ckpt: str = arg("", "AMMA pretraining checkpoint (runs/<name>/checkpoint.pt)")
     from_scratch: bool = arg(False, "random-init encoder instead of --ckpt (a no-pretraining baseline)")
+    baseline: str = arg("", "esm: Table 2's ESM-1b row, no AMMA: the sequence encoder's per-residue outputs, "
+                        "averaged over residues, into the same two-layer head, trained with the paper's B.2 "
+                        "settings (ESM in the loop on real features; on synthetic/tiny features without a "
+                        "real ESM, the head on the frozen cached seq features, marked esm-frozen)",
+                        choices=("", "esm"))
     features: str = arg("", "feature set with labels_<task>.json (default features/ec for ec, features/go for go-*)")
     out: str = arg("", "output folder (default runs/<checkpoint folder>/<task>, runs/scratch/<task>)")
     esm: str = arg("auto", "finetune: ESM in the loop on the manifest's sequences, trained with the rest (the "
@@ -301,7 +311,10 @@ def load_task(cfg):
     data = read_labels(root / f"labels_{cfg.task}.json", cfg.task)
     splits = {s: list(data["splits"].get(s) or []) for s in ("train", "valid", "test")}
     n_test_all = len(splits["test"])
-    splits["test"] = apply_cutoff(splits["test"], data.get("test_identity") or {}, cfg.cutoff)
+    at_cutoff = apply_cutoff(splits["test"], data.get("test_identity") or {}, cfg.cutoff)   # checks the column
+    if len(at_cutoff) < n_test_all:
+        print(f"test: {len(at_cutoff)} of {n_test_all} chains at <{cfg.cutoff}% identity (reported as 'test'); every "
+              "chain is scored, each cutoff a subset (results.json test_cutoffs)")
     rows = {r["id"]: r for r in amma.read_manifest(root)}
     needed = "str" if cfg.esm == "finetune" else "seq"
     if cfg.esm == "finetune" and any(not r.get("sequence") for r in rows.values()):
@@ -456,6 +469,15 @@ def build_esm(info, cfg, device):
     return SeqInLoop(model, alphabet, layer, cfg.esm_checkpointing), label
 
 
+def with_esm(esm, batch, device):
+    """The batch with ESM's per-residue features as its seq (tokens from collate_task, or made here)."""
+    if "tokens" not in batch:                                                  # sequences not tokenised in collate
+        width = amma.padded_length(max(map(len, batch["sequence"])))
+        batch = {**batch, "tokens": esm_tokens(batch["sequence"], esm.vocab, width).to(device),
+                 "seq_len": torch.tensor([len(s) for s in batch["sequence"]], device=device)}
+    return {**batch, **esm(batch["tokens"], batch["seq_len"])}
+
+
 class FunctionModel(nn.Module):
     """The pretrained encoder, its protein vector (readout 'cls': the [CLS] output of Enc_multi, B.2;
     'mean': the mean of its sequence tokens' outputs; AMMA-contrastive: the sequence latent) and two
@@ -480,11 +502,7 @@ class FunctionModel(nn.Module):
         tokens' outputs [B, D]} (AMMA-contrastive: {"latent": the sequence latent [B, D]}) and the
         modules the batch left out of the graph."""
         if self.esm is not None:
-            if "tokens" not in batch:                                          # sequences not tokenised in collate
-                width = amma.padded_length(max(map(len, batch["sequence"])))
-                batch = {**batch, "tokens": esm_tokens(batch["sequence"], self.esm.vocab, width).to(self.head[0].weight.device),
-                         "seq_len": torch.tensor([len(s) for s in batch["sequence"]], device=self.head[0].weight.device)}
-            batch = {**batch, **self.esm(batch["tokens"], batch["seq_len"])}
+            batch = with_esm(self.esm, batch, self.head[0].weight.device)
         if self.contrastive:
             z, _ = self.con.latents({"seq": batch["seq"], "seq_len": batch["seq_len"]})
             return {"latent": z["seq"]}, []                                    # [B, D]
@@ -500,6 +518,35 @@ class FunctionModel(nn.Module):
         h = vectors["latent" if self.contrastive else self.readout]            # [B, D]
         with torch.autocast(h.device.type, enabled=False):  # fp32 logits: bf16 would tie many scores
             return self.head(h.float()) + amma.touch(idle)                     # [B, classes]
+
+
+class EsmBaseline(nn.Module):
+    """Table 2's ESM-1b row: no AMMA. The sequence encoder's per-residue outputs (ESM in the loop, or the
+    cached seq features when it is frozen) averaged over the residues, into the same two fully
+    connected layers as FunctionModel (Linear(d, d), ReLU, Linear(d, classes)) with d = the encoder's width."""
+
+    contrastive = False
+
+    def __init__(self, d, n_classes, esm=None):
+        super().__init__()
+        self.esm = esm
+        self.head = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, n_classes))
+
+    def forward(self, batch):
+        if self.esm is not None:
+            batch = with_esm(self.esm, batch, self.head[0].weight.device)
+        x, n = batch["seq"], batch["seq_len"]                                         # [B, L, d], [B]
+        valid = torch.arange(x.shape[1], device=x.device)[None, :] < n[:, None]       # [B, L]
+        h = (x * valid[..., None]).sum(1) / n.clamp_min(1)[:, None]                   # [B, d]
+        with torch.autocast(h.device.type, enabled=False):
+            return self.head(h.float())                                               # [B, classes]
+
+
+def start_name(cfg, mc):
+    """What the banner says is finetuned."""
+    if cfg.baseline:
+        return "the ESM-1b baseline (no AMMA: mean of the sequence encoder's outputs + the two-layer head)"
+    return f"{'from scratch' if not cfg.ckpt else cfg.ckpt} ({mc.variant}, D={mc.D})"
 
 
 def read_pretrained(path):
@@ -618,6 +665,42 @@ def predictor_fields(cfg, info, valid_logits, valid_targets):
     return {"task": cfg.task, "threshold": threshold, "valid_fmax": f, "modalities": cfg.modalities.split(","),
             "readout": cfg.readout, "features": cfg.features, "info": info}
 
+def cutoff_rows(sets, data):
+    """{cutoff: bool [test proteins]} of the test set as scored (metrics.cutoff_members)."""
+    return cutoff_members(sets["test"].ids, data.get("test_identity") or {})
+
+
+def cutoff_counts(sets, data, cutoff):
+    """counts entries for the test set: 'test' = chains at --cutoff, 'test_scored' = all scored,
+    'test_at_cutoff' = {cutoff: chains}."""
+    members = cutoff_rows(sets, data)
+    n = {str(c): int(m.sum()) for c, m in members.items()}
+    return {"test": n.get(str(cutoff), len(sets["test"])), "test_scored": len(sets["test"]), "test_at_cutoff": n}
+
+
+def epoch_metrics(pred, sets, data, cutoff):
+    """One epoch's metrics: valid, test at --cutoff (the reported one) and test at every cutoff of the
+    file ({'30': {fmax, aupr, n}, ...}); the test set holds every test chain, each cutoff a subset."""
+    members = cutoff_rows(sets, data)
+    target = sets["test"].targets
+    at = {}
+    for c, m in members.items():
+        rows = torch.from_numpy(m)
+        at[str(c)] = {**scores(pred["test"][rows], target[rows]), "n": int(m.sum())} if m.any() else \
+            {"fmax": None, "aupr": None, "n": 0}
+    test = {k: at[str(cutoff)][k] for k in ("fmax", "aupr")} if str(cutoff) in at else scores(pred["test"], target)
+    return {"valid": scores(pred["valid"], sets["valid"].targets), "test": test, "test_cutoffs": at}
+
+
+def write_predictions(path, pred, sets, data, cfg, epoch):
+    """predictions.npz of one epoch (the selected one): valid and test ids, logits, labels and the test
+    chains' cutoff membership (metrics.py's format; `python metrics.py PATH` recomputes results.json)."""
+    splits = {sp: (sets[sp].ids, pred[sp], sets[sp].targets) for sp in ("valid", "test")}
+    meta = {"task": cfg.task, "epoch": epoch, "cutoff": cfg.cutoff, "seed": cfg.seed, "features": cfg.features,
+            "pretrained": cfg.ckpt or None, "baseline": cfg.baseline or None, "protocol": f"esm-{cfg.esm}",
+            "scores": "logits (float32)"}
+    return save_predictions(path, splits, cutoff_rows(sets, data), data["terms"], meta)
+
 
 def frequency_baseline(sets):
     """Every term scored by its train-set frequency, the same for every protein (a naive baseline)."""
@@ -629,10 +712,13 @@ def frequency_baseline(sets):
 # output
 
 def table(task, result):
-    """Table 2's layout: Fmax / AUPR in percent, the paper's AMMA row and ours for this task."""
+    """Table 2's layout: Fmax / AUPR in percent, the paper's row (AMMA, or ESM-1b for --baseline esm)
+    and ours for this task at the reported cutoff (95%, the paper's); then every cutoff of the run."""
     def cell(f, a):
         return f"{f:5.1f} / {a:5.1f}"
-    rows = [("AMMA (paper, Table 2: ESM-1b finetuned)", {t: cell(*TABLE2[t]) for t in TASKS})]
+    esm_row = result.get("model", "").startswith("ESM")
+    rows = [("ESM-1b (paper, Table 2)" if esm_row else "AMMA (paper, Table 2: ESM-1b finetuned)",
+             {t: cell(*(TABLE2_ESM if esm_row else TABLE2)[t]) for t in TASKS})]
     what = "demo, synthetic" if result["synthetic"] else "tiny encoders" if result["tiny"] else result["features"]
     rows.append((f"ours ({what}; {PROTOCOLS[result['protocol']]}; epoch {result['selected_epoch']})",
                  {task: cell(100 * result["test"]["fmax"], 100 * result["test"]["aupr"])}))
@@ -641,7 +727,20 @@ def table(task, result):
     w = max(len(r[0]) for r in rows) + 2
     lines = [f"{'Fmax / AUPR (%)':<{w}}" + "".join(f"{t.upper():>15}" for t in TASKS)]
     lines += [f"{name:<{w}}" + "".join(f"{cells.get(t, '-'):>15}" for t in TASKS) for name, cells in rows]
-    return "\n".join(lines)
+    return "\n".join(lines + cutoff_table(task, result))
+
+
+def cutoff_table(task, result):
+    """Our test Fmax / AUPR at every identity cutoff of the run (the epoch selected on validation)."""
+    at = result.get("test_cutoffs") or {}
+    if not at:
+        return []
+    lines = [f"\n{task.upper()} test at each sequence-identity cutoff (epoch {result['selected_epoch']}, chosen on "
+             f"validation; the paper reports <95%):", f"{'cutoff':>8} {'chains':>7} {'Fmax':>7} {'AUPR':>7}"]
+    for c, r in sorted(at.items(), key=lambda kv: int(kv[0])):
+        f, a = ("-", "-") if r["n"] == 0 else (f"{100 * r['fmax']:.1f}", f"{100 * r['aupr']:.1f}")
+        lines.append(f"{'<' + c + '%':>8} {r['n']:>7} {f:>7} {a:>7}")
+    return lines
 
 
 PROTOCOLS = {"esm-finetune": "ESM finetuned in the loop (B.2)", "esm-frozen": "ESM frozen, cached features"}
@@ -650,6 +749,8 @@ PROTOCOLS = {"esm-finetune": "ESM finetuned in the loop (B.2)", "esm-frozen": "E
 def default_out(cfg):
     if cfg.out:
         return Path(cfg.out)
+    if cfg.baseline:
+        return Path("runs/demo-esm-1b" if cfg.demo else "runs/esm-1b") / cfg.task
     return (Path(cfg.ckpt).parent if cfg.ckpt else Path("runs/demo-scratch" if cfg.demo else "runs/scratch")) / cfg.task
 
 
@@ -657,7 +758,7 @@ def write_json(obj, path):
     amma.atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
 
 
-SAME_ON_RESUME = ("task", "ckpt", "from_scratch", "features", "esm", "modalities", "readout", "cutoff", "batch_size", "optimizer",
+SAME_ON_RESUME = ("task", "ckpt", "from_scratch", "baseline", "features", "esm", "modalities", "readout", "cutoff", "batch_size", "optimizer",
                   "lr", "lr_head", "weight_decay", "gamma", "max_len", "seed")
 
 
@@ -706,16 +807,17 @@ def build_function_model(cfg, info, n_classes, device):
         model_fields = {f.name for f in fields(amma.AMMAConfig)}
         size = {k: v for k, v in amma.DEMO.items() if k in model_fields} if cfg.demo else {}   # demo: demo model
         mc = amma.AMMAConfig(**size, **{f"d_{m}": d for m, d in dims.items()})
-    model = FunctionModel(mc, n_classes, esm, cfg.readout, cfg.modalities.split(","))
+    model = EsmBaseline(dims["seq"], n_classes, esm) if cfg.baseline else \
+        FunctionModel(mc, n_classes, esm, cfg.readout, cfg.modalities.split(","))
     if cfg.ckpt:
         load_backbone(model, pre["model"])
-    if ("str" not in dims or cfg.modalities == "seq") and not model.contrastive:   # no structure used
+    if ("str" not in dims or cfg.modalities == "seq") and hasattr(model, "enc"):   # no structure used
         model.enc.proj["str"].requires_grad_(False)
     return model.to(device), mc, esm_name
 
 
 def banner(cfg, mc, model, counts, n_classes, n_params, world, device, autocast, esm_name, info):
-    lines = [f"finetuning {'from scratch' if not cfg.ckpt else cfg.ckpt} ({mc.variant}, D={mc.D}, {n_params / 1e6:.1f}M "
+    lines = [f"finetuning {start_name(cfg, mc)}, {n_params / 1e6:.1f}M "
              f"trainable) on {cfg.task}: {n_classes} classes, train/valid/test {counts['train']}/{counts['valid']}/"
              f"{counts['test']} (test at <{cfg.cutoff}% identity, of {counts['test_before_cutoff']}); {cfg.optimizer}, "
              f"global batch {cfg.batch_size} = {world} process(es) x {cfg.grad_accum}, {cfg.epochs} epochs, lr {cfg.lr:g} / "
@@ -731,17 +833,16 @@ def banner(cfg, mc, model, counts, n_classes, n_params, world, device, autocast,
     return "\n".join(lines)
 
 
-def evaluate(model, sets, cfg, device, rank, world, autocast, epoch, state, t0, lrs):
+def evaluate(model, sets, data, cfg, device, rank, world, autocast, epoch, state, t0, lrs):
     """Score valid and test after an epoch: the epoch's record (appended to state['history']); True when
     it is the best so far by validation Fmax."""
     pred = {sp: predict(model, sets[sp], cfg, device, rank, world, autocast) for sp in ("valid", "test")}
     record = {"epoch": epoch + 1, "train_loss": state["epoch_loss"] / max(state["epoch_steps"], 1), "lr": lrs[0],
-              "lr_head": lrs[1], **{sp: scores(pred[sp], sets[sp].targets) for sp in ("valid", "test")},
-              "seconds": round(time.time() - t0, 1)}
+              "lr_head": lrs[1], **epoch_metrics(pred, sets, data, cfg.cutoff), "seconds": round(time.time() - t0, 1)}
     state["history"].append(record)
     best = state["best"]
     if best is None or record["valid"]["fmax"] > best["valid"]["fmax"]:
-        state["best"] = {k: record[k] for k in ("epoch", "valid", "test")}
+        state["best"] = {k: record[k] for k in ("epoch", "valid", "test", "test_cutoffs")}
         return record, True, pred
     return record, False, pred
 
@@ -761,10 +862,11 @@ def _finetune(cfg, quiet, rank, world, device):
                            "(GPUS=\"0 1 2 3\" bash ablations.sh)")
     out = default_out(cfg)
     resume_path = amma.prepare_out(out, cfg.resume, cfg.overwrite, is_main, say,
-                                   files=("checkpoint.pt", "best.pt", "results.json"))
+                                   files=("checkpoint.pt", "best.pt", "results.json", "predictions.npz"))
     data, sets, info, counts = load_task(cfg)
     sets = screen_task(sets, cfg, out, is_main, say)
     counts.update({s: len(ds) for s, ds in sets.items()})
+    counts.update(cutoff_counts(sets, data, cfg.cutoff))
     n_classes = len(data["terms"])
     model, mc, esm_name = build_function_model(cfg, info, n_classes, device)
     opt = build_optimizer(model, cfg, device)
@@ -816,8 +918,9 @@ def _finetune(cfg, quiet, rank, world, device):
             bar.close()
             lrs = [g["lr"] for g in opt.param_groups]
             sched.step()
-            record, is_best, pred = evaluate(model, sets, cfg, device, rank, world, autocast, epoch, state, t0, lrs)
+            record, is_best, pred = evaluate(model, sets, data, cfg, device, rank, world, autocast, epoch, state, t0, lrs)
             if is_best and is_main:
+                write_predictions(out / "predictions.npz", pred, sets, data, cfg, epoch + 1)
                 amma.atomic_save({"kind": "finetune-best", "model": model.state_dict(), "epoch": epoch,
                                   "config": amma.to_plain(cfg), "model_config": amma.to_plain(mc),
                                   "terms": data["terms"], **predictor_fields(cfg, info, pred["valid"],
@@ -870,10 +973,13 @@ def finish(cfg, mc, data, info, counts, state, baseline, world, n_params, out, r
 
 def results_dict(cfg, mc, data, info, counts, state, baseline, world, n_params):
     best = state["best"]
-    return {"task": cfg.task, "protocol": f"esm-{cfg.esm}", "readout": cfg.readout, "modalities": cfg.modalities,
+    paper = TABLE2_ESM if cfg.baseline else TABLE2
+    return {"task": cfg.task, "protocol": f"esm-{cfg.esm}", "readout": "mean" if cfg.baseline else cfg.readout,
+            "modalities": cfg.modalities, "model": "ESM-1b baseline (no AMMA)" if cfg.baseline else "AMMA",
             "selected_epoch": best["epoch"], "valid": best["valid"], "test": best["test"],
+            "test_cutoffs": best.get("test_cutoffs", {}), "predictions": "predictions.npz",
             "baseline": {"name": "label frequency (train-set frequency of each term)", **baseline},
-            "paper": dict(zip(("fmax", "aupr"), (v / 100 for v in TABLE2[cfg.task]))),
+            "paper": dict(zip(("fmax", "aupr"), (v / 100 for v in paper[cfg.task]))),
             "epochs": state["history"], "epochs_planned": cfg.epochs, "n_proteins": counts,
             "n_classes": len(data["terms"]), "cutoff": cfg.cutoff, "seed": cfg.seed,
             "global_batch": cfg.batch_size, "processes": world, "grad_accum": cfg.grad_accum,
@@ -928,15 +1034,16 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     given = {k: v for k, v in vars(args).items() if v is not None}
-    if args.ckpt and args.from_scratch:
-        raise SystemExit("error: --ckpt and --from-scratch exclude each other")
+    if sum(map(bool, (args.ckpt, args.from_scratch, args.baseline))) > 1:
+        raise SystemExit("error: --ckpt, --from-scratch and --baseline exclude each other")
     values = dict(PAPER[args.task])
     default_features = "features/ec" if args.task == "ec" else "features/go"
     if args.demo or not (args.features or args.ckpt or (Path(default_features) / "manifest.tsv").exists()):
         import demo  # the built-in demo corpus; not needed with real features
         rank = int(os.environ.get("RANK", 0))
         ckpt = Path("runs/demo/checkpoint.pt")
-        ready = Path("features/demo/manifest.tsv").exists() and (args.ckpt or args.from_scratch or ckpt.exists())
+        ready = Path("features/demo/manifest.tsv").exists() and (args.ckpt or args.from_scratch or args.baseline
+                                                                   or ckpt.exists())
         if "RANK" in os.environ and not ready:
             raise SystemExit("error: under torchrun the demo needs its data and pretraining made first: run "
                              f"python finetune.py --task {args.task} once without torchrun")
@@ -948,11 +1055,12 @@ def main(argv=None):
                 print(f"no feature set at {default_features}: finetuning on the built-in demo instead (synthetic "
                       f"features, demo preset {DEMO_FT}; the numbers say nothing about real proteins)")
                 root = str(demo.ensure_demo_features("features/demo"))
-            if not args.ckpt and not args.from_scratch:
+            if not args.ckpt and not args.from_scratch and not args.baseline:
                 values["ckpt"] = str(ensure_demo_pretrain(root))
         values.update(DEMO_FT, features=root, demo=True)
-    elif not args.ckpt and not args.from_scratch:
-        raise SystemExit("error: give --ckpt runs/<name>/checkpoint.pt (an AMMA pretraining) or --from-scratch")
+    elif not args.ckpt and not args.from_scratch and not args.baseline:
+        raise SystemExit("error: give --ckpt runs/<name>/checkpoint.pt (an AMMA pretraining), --from-scratch or "
+                         "--baseline esm")
     values.update(given)
     values.setdefault("features", default_features)
     values.setdefault("weight_decay", WEIGHT_DECAY[values["optimizer"]])

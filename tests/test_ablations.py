@@ -25,13 +25,38 @@ def test_dry_run_lists_every_row_of_tables_2_3_4_6(tmp_path):
     continued = [l for l in pretrain if "--continue-from runs/amma/checkpoint.pt --epochs 15" in l]
     assert len(continued) == 2 and "--unpaired-seqstr features/seqstr" in continued[1]
     finetune = [l for l in lines if "finetune.py --task" in l]
-    assert len(finetune) == 3 * 4 + 2 * 2 + 5 * 2 + 2                         # Tables 2, 3, 4, 6
+    assert len(finetune) == 3 * 4 + 4 + 2 * 2 + 5 * 2 + 2                     # Tables 2 (+ ESM-1b), 3, 4, 6
     assert not any("--esm" in l for l in finetune)                            # the paper's protocol is the default
+    esm = [l for l in finetune if "--baseline esm" in l]
+    assert [l.split("--out ")[1].split()[0] for l in esm] == [f"runs/esm-1b/{t}" for t in ("ec", "go-mf", "go-cc", "go-bp")]
+    assert not any("--ckpt" in l for l in esm)
     assert all("--resume" in l for l in pretrain + finetune)
     assert lines[-2].endswith("analyze.py --collect runs")
+    assert "analyze.py --ckpt runs/amma/checkpoint.pt" in lines[-1] and "amma.py" not in lines[-1]   # its own CLI
     quick = ablations(tmp_path, DRY_RUN=1, QUICK=1, PRETRAIN="features/mine")   # finetuning follows PRETRAIN
     finetune = [l for l in quick.stdout.splitlines() if "finetune.py --task" in l]
     assert finetune and all("--features features/mine" in l and "--lr 2e-4" in l for l in finetune)
+
+
+def test_seeds_run_every_finetuning_once_per_seed_and_seed_pretrain_every_pretraining(tmp_path):
+    lines = ablations(tmp_path, DRY_RUN=1, SEEDS="0 1 2").stdout.splitlines()
+    finetune = [l for l in lines if "finetune.py --task" in l]
+    assert len(finetune) == 3 * 32
+    outs = {l.split("--out ")[1].split()[0]: l.split("--seed ")[1].split()[0] for l in finetune}
+    assert len(outs) == 3 * 32 and outs["runs/amma/ec/seed-2"] == "2" and outs["runs/esm-1b/go-bp/seed-1"] == "1"
+    pretrain = [l for l in lines if "amma.py --pretrain" in l]
+    assert len(pretrain) == 11 and all("--seed 0" in l for l in pretrain)       # one pretraining each
+    both = ablations(tmp_path, DRY_RUN=1, SEEDS="0 1", SEED_PRETRAIN=1).stdout.splitlines()
+    pretrain = [l for l in both if "amma.py --pretrain" in l]
+    assert len(pretrain) == 2 * 11 and "--out runs/amma/seed-1 --seed 1" in " ".join(pretrain)
+    assert any("--out runs/paired-15/seed-1 --seed 1" in l and "--continue-from runs/amma/seed-1/checkpoint.pt" in l
+               for l in pretrain)
+    finetune = [l for l in both if "finetune.py --task" in l]
+    assert len(finetune) == 2 * 32 and any("--ckpt runs/noaux/seed-1/checkpoint.pt --seed 1" in l for l in finetune)
+    assert "analyze.py --ckpt runs/amma/seed-0/checkpoint.pt --contrastive-ckpt runs/contrastive/seed-0/" in both[-1]
+    for env, message in ((dict(SEED_PRETRAIN=1), "set SEEDS too"), (dict(SEEDS="0 x"), "whole numbers")):
+        bad = ablations(tmp_path, DRY_RUN=1, **env)
+        assert bad.returncode == 2 and message in bad.stderr
 
 
 def test_quick_pool_runs_side_by_side_and_resumes(tmp_path):

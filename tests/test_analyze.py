@@ -145,7 +145,7 @@ def test_function_attention_finds_a_steered_residue(tiny, tmp_path):
     assert torch.equal(analyze.function_attention(model, batch)[0], base)     # hook removed
 
 
-# ---- the whole analysis through amma.py --analyze ------------------------------------------
+# ---- the whole analysis: python analyze.py ------------------------------------------------
 
 def test_analysis_outputs(tiny, capsys):
     from threadpoolctl import threadpool_limits
@@ -154,9 +154,10 @@ def test_analysis_outputs(tiny, capsys):
     pdb = pdb_file(tmp / "P002.pdb", L=10)
     out = tmp / "analysis"
     with threadpool_limits(1):        # t-SNE's OpenMP threads crawl on a busy shared CPU
-        amma.main(["--analyze", "--ckpt", str(ckpts["asymmetric"]), "--contrastive-ckpt", str(ckpts["contrastive"]),
-                   "--features", str(root), "--out", str(out), "--protein", "P002", "--structure", str(pdb),
-                   "--tsne-iter", "250"])
+        (tmp / "sites.tsv").write_text("# id, sites\nP002\t3,4\nP002\t9\nP001\t1\n")
+        analyze.main(["--ckpt", str(ckpts["asymmetric"]), "--contrastive-ckpt", str(ckpts["contrastive"]),
+                      "--features", str(root), "--out", str(out), "--protein", "P002", "--structure", str(pdb),
+                      "--tsne-iter", "250", "--sites", str(tmp / "sites.tsv")])
     printed = capsys.readouterr().out
     assert "Table 1" in printed and "0.865" in printed and "attention_P002.tsv" in printed
 
@@ -197,6 +198,9 @@ def test_analysis_outputs(tiny, capsys):
     top = rows[0][6].split(":")[1]
     assert per_residue[f"A{int(top.rstrip('B')):4d}{'B' if top.endswith('B') else ' '}"] == {100.0}
     assert per_residue["A  55 "] == {0.0} and per_residue["A 900 "] == {0.0}     # no CA / water
+    top = json.loads((out / "attention_P002.json").read_text())          # B.8: k = the 3 annotated sites
+    assert top["k"] == 3 and top["sites"] == [3, 4, 9] and top["top"] == [int(r[1]) for r in rows[:3]]
+    assert top["hits"] == len({3, 4, 9} & set(top["top"])) and "annotated sites" in printed
     by_pdb = {r[6]: float(r[3]) for r in rows}
     for key, bs in per_residue.items():
         rid = f"A:{int(key[1:5])}{key[5].strip()}"
@@ -343,3 +347,53 @@ def test_collector_builds_the_table(tmp_path, capsys):
     assert "Table 3" not in saved["tables"] and "Other runs" in saved["tables"]
     md = (tmp_path / "results_table.md").read_text()
     assert "| paper: AMMA | esm-finetune | 88.7 / 89.8 | 67.3 / 65.5 | 49.8 / 36.9 | 46.9 / 33.6 | 63.2 | 56.5 |" in md
+
+
+def test_collector_over_seeds_gives_mean_sd_n_and_marks_cells_far_from_the_paper(tmp_path, capsys):
+    def result(fmax, aupr, seed):
+        return {"test": {"fmax": fmax, "aupr": aupr}, "protocol": "esm-finetune", "seed": seed}
+    fake = {"amma/ec/seed-0": result(0.880, 0.890, 0), "amma/ec/seed-1": result(0.884, 0.900, 1),   # SEEDS
+            "amma/go-mf/seed-0": result(0.600, 0.655, 0), "amma/go-mf/seed-1": result(0.610, 0.655, 1),
+            "noaux/seed-0/ec": result(0.877, 0.901, 0), "noaux/seed-1/ec": result(0.877, 0.901, 1),  # SEED_PRETRAIN
+            "esm-1b/go-cc": result(0.477, 0.324, 0),                                             # one seed
+            "amma/seed-0/seed-1/ec": result(0.1, 0.1, 0), "seed-0/ec": result(0.1, 0.1, 0)}     # not a layout
+    for rel, results in fake.items():
+        (tmp_path / rel).mkdir(parents=True)
+        (tmp_path / rel / "results.json").write_text(json.dumps(results))
+    runs = analyze.main(["--collect", str(tmp_path)])
+    assert set(runs) == {"amma", "noaux", "esm-1b"}
+    assert runs["amma"]["ec"] == pytest.approx([88.2, 89.5])                                 # means
+    saved = json.loads((tmp_path / "results_table.json").read_text())
+    t2 = {r["row"]: r for r in saved["tables"]["Table 2"]["rows"]}
+    ec, mf = t2["ours: amma"]["cells"][:2]
+    assert ec == "88.2+-0.3 / 89.5+-0.7 (n=2)"                      # 88.7 and 89.8 within 2 SD: no mark
+    assert mf == "60.5+-0.7! / 65.5+-0.0 (n=2)"                     # 67.3 is 9 SD away; an exact 65.5 is not
+    assert t2["ours: esm-1b"]["cells"][2] == "47.7 / 32.4 (n=1)"    # one seed: no SD, no mark
+    assert saved["seeds"]["amma"]["ec"]["n"] == 2 and saved["seeds"]["amma"]["ec"]["seeds"] == [0, 1]
+    assert saved["seeds"]["amma"]["ec"]["fmax_sd"] == pytest.approx(0.2828, abs=1e-3)
+    assert any("'!' marks" in n and "amma: go-mf" in n for n in saved["tables"]["Table 2"]["notes"])
+    t6 = {r["row"]: r for r in saved["tables"]["Table 6"]["rows"]}
+    assert t6["ours: noaux"]["cells"][0] == "87.7+-0.0 / 90.1+-0.0 (n=2)"
+    assert "(n=2)" in capsys.readouterr().out
+
+
+def test_attention_with_the_protein_name_as_function_text(tiny, tmp_path, monkeypatch):
+    """--name: the function tokens are the name encoded alone (B.8), not the cached whole text."""
+    import extract_features as ef
+    (tmp_path / "info.json").write_text(json.dumps({"encoders": {"func": ef.TINY_NAMES["func"]}, "tiny": True}))
+    feats = analyze.name_features(tmp_path, "Hemoglobin subunit alpha")
+    enc = ef.load_encoder("func", type("C", (), {"encoders": "tiny"})(), "cpu")
+    assert feats.shape == (len(enc.ids({"ProteinName": "Hemoglobin subunit alpha"})), 48)
+    assert torch.allclose(feats, enc([enc.ids({"ProteinName": "Hemoglobin subunit alpha"})])[0])
+    tmp, root, ckpts = tiny
+    model, _ = analyze.load_model(ckpts["asymmetric"], False, torch.device("cpu"))
+    seen = []
+    monkeypatch.setattr(analyze, "name_features", lambda r, n: seen.append(n) or torch.ones(3, 8))
+    cfg = analyze.AnalyzeConfig(name="Kinase A")
+    _, _, named = analyze.write_attention(cfg, model, root, "P002", tmp_path, torch.device("cpu"))
+    _, _, whole = analyze.write_attention(analyze.AnalyzeConfig(), model, root, "P002", tmp_path, torch.device("cpu"))
+    assert seen == ["Kinase A"] and [r[3] for r in named] != [r[3] for r in whole]
+    monkeypatch.undo()
+    (tmp_path / "info.json").write_text(json.dumps({"synthetic": True}))
+    with pytest.raises(SystemExit, match="synthetic"):
+        analyze.name_features(tmp_path, "x")
