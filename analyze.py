@@ -75,6 +75,7 @@ import torch
 import torch.nn.functional as F
 
 import amma
+from amma import arg
 import overlap
 from amma import MODALITIES
 from metrics import PAPER_TABLES, TASK_NAMES, TASKS
@@ -94,67 +95,47 @@ PAPER_PROTOCOL = "esm-finetune"
 
 @dataclass
 class AnalyzeConfig:
-    ckpt: str = ""                  # AMMA checkpoint (amma.py --pretrain)
-    contrastive_ckpt: str = ""      # AMMA-contrastive checkpoint (--variant contrastive): Table 1 CL, Fig. 4b
-    features: str = "features/pretrain"
-    out: str = ""                   # default: <ckpt dir>/analysis
-    batch_size: int = 4             # relation-matrix batch (B.5 is silent; B.1's pretraining batch size)
-    n_proteins: int = 0             # Table 1 on this many proteins (shuffled); 0 = all
-    tsne_n: int = 500               # proteins per Fig. 4 t-SNE panel (0 = no t-SNE)
-    tsne_n_initial: int = 1000      # proteins of Fig. 1's panel (the frozen features)
-    tsne_perplexity: float = 0.0    # 0 = min(200, (points - 1) / 3)
-    tsne_iter: int = 0              # 0 = min(2500, max(250, 2 x points))
-    protein: str = ""               # attention of this protein; default: the first with all three modalities
-    structure: str = ""             # PDB file of that protein: also write a B-factor copy
-    func_tokens: int = 0            # attention: keep only the first K text tokens (0 = all)
-    name: str = ""                  # attention: the protein name as the function text (B.8), encoded alone
-    sites: str = ""                 # attention: TSV of annotated sites (id, residue numbers): k = their count
-    top_k: int = 10                 # attention: residues reported without --sites
-    max_len: int = 1022
-    seed: int = 0
-    device: str = ""                # '' = cuda if available else cpu
-    collect: str = ""               # collect runs/*/<task>/results.json under this dir instead
-    overlap: bool = False           # the pretraining-test overlap audit instead (overlap.py)
-    pretrain: str = ""              # --overlap: the pretraining feature set
-    tasks: tuple = ()               # --overlap: feature sets with labels_<task>.json (features/ec features/go)
-    predictions: tuple = ()         # --overlap: predictions.npz files to re-score without the neighbours
-    threads: int = 1                # --overlap: MMseqs2 threads
+    ckpt: str = arg("", 'AMMA checkpoint written by amma.py --pretrain')
+    contrastive_ckpt: str = arg("", "AMMA-contrastive checkpoint (amma.py --pretrain --variant contrastive): "
+                                    "Table 1's CL column and the contrastive t-SNE")
+    features: str = arg("features/pretrain", "feature set (the pretraining set in the paper); the built-in demo "
+                                             "is used when it does not exist")
+    out: str = arg("", 'output folder (default: <checkpoint dir>/analysis)')
+    batch_size: int = arg(4, 'proteins per relation matrix (the paper is silent; 4 = its pretraining batch size)')
+    n_proteins: int = arg(0, 'Table 1 on the first N proteins after shuffling (0 = all)')
+    tsne_n: int = arg(500, 'paired proteins per Fig. 4 t-SNE panel (AMMA, contrastive; B.4: 500; 0 = skip t-SNE)')
+    tsne_n_initial: int = arg(1000, "paired proteins of Fig. 1's t-SNE panel (the frozen features; B.4: 1000)")
+    tsne_perplexity: float = arg(0.0, 't-SNE perplexity (0 = min(200, (points - 1) / 3); B.4: 200)')
+    tsne_iter: int = arg(0, 't-SNE iterations (0 = min(2500, max(250, 2 x points)); B.4: 2500)')
+    protein: str = arg("", "protein id for the function-to-residue attention (default: first with seq, str and "
+                           "func)")
+    structure: str = arg("", "PDB file of --protein: also write a copy with the attention in the B-factor column "
+                             "(default: the manifest's structure column when that file exists)")
+    func_tokens: int = arg(0, "attention: use only the first K function-text tokens (0 = all; the paper used the "
+                              "name)")
+    name: str = arg("", "attention: the protein name as the only function text, as B.8 does (e.g. 'Hemoglobin "
+                        "subunit alpha'): encoded alone by the feature set's text encoder (info.json; real "
+                        "PubMedBERT needs its weights locally) instead of the cached whole-text tokens")
+    sites: str = arg("", "attention: TSV of annotated interacting residues, one line per protein: id<TAB>12,45,46"
+                         " (1-based positions of the features' sequence, e.g. UniProtKB binding sites); the top k"
+                         " residues are reported with k = the protein's number of sites (B.8) and how many of "
+                         "them are sites")
+    top_k: int = arg(10, 'attention: residues reported as the top k when --sites gives none for the protein')
+    max_len: int = arg(1022, 'residues per protein (as in pretraining)')
+    seed: int = arg(0, 'seed of the protein order (Table 1 batches, t-SNE subset) and of t-SNE')
+    device: str = arg("", "torch device ('' = cuda if available else cpu)")
+    collect: str = arg("", "instead of analysing a checkpoint, gather every <dir>/*/<task>/results.json into one "
+                           "table")
+    overlap: bool = arg(False, "instead: how many test chains of --tasks have a pretraining protein (--pretrain) "
+                               "with an identical sequence or at >= 95/50/30%% identity (MMseqs2), and Fmax/AUPR "
+                               "of --predictions without them")
+    pretrain: str = arg("", '--overlap: the pretraining feature set (its manifest.tsv sequences)')
+    tasks: tuple = arg((), '--overlap: the benchmark feature sets whose labels_<task>.json test chains are audited')
+    predictions: tuple = arg((), "--overlap: finetune.py's predictions.npz files, re-scored on the test chains "
+                                 "without neighbours")
+    threads: int = arg(1, '--overlap: MMseqs2 threads')
 
 
-HELP = {
-    "ckpt": "AMMA checkpoint written by amma.py --pretrain",
-    "contrastive_ckpt": "AMMA-contrastive checkpoint (amma.py --pretrain --variant contrastive): Table 1's CL "
-                        "column and the contrastive t-SNE",
-    "features": "feature set (the pretraining set in the paper); the built-in demo is used when it does not exist",
-    "out": "output folder (default: <checkpoint dir>/analysis)",
-    "batch_size": "proteins per relation matrix (the paper is silent; 4 = its pretraining batch size)",
-    "n_proteins": "Table 1 on the first N proteins after shuffling (0 = all)",
-    "tsne_n": "paired proteins per Fig. 4 t-SNE panel (AMMA, contrastive; B.4: 500; 0 = skip t-SNE)",
-    "tsne_n_initial": "paired proteins of Fig. 1's t-SNE panel (the frozen features; B.4: 1000)",
-    "tsne_perplexity": "t-SNE perplexity (0 = min(200, (points - 1) / 3); B.4: 200)",
-    "tsne_iter": "t-SNE iterations (0 = min(2500, max(250, 2 x points)); B.4: 2500)",
-    "protein": "protein id for the function-to-residue attention (default: first with seq, str and func)",
-    "structure": "PDB file of --protein: also write a copy with the attention in the B-factor column "
-                 "(default: the manifest's structure column when that file exists)",
-    "func_tokens": "attention: use only the first K function-text tokens (0 = all; the paper used the name)",
-    "name": "attention: the protein name as the only function text, as B.8 does (e.g. 'Hemoglobin subunit alpha'): "
-            "encoded alone by the feature set's text encoder (info.json; real PubMedBERT needs its weights "
-            "locally) instead of the cached whole-text tokens",
-    "sites": "attention: TSV of annotated interacting residues, one line per protein: id<TAB>12,45,46 (1-based "
-             "positions of the features' sequence, e.g. UniProtKB binding sites); the top k residues are reported "
-             "with k = the protein's number of sites (B.8) and how many of them are sites",
-    "top_k": "attention: residues reported as the top k when --sites gives none for the protein",
-    "max_len": "residues per protein (as in pretraining)",
-    "seed": "seed of the protein order (Table 1 batches, t-SNE subset) and of t-SNE",
-    "device": "torch device ('' = cuda if available else cpu)",
-    "collect": "instead of analysing a checkpoint, gather every <dir>/*/<task>/results.json into one table",
-    "overlap": "instead: how many test chains of --tasks have a pretraining protein (--pretrain) with an identical "
-               "sequence or at >= 95/50/30%% identity (MMseqs2), and Fmax/AUPR of --predictions without them",
-    "pretrain": "--overlap: the pretraining feature set (its manifest.tsv sequences)",
-    "tasks": "--overlap: the benchmark feature sets whose labels_<task>.json test chains are audited",
-    "predictions": "--overlap: finetune.py's predictions.npz files, re-scored on the test chains without neighbours",
-    "threads": "--overlap: MMseqs2 threads",
-}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -888,10 +869,10 @@ def build_parser():
                                             "AMMA (paper 4.3, B.4, B.5, B.8); --collect gathers finetuning results.")
     for f in fields(AnalyzeConfig):
         name = "--" + f.name.replace("_", "-")
-        shown = f.default not in ("", 0, (), False) and "default" not in HELP[f.name]
+        shown = f.default not in ("", 0, (), False) and "default" not in f.metadata["help"]
         kind = (dict(action="store_true") if isinstance(f.default, bool) else
                 dict(nargs="+", type=str) if isinstance(f.default, tuple) else dict(type=type(f.default)))
-        p.add_argument(name, default=f.default, help=HELP[f.name] + (" (default: %(default)s)" if shown else ""),
+        p.add_argument(name, default=f.default, help=f.metadata["help"] + (" (default: %(default)s)" if shown else ""),
                        **kind)
     return p
 
