@@ -15,9 +15,9 @@ extract_features.extract_set, with the encoders of the feature set the model was
 
 Readout (written to embeddings.json too): Enc_multi runs without masking on [CLS] + the protein's tokens
 of the modalities used, as in finetuning; cls.npy holds the [CLS] output z[:, 0] (the vector the
-finetuning head reads, B.2) and mean.npy the mean of the outputs at the sequence tokens (the [CLS]
-token gets no gradient in pretraining, so for a pretrained-only model the mean is the one to try
-first). Both [N, D] float32, rows in the order of ids.txt. AMMA-contrastive checkpoints give
+finetuning head reads, B.2) and mean.npy the mean of the outputs at the sequence tokens ([CLS]'s own
+output is unsupervised in pretraining, though it gets gradients through attention, so for a
+pretrained-only model the mean is the one to try first). Both [N, D] float32, rows in the order of ids.txt. AMMA-contrastive checkpoints give
 latent.npy instead: the sequence latent Enc_con(Proj_seq(mean seq)) (eq. 14).
 Modalities: --modalities seq,str (default for a pretraining checkpoint) or seq; a best.pt uses its own.
 With seq,str a protein without a structure is named and left out, or with --allow-seq-only embedded

@@ -118,7 +118,7 @@ class FinetuneConfig:
     modalities: str = arg("seq,str", "what the encoder sees: seq,str (the paper) or seq (sequence alone: no "
                            "structure is read; pretraining saw proteins without one, eq. 12)", choices=MODALITY_SETS)
     readout: str = arg("cls", "protein vector for the head: cls (the [CLS] output, B.2) or mean (mean of the "
-                        "sequence tokens' outputs; [CLS] gets no gradient in pretraining)", choices=("cls", "mean"))
+                        "sequence tokens' outputs; [CLS]'s own output is unsupervised in pretraining)", choices=("cls", "mean"))
     cutoff: int = arg(95, "test-set sequence identity cutoff (%%): keep chains with test_identity[id][cutoff] == 1",
                        choices=CUTOFFS)
     epochs: int = arg(None, "epochs (paper: 100 EC, 50 GO)")
