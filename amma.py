@@ -1730,7 +1730,10 @@ def pretrain(mc, tc, quiet=False):
     rank, world, device = setup_distributed(tc)
     try:
         with RunLock(tc.out, enabled=rank == 0):
-            return _pretrain(mc, tc, quiet, rank, world, device)
+            history = _pretrain(mc, tc, quiet, rank, world, device)
+        if world > 1:
+            torch.distributed.barrier()       # no process leaves while another still talks to it
+        return history
     finally:
         if world > 1:
             torch.distributed.destroy_process_group()

@@ -789,7 +789,10 @@ def finetune(cfg, quiet=False):
     rank, world, device = amma.setup_distributed(cfg)
     try:
         with amma.RunLock(default_out(cfg), enabled=rank == 0):
-            return _finetune(cfg, quiet, rank, world, device)
+            result = _finetune(cfg, quiet, rank, world, device)
+        if world > 1:
+            torch.distributed.barrier()       # no process leaves while another still talks to it
+        return result
     finally:
         if world > 1:
             torch.distributed.destroy_process_group()
