@@ -717,14 +717,17 @@ class FeatureDataset(torch.utils.data.Dataset):
         """Tokens per protein in the full layout (2L + L'), for length bucketing."""
         return [sum(c) for c in self.counts()]
 
+    def read(self, m, pid):
+        """One protein's [L, d] features of modality m (FeatureStore reads them from its shards)."""
+        return load_tensor(self.root / m / feature_file(pid))
+
     def __getitem__(self, i):
         row = self.rows[i]
         item = {"id": row["id"]}
         for m in MODALITIES:
             x = None
             if m in self.modalities and m in row["modalities"]:
-                x = load_tensor(self.root / m / feature_file(row["id"]))
-                x = x[: self.max_text if m == "func" else self.max_len]
+                x = self.read(m, row["id"])[: self.max_text if m == "func" else self.max_len]
             item[m] = x
         if item["str"] is not None and item["seq"] is not None and len(item["str"]) != len(item["seq"]):
             raise ValueError(f"{row['id']}: seq has {len(item['seq'])} rows but str has {len(item['str'])}")
@@ -837,15 +840,7 @@ class FeatureStore(FeatureDataset):
             mm.madvise(self.willneed, a - a % self.page, 2 * n * x.shape[1] + a % self.page)
         return x[start:start + n]                                           # [n, d] view, no copy
 
-    def __getitem__(self, i):
-        row = self.rows[i]
-        item = {"id": row["id"]}
-        for m in MODALITIES:
-            x = None
-            if m in self.modalities and m in row["modalities"]:
-                x = self.rows_of(m, row["id"])[: self.max_text if m == "func" else self.max_len]
-            item[m] = x
-        return item
+    read = rows_of                                # FeatureDataset.__getitem__, with the shards' views
 
 
 def allow_open_files(n):
@@ -1425,13 +1420,6 @@ class Interrupt:
         raise SystemExit(128 + signum)
 
 
-def all_sum(x):
-    """Sum a tensor over the processes (itself without DDP)."""
-    if world_size() > 1:
-        torch.distributed.all_reduce(x)
-    return x
-
-
 def prepare_out(out, resume, overwrite, is_main, say, files=("checkpoint.pt", "log.jsonl")):
     """The run directory. Returns the checkpoint to resume or None. A new run never lands silently in a
     directory that holds one: it needs --resume (continue it) or --overwrite (remove it, start again)."""
@@ -1579,26 +1567,10 @@ def last_line(e):
 # pretraining: configuration
 
 @dataclass
-class TrainConfig:
-    features: str = arg("features/pretrain", "paired feature set written by extract_features.py; the built-in demo "
-                        "is used when it does not exist; '' for none")
-    unpaired_seqstr: str = arg("", "seq+str feature set for the unpaired objective (eq. 12)")
-    unpaired_seqfunc: str = arg("", "seq+func feature set for the unpaired objective (eq. 12), stepped with it")
-    out: str = arg("runs/amma", "run directory: checkpoint.pt, log.jsonl")
-    epochs: int = arg(10, "epochs in all (paper: 10; with --continue-from, the epoch to stop after)")
-    batch_size: int = arg(4, "GLOBAL proteins per step (paper: 4): under torchrun the processes split it")
-    grad_accum: int = arg(1, "micro-batches per process and step: the same global batch in smaller pieces")
-    lr: float = arg(1e-4, "AdamW learning rate (paper: 1e-4)")
-    weight_decay: float = arg(0.05, "AdamW weight decay (paper: 0.05), on every parameter")
-    step_size: int = arg(3, "StepLR step size in epochs (the paper gives only gamma; we halve every 3 epochs)")
-    gamma: float = arg(0.5, "StepLR gamma (paper: 0.5)")
-    seed: int = arg(0, "seed of the initialisation, batch order, masks and dropout")
+class RunConfig:
+    """The run options that pretraining and finetuning share (finetune.FinetuneConfig extends it too)."""
     resume: bool = arg(False, "continue from <out>/checkpoint.pt where it stopped (same result as an uninterrupted run)")
     overwrite: bool = arg(False, "start a new run in an --out that already holds one (its checkpoint and log are removed)")
-    init: str = arg("", "initialise the weights from this checkpoint (fresh optimiser and schedule)")
-    continue_from: str = arg("", "continue another run's finished checkpoint: weights, optimiser, StepLR and epoch "
-                             "count carry on (e.g. epochs 11-15 on unpaired data, Table 3); writes to --out")
-    max_len: int = arg(1022, "residues kept per protein (ESM-1b's 1022)")
     num_workers: int = arg(2, "loader workers (they read the features and make the masks); 0: in the main process")
     loader: str = arg("auto", "loader workers as threads or processes; auto: threads for a packed store, processes "
                       "for per-protein files", choices=("auto", "threads", "processes"))
@@ -1613,6 +1585,27 @@ class TrainConfig:
     cuda_graphs: bool = arg(False, "--compile with CUDA graphs (mode reduce-overhead): replays each batch shape")
     dist_timeout: int = arg(30, "minutes a collective may wait for another process under torchrun before the run fails")
     device: str = arg("", "cpu | cuda | cuda:1 ...; default: cuda when available")
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    features: str = arg("features/pretrain", "paired feature set written by extract_features.py; the built-in demo "
+                        "is used when it does not exist; '' for none")
+    unpaired_seqstr: str = arg("", "seq+str feature set for the unpaired objective (eq. 12)")
+    unpaired_seqfunc: str = arg("", "seq+func feature set for the unpaired objective (eq. 12), stepped with it")
+    out: str = arg("runs/amma", "run directory: checkpoint.pt, log.jsonl")
+    epochs: int = arg(10, "epochs in all (paper: 10; with --continue-from, the epoch to stop after)")
+    batch_size: int = arg(4, "GLOBAL proteins per step (paper: 4): under torchrun the processes split it")
+    grad_accum: int = arg(1, "micro-batches per process and step: the same global batch in smaller pieces")
+    lr: float = arg(1e-4, "AdamW learning rate (paper: 1e-4)")
+    weight_decay: float = arg(0.05, "AdamW weight decay (paper: 0.05), on every parameter")
+    step_size: int = arg(3, "StepLR step size in epochs (the paper gives only gamma; we halve every 3 epochs)")
+    gamma: float = arg(0.5, "StepLR gamma (paper: 0.5)")
+    seed: int = arg(0, "seed of the initialisation, batch order, masks and dropout")
+    init: str = arg("", "initialise the weights from this checkpoint (fresh optimiser and schedule)")
+    continue_from: str = arg("", "continue another run's finished checkpoint: weights, optimiser, StepLR and epoch "
+                             "count carry on (e.g. epochs 11-15 on unpaired data, Table 3); writes to --out")
+    max_len: int = arg(1022, "residues kept per protein (ESM-1b's 1022)")
 
 
 # --preset: the model sizes the paper can be read as. B.3 says 111M parameters; the layers it states
@@ -1870,9 +1863,16 @@ def _collate_masked(mc):
 # ----------------------------------------------------------------------------------------------
 # command line
 
+def flag_order(dc):
+    """The fields of dc in --help order: its own, as written, then those it inherits (RunConfig's)."""
+    own = list(vars(dc).get("__annotations__", {}))
+    by_name = {f.name: f for f in fields(dc)}
+    return [by_name[n] for n in own] + [f for f in fields(dc) if f.name not in own]
+
+
 def add_config_flags(p, dc, skip=(), defaults_shown=True):
     """One flag per field of the dataclass dc, with the help and choices of its arg(...) metadata."""
-    for f in fields(dc):
+    for f in flag_order(dc):
         if f.name in skip:
             continue
         name, meta = "--" + f.name.replace("_", "-"), f.metadata

@@ -828,25 +828,6 @@ def raw_read(paths, chunk=1 << 24):
     return total / (time.process_time() - t)
 
 
-def one_copy_collate(items):
-    """amma.collate with torch.empty and only the padding tails zeroed: each row is written once (the
-    proposal for amma.collate measured next to it; same output)."""
-    batch = {"ids": [it["id"] for it in items]}
-    for m in amma.MODALITIES:
-        xs = [it.get(m) for it in items]
-        present = [x for x in xs if x is not None]
-        if not present:
-            continue
-        lengths = [0 if x is None else len(x) for x in xs]
-        out = torch.empty(len(items), max(max(lengths), 1), present[0].shape[1], dtype=present[0].dtype)
-        for b, x in enumerate(xs):
-            if lengths[b]:
-                out[b, :lengths[b]] = x
-            out[b, lengths[b]:] = 0
-        batch[m], batch[m + "_len"] = out, torch.tensor(lengths)
-    return batch
-
-
 def feed_rate(open_set, batches, n_bytes, collate_fn=None, workers=0, passes=3, threads=False):
     """(proteins/s, bytes/s) of amma's dataset + collate through a DataLoader as make_loader builds it, the set
     opened afresh each pass (as each epoch's loader does); the best of `passes`. In this process (workers=0):
@@ -907,7 +888,6 @@ def bench_feed(args, report):
         rows = {}
         for name, layout, collate_fn, workers in (("files, amma.collate", "files", None, 0),
                                                   ("store, amma.collate", "store", None, 0),
-                                                  ("store, one-copy collate", "store", one_copy_collate, 0),
                                                   ("store, amma.collate, 1 worker (wall time)", "store", None, 1),
                                                   ("store, 2 loader threads (--loader threads)", "store", None, -2)):
             per_s, rate = feed_rate(lambda: amma.open_features(sets[layout][0]), batches, n_bytes, collate_fn,
@@ -923,7 +903,7 @@ def bench_feed(args, report):
             fd = os.open(p, os.O_RDONLY)
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)                 # only these files leave the cache
             os.close(fd)
-        per_s, rate = feed_rate(lambda: amma.open_features(sets["store"][0]), batches, n_bytes, one_copy_collate,
+        per_s, rate = feed_rate(lambda: amma.open_features(sets["store"][0]), batches, n_bytes, amma.collate,
                                 passes=1)
         rows["store_from_disk"] = {"proteins_per_s": per_s, "gb_per_s": rate / 1e9}
         print(f"   store from this machine's disk (its pages dropped first): {per_s:.0f} proteins/s, {rate / 1e9:.2f} GB/s")

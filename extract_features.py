@@ -79,19 +79,14 @@ Choices made here:
   shard has not finished.
 """
 import argparse
-import contextlib
 import csv
 import hashlib
 import json
 import os
-import pickle
 import re
 import shutil
 import sys
-import tempfile
-import types
-import warnings
-from collections import Counter, OrderedDict
+from collections import Counter
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 

@@ -65,7 +65,6 @@ import argparse
 import contextlib
 import io
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, fields
@@ -96,7 +95,7 @@ UNUSED_KEYS = ("l.", "dec.", "dec_modality_embed", "target_")   # pretraining-on
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(amma.RunConfig):
     task: str = arg("go-mf", "downstream task", choices=TASKS)
     ckpt: str = arg("", "AMMA pretraining checkpoint (runs/<name>/checkpoint.pt)")
     from_scratch: bool = arg(False, "random-init encoder instead of --ckpt (a no-pretraining baseline)")
@@ -133,22 +132,7 @@ class FinetuneConfig:
     eval_batch_size: int = arg(16, "proteins per evaluation batch (sorted by length)")
     max_len: int = arg(1022, "residues per protein (the first max_len are kept)")
     seed: int = arg(0, "random seed (head init, batch order, dropout)")
-    resume: bool = arg(False, "continue from <out>/checkpoint.pt (mid-epoch too: same result as uninterrupted)")
-    overwrite: bool = arg(False, "start again in an --out that holds a run")
     log_every: int = arg(50, "steps between reads of the loss from the device (the progress bar's figure)")
-    save_every_steps: int = arg(0, "also write checkpoint.pt every N steps (0 = off)")
-    save_every_minutes: float = arg(30.0, "also write checkpoint.pt every T minutes (0 = off)")
-    skip_bad: bool = arg(False, "leave out proteins whose feature files fail the check before step 1")
-    num_workers: int = arg(2, "data loader workers")
-    loader: str = arg("auto", "loader workers as threads or processes; auto: threads for a packed store, processes "
-                      "for per-protein files", choices=("auto", "threads", "processes"))
-    limit_steps: int = arg(0, "cap on training steps per epoch (smoke tests); 0 = all")
-    amp: str = arg("auto", "auto: bf16 autocast on GPU, fp32 on CPU; bf16 or fp32 to force one",
-                    choices=("auto", "bf16", "fp32"))
-    compile: bool = arg(False, "torch.compile the model's forward pass (fullgraph); off by default")
-    cuda_graphs: bool = arg(False, "--compile with CUDA graphs (mode reduce-overhead)")
-    dist_timeout: int = arg(30, "minutes a collective may wait for another process under torchrun")
-    device: str = arg("", "'' = cuda if available else cpu")
     demo: bool = arg(False, "use the built-in demo (automatic when the feature set does not exist)")
 
 
@@ -1018,7 +1002,7 @@ def build_parser():
         description="Finetune AMMA on EC / GO-MF / GO-CC / GO-BP (paper B.2) and report Fmax and AUPR.",
         epilog="Commands:\n" + __doc__.split("\n\n")[2] + "\n\nFlags left out take the paper's setting for the "
                "task (demo: the demo preset).", formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(FinetuneConfig):
+    for f in amma.flag_order(FinetuneConfig):
         name, meta = "--" + f.name.replace("_", "-"), f.metadata
         plain = f.default is None or isinstance(f.default, bool) or f.default == ""
         shown = "" if plain else f" (default: {f.default})"
