@@ -4,7 +4,8 @@
 # table with the paper's row under each of ours, and run the analyses (Table 1, t-SNE, attention).
 #
 #   bash ablations.sh                          # full scale (GPU): features/pretrain, features/ec, features/go
-#   QUICK=1 bash ablations.sh                  # demo scale on the synthetic features/demo (CPU, ~8 minutes)
+#   QUICK=1 bash ablations.sh                  # demo scale on the synthetic features/demo (2 CPU cores: ~6 minutes;
+#                                              #   SEEDS="0 1" QUICK=1: 11 minutes)
 #   DRY_RUN=1 bash ablations.sh                # print every command, run nothing
 #   GPUS="0 1 2 3" bash ablations.sh           # independent runs side by side, one per GPU
 #   LAUNCH="torchrun --nproc_per_node 4" bash ablations.sh   # each run on 4 GPUs (DDP; global batch as the paper)
@@ -85,7 +86,7 @@ if [[ $QUICK == 1 ]]; then
     EPOCHS_T3=${EPOCHS_T3:-4}
     FT_FEATURES=${FT_FEATURES:-$PRETRAIN}
     PT_ARGS=${PT_ARGS:---D 64 --n-layers 2 --n-heads 4 --dec-layers 1 --M 48 --batch-size 8 --lr 1e-3 --step-size 2 --num-workers 0}
-    FT_ARGS=${FT_ARGS:---epochs 4 --batch-size 8 --lr 2e-4 --lr-head 2e-3 --optimizer adamw --num-workers 0 --eval-batch-size 64}
+    FT_ARGS=${FT_ARGS:---epochs 3 --batch-size 8 --lr 2e-4 --lr-head 2e-3 --optimizer adamw --num-workers 0 --eval-batch-size 64}
     AN_ARGS="--tsne-n 120"
 else
     RUNS=${RUNS:-runs}
