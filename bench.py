@@ -828,6 +828,20 @@ def raw_read(paths, chunk=1 << 24):
     return total / (time.process_time() - t)
 
 
+def memory_copy(n_bytes, total=1 << 30, passes=3):
+    """Bytes per CPU-second of copying n_bytes-sized pieces of a resident 1 GB tensor into one reused buffer."""
+    src = torch.ones(total // 2, dtype=torch.float16)
+    dst, k = torch.empty(n_bytes // 2, dtype=torch.float16), n_bytes // 2
+    dst.zero_()
+    best = 0.0
+    for _ in range(passes):
+        t = time.process_time()
+        for i in range(len(src) // k):
+            dst.copy_(src[i * k:(i + 1) * k])
+        best = max(best, (len(src) // k) * k * 2 / (time.process_time() - t))
+    return best
+
+
 def feed_rate(open_set, batches, n_bytes, collate_fn=None, workers=0, passes=3, threads=False):
     """(proteins/s, bytes/s) of amma's dataset + collate through a DataLoader as make_loader builds it, the set
     opened afresh each pass (as each epoch's loader does); the best of `passes`. In this process (workers=0):
@@ -885,7 +899,10 @@ def bench_feed(args, report):
         for name, (_, paths) in sets.items():
             raw_read(paths)                                                    # into the page cache
             raw[name] = max(raw_read(paths) for _ in range(3))
-        rows = {}
+        copy = memory_copy(n_bytes // n)
+        print(f"   one memory copy of a protein's bytes (resident memory -> a reused buffer; the ceiling of any one-copy "
+              f"feed on this machine): {copy / 1e9:.2f} GB/s = {copy * n / n_bytes:.0f} proteins/s")
+        rows = {"memory_copy_gb_per_s": copy / 1e9, "memory_copy_proteins_per_s": copy * n / n_bytes}
         for name, layout, collate_fn, workers in (("files, amma.collate", "files", None, 0),
                                                   ("store, amma.collate", "store", None, 0),
                                                   ("store, amma.collate, 1 worker (wall time)", "store", None, 1),
@@ -894,9 +911,9 @@ def bench_feed(args, report):
                                     abs(workers), threads=workers < 0)
             need = [math.ceil(x / per_s) for x in (2000, 3000)]
             rows[name] = {"proteins_per_s": per_s, "gb_per_s": rate / 1e9, "raw_gb_per_s": raw[layout] / 1e9,
-                          "ratio": rate / raw[layout], "processes_for_2000_3000": need}
+                          "ratio": rate / raw[layout], "of_memory_copy": rate / copy, "processes_for_2000_3000": need}
             print(f"   {name:42s} feed: {per_s:.0f} proteins/s per process, {rate / 1e9:.2f} GB/s; raw read "
-                  f"{raw[layout] / 1e9:.2f} GB/s (ratio {rate / raw[layout]:.2f}); a GPU at 2,000-3,000 proteins/s "
+                  f"{raw[layout] / 1e9:.2f} GB/s (ratio {rate / raw[layout]:.2f}; {rate / copy:.2f} of a memory copy); a GPU at 2,000-3,000 proteins/s "
                   f"needs {need[0]}-{need[1]} loader processes")
         gc.collect()                                                           # no mapping left: the pages can go
         for p in sets["store"][1]:
