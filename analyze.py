@@ -75,9 +75,11 @@ import torch
 import torch.nn.functional as F
 
 import amma
+import cache
+import runs
 from amma import arg
 import overlap
-from amma import MODALITIES
+from cache import MODALITIES
 from metrics import PAPER_TABLES, TASK_NAMES, TASKS
 
 PAIRS = (("seq", "str"), ("seq", "func"), ("str", "func"))
@@ -205,7 +207,7 @@ def within_cosine(z):
 
 def paired_ids(root, n, seed):
     """Ids with all three modalities, shuffled with seed, first n (0 = all)."""
-    ids = [r["id"] for r in amma.read_manifest(root) if set(MODALITIES) <= set(r["modalities"])]
+    ids = [r["id"] for r in cache.read_manifest(root) if set(MODALITIES) <= set(r["modalities"])]
     perm = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed)).tolist()
     ids = [ids[i] for i in perm]
     return ids[:n] if n else ids
@@ -221,7 +223,7 @@ def compute_latents(models, dataset, batch_size, n_keep, device, chunk=8):
     step = batch_size * chunk                                    # forward several relation batches at once
     for start in range(0, len(dataset), step):
         items = [dataset[i] for i in range(start, min(start + step, len(dataset)))]
-        batch = amma.batch_to(amma.collate(items), device)
+        batch = cache.batch_to(cache.collate(items), device)
         for col, fn in models.items():
             lat = {m: z.float().cpu() for m, z in fn(batch).items()}                    # {m: [b, d]}
             for s in range(0, len(items), batch_size):
@@ -371,15 +373,15 @@ def bfactor_pdb(src, dst, values):
 
 def write_attention(cfg, model, root, pid, out, device):
     """The attention TSV (and PDB copy) of one protein. Returns (tsv path, pdb path or None, rows)."""
-    rows = {r["id"]: r for r in amma.read_manifest(root)}
+    rows = {r["id"]: r for r in cache.read_manifest(root)}
     if pid not in rows:
         raise SystemExit(f"error: protein {pid} is not in {root}/manifest.tsv")
     row = rows[pid]
-    ds = amma.open_features(root, ids=[pid], max_len=cfg.max_len, max_text=cfg.func_tokens or 512)
+    ds = cache.open_features(root, ids=[pid], max_len=cfg.max_len, max_text=cfg.func_tokens or 512)
     item = ds[0]
     if cfg.name:                                          # B.8: the name alone as the function text
         item["func"] = name_features(root, cfg.name)[: cfg.func_tokens or 512]
-    batch = amma.batch_to(amma.collate([item]), device)
+    batch = cache.batch_to(cache.collate([item]), device)
     try:
         total, a_seq, a_str, _ = function_attention(model, batch)
     except ValueError as e:
@@ -492,10 +494,29 @@ def load_model(path, want_contrastive, device):
 
 
 def check_dims(config, root, path):
-    dims = amma.feature_dims(root)
+    dims = cache.feature_dims(root)
     bad = {m: (d, config.dims()[m]) for m, d in dims.items() if d != config.dims()[m]}
     if bad:
         raise SystemExit(f"error: {root} and {path} do not match (feature width, model width): {bad}")
+
+
+def tsne_panels(cfg, models, kept, n_tsne, out):
+    """B.4's t-SNE pictures, one per column: Fig. 1 = PCA to 100 of the encoders' outputs; Fig. 4 = min-max
+    scaling per modality, then PCA to 500. Returns the PNG paths."""
+    panels = {"initial": ("frozen features (Fig. 1)", 100, False), "amma": ("AMMA Z'_{m,0} (Fig. 4a)", 500, True),
+              "contrastive": ("AMMA-contrastive z_m (Fig. 4b)", 500, True)}
+    files = []
+    for col in models:
+        title, pca_dim, minmax = panels[col]
+        first = {m: z[:n_tsne[col]] for m, z in kept[col].items()}               # the same proteins, first n
+        coords, info = tsne_embed(first, pca_dim, cfg.tsne_perplexity, cfg.tsne_iter, cfg.seed, minmax)
+        path = out / f"tsne_{col}.png"
+        plot_tsne(coords, info, f"t-SNE: {title}", path)
+        files.append(path)
+        print(f"\nt-SNE {col}: {info['n_proteins']} proteins x 3 modalities, PCA {info['pca_components']}"
+              f"{', min-max scaled' if minmax else ''}, perplexity {info['perplexity']:.1f}, "
+              f"{info['iterations']} iterations")
+    return files
 
 
 def analyze(cfg):
@@ -524,7 +545,7 @@ def analyze(cfg):
     ids = paired_ids(root, cfg.n_proteins, cfg.seed)
     if len(ids) < 2:
         raise SystemExit(f"error: {root} has {len(ids)} proteins with seq, str and func; Table 1 needs 2 or more")
-    dataset = amma.open_features(root, ids=ids, max_len=cfg.max_len)
+    dataset = cache.open_features(root, ids=ids, max_len=cfg.max_len)
     print(f"AMMA {config.variant} from {cfg.ckpt} on {root}: {len(ids)} proteins with all three modalities, "
           f"relation batches of {cfg.batch_size}, device {device}")
     n_tsne = {"initial": cfg.tsne_n_initial if cfg.tsne_n else 0, "amma": cfg.tsne_n, "contrastive": cfg.tsne_n}
@@ -554,19 +575,7 @@ def analyze(cfg):
                   f"all-ones, so this column is close to 1 whatever the alignment")
 
     if cfg.tsne_n:
-        # B.4: Fig. 1 = PCA to 100 of the encoders' outputs; Fig. 4 = min-max scaling per modality, PCA to 500
-        panels = {"initial": ("frozen features (Fig. 1)", 100, False), "amma": ("AMMA Z'_{m,0} (Fig. 4a)", 500, True),
-                  "contrastive": ("AMMA-contrastive z_m (Fig. 4b)", 500, True)}
-        for col in models:
-            title, pca_dim, minmax = panels[col]
-            first = {m: z[:n_tsne[col]] for m, z in kept[col].items()}           # the same proteins, first n
-            coords, info = tsne_embed(first, pca_dim, cfg.tsne_perplexity, cfg.tsne_iter, cfg.seed, minmax)
-            path = out / f"tsne_{col}.png"
-            plot_tsne(coords, info, f"t-SNE: {title}", path)
-            files.append(path)
-            print(f"\nt-SNE {col}: {info['n_proteins']} proteins x 3 modalities, PCA {info['pca_components']}"
-                  f"{', min-max scaled' if minmax else ''}, perplexity {info['perplexity']:.1f}, "
-                  f"{info['iterations']} iterations")
+        files += tsne_panels(cfg, models, kept, n_tsne, out)
 
     pid = cfg.protein or ids[0]
     if not cfg.protein:
@@ -574,7 +583,7 @@ def analyze(cfg):
     tsv, pdb, ranked = write_attention(cfg, model, root, pid, out, device)
     files += [tsv] + ([pdb] if pdb else [])
     top = top_residues(ranked, read_sites(cfg.sites).get(pid) if cfg.sites else None, cfg.top_k)
-    amma.atomic_write_text(out / f"attention_{pid}.json", json.dumps({"protein": pid, **top}, indent=1) + "\n")
+    runs.atomic_write_text(out / f"attention_{pid}.json", json.dumps({"protein": pid, **top}, indent=1) + "\n")
     files.append(out / f"attention_{pid}.json")
     print(f"\nfunction-to-residue attention of {pid} ({len(ranked)} residues), top {top['k']} ({top['k_from']}): "
           + ", ".join(f"{c}{i}" for c, i in zip(top["letters"], top["top"]))
@@ -856,7 +865,7 @@ def overlap_audit(cfg):
     print(overlap_text(report, rescored))
     out = Path(cfg.out or "runs/overlap")
     out.mkdir(parents=True, exist_ok=True)
-    amma.atomic_write_text(out / "overlap.json", json.dumps({**report, "rescored": rescored}, indent=1) + "\n")
+    runs.atomic_write_text(out / "overlap.json", json.dumps({**report, "rescored": rescored}, indent=1) + "\n")
     print(f"\nwrote {out / 'overlap.json'}")
     return {**report, "rescored": rescored}
 

@@ -42,6 +42,8 @@ import torch
 import torch.nn as nn
 
 import amma
+import runs
+import cache
 from amma import arg
 
 
@@ -97,28 +99,27 @@ def make_items(c, L, Lf, seed=0):
 def kit_batches(c, items, batches, pin=False):
     """Batches as the kit's loader makes them (masks, loss weights, padded lengths), collated before any
     timing: the timed loop is the step alone, fed from (pinned) memory as the loader workers feed it."""
-    from functools import partial
     out = []
     for i, idx in enumerate(batches):
         seeds = [amma.seed_hash(0, 0, i, j) for j in range(len(idx))]
         counts = [[len(items[j]["seq"]), len(items[j]["str"]), len(items[j]["func"])] for j in idx]
         weights = amma.loss_weights(counts, [0] * len(idx), c, seeds)
-        batch = partial(amma.collate, mask=(c.M, c.alpha))(
-            [{**items[j], "seed": sd, "loss_w": w} for j, sd, w in zip(idx, seeds, weights)])
+        batch = amma.collate_pretraining([{**items[j], "seed": sd, "loss_w": w} for j, sd, w in zip(idx, seeds, weights)],
+                                         c.M, c.alpha)
         out.append({k: v.pin_memory() if pin and torch.is_tensor(v) else v for k, v in batch.items()})
     return out
 
 
 def bench_kit(c, items, batches, device, steps):
-    """Proteins/s and tokens/s of the kit's batched training step (amma.train_step on loader-made batches)."""
+    """Proteins/s and tokens/s of the kit's batched training step (runs.train_step on loader-made batches)."""
     model = amma.AMMA(c).to(device)
-    opt = amma.make_optimizer(model.parameters(), "adamw", device, lr=1e-4, weight_decay=0.05)
-    autocast = amma.amp_context("auto", device)
+    opt = runs.make_optimizer(model.parameters(), "adamw", device, lr=1e-4, weight_decay=0.05)
+    autocast = runs.amp_context("auto", device)
     ready = kit_batches(c, items, batches[: steps + 1], pin=device.type == "cuda")
 
     def loss_fn(batch):
         with autocast:
-            _, loss, logs = model(amma.strip(batch))
+            _, loss, logs = model(runs.strip(batch))
         return loss, logs
 
     n_prot = n_tok = 0
@@ -127,7 +128,7 @@ def bench_kit(c, items, batches, device, steps):
         if i == 1:  # the first step is warm-up
             sync(device)
             t = time.perf_counter()
-        amma.train_step(model, opt, [amma.batch_to(batch, device)], loss_fn, 1, [i])
+        runs.train_step(model, opt, [cache.batch_to(batch, device)], loss_fn, 1, [i])
         if i >= 1:
             n_prot += len(idx)
             n_tok += sum(2 * len(items[j]["seq"]) + len(items[j]["func"]) for j in idx)
@@ -192,7 +193,7 @@ def run_pretrain(args, device, report):
     L, Lf = realistic_lengths(n)
     items = make_items(c, L, Lf)
     lengths = [2 * l + lf for l, lf in zip(L, Lf)]
-    bucketed = amma.bucket_batches(lengths, 4, seed=0, epoch=0)
+    bucketed = cache.bucket_batches(lengths, 4, seed=0, epoch=0)
     shuffled = [list(range(i, i + 4)) for i in range(0, n, 4)]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     peak = matmul_peak(device, dtype)
@@ -294,7 +295,7 @@ def run_extract(args, device, report):
 
 
 def run_check(args, report):
-    """amma.check_feature_files (run before step 1 of pretraining and finetuning): seconds per 10,000
+    """cache.check_feature_files (run before step 1 of pretraining and finetuning): seconds per 10,000
     files, first read and again (files unchanged since: only stat), on the demo's file sizes and on the
     paper's (seq 300 x 1280, str 300 x 3072, func 150 x 768, float16: 2.8 MB per protein)."""
     import shutil
@@ -319,7 +320,7 @@ def run_check(args, report):
             times = []
             for _ in range(2):
                 t = time.perf_counter()
-                bad = amma.check_feature_files(root, manifest, widths=dims)
+                bad = cache.check_feature_files(root, manifest, widths=dims)
                 times.append(time.perf_counter() - t)
             assert not bad
             r = {"files": files, "first_s_per_10k": times[0] / files * 1e4, "again_s_per_10k": times[1] / files * 1e4,
@@ -417,7 +418,7 @@ def run_finetune(args, device, report):
     esm_model, alphabet = esm1b_architecture()
     model = ft.FunctionModel(amma.AMMAConfig(), 538, ft.SeqInLoop(esm_model, alphabet, 33)).to(device).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    autocast = amma.amp_context("auto", device)
+    autocast = runs.amp_context("auto", device)
     g = torch.Generator().manual_seed(0)
     L = 297
     seq = "".join("ACDEFGHIKLMNPQRSTVWY"[i] for i in torch.randint(20, (L,), generator=g).tolist())
@@ -426,7 +427,7 @@ def run_finetune(args, device, report):
           f"{', bf16' if isinstance(autocast, torch.autocast) else ', fp32'}")
     rows = {}
     for b in (1, 4):
-        batch = amma.batch_to({"ids": list(range(b)), "sequence": [seq] * b, "str": torch.randn(b, L, 3072),
+        batch = cache.batch_to({"ids": list(range(b)), "sequence": [seq] * b, "str": torch.randn(b, L, 3072),
                                "str_len": torch.full((b,), L)}, device)
         target = (torch.rand(b, 538, generator=g) < 0.01).float().to(device)
         steps = args.finetune_steps
@@ -641,27 +642,27 @@ def report_pretrain(args, device, tiny):
     if tiny:
         L, Lf = [max(8, l // 20) for l in L], [max(4, f // 20) for f in Lf]
     items = make_items(c, L, Lf)
-    batches = amma.bucket_batches([2 * l + f for l, f in zip(L, Lf)], 4, seed=0, epoch=0)
+    batches = cache.bucket_batches([2 * l + f for l, f in zip(L, Lf)], 4, seed=0, epoch=0)
     ready = kit_batches(c, items, batches, pin=device.type == "cuda")
-    autocast = amma.amp_context("auto", device)
+    autocast = runs.amp_context("auto", device)
     tc = amma.TrainConfig(compile=False)
     results, losses = {}, {}
     for mode in ("eager", "compiled"):
         torch.manual_seed(0)
         model = amma.AMMA(c).to(device)
-        opt = amma.make_optimizer(model.parameters(), "adamw", device, lr=1e-4, weight_decay=0.05)
+        opt = runs.make_optimizer(model.parameters(), "adamw", device, lr=1e-4, weight_decay=0.05)
         tc.compile = mode == "compiled"
-        net = amma.maybe_compile(model, tc)
+        net = runs.maybe_compile(model, tc)
         state = {"i": 0, "losses": []}
 
         def loss_fn(batch):
             with autocast:
-                _, loss, logs = net(amma.strip(batch))
+                _, loss, logs = net(runs.strip(batch))
             return loss, logs
 
         def step():
             b = ready[state["i"] % len(ready)]
-            loss, _ = amma.train_step(net, opt, [amma.batch_to(b, device)], loss_fn, 1, [state["i"]])
+            loss, _ = runs.train_step(net, opt, [cache.batch_to(b, device)], loss_fn, 1, [state["i"]])
             state["i"] += 1
             state["losses"].append(loss)
             return loss
@@ -720,9 +721,9 @@ def report_finetune(args, device, tiny):
         seq = "".join("ACDEFGHIKLMNPQRSTVWY"[i] for i in torch.randint(20, (n,), generator=g).tolist())
         items = [{"id": str(i), "index": i, "target": (torch.rand(538, generator=g) < 0.01).float(), "seq": None,
                   "func": None, "str": torch.randn(n, mc.d_str, generator=g).half(), "sequence": seq} for i in range(b)]
-        return amma.batch_to(ft.collate_task(items, ft.esm_vocab(alphabet)), device)
+        return cache.batch_to(ft.collate_task(items, ft.esm_vocab(alphabet)), device)
 
-    autocast = amma.amp_context("auto", device)
+    autocast = runs.amp_context("auto", device)
     model, opt = build(False)
     batch = batch_of(1, L)
     parts = {"forward": [], "backward": [], "optimizer": []}
@@ -731,7 +732,7 @@ def report_finetune(args, device, tiny):
         clock = Clock(device)
         clock.mark()
         with autocast:
-            logits = model(amma.strip(batch))
+            logits = model(runs.strip(batch))
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), batch["target"])
         clock.mark()
         opt.zero_grad(set_to_none=True)
@@ -756,7 +757,7 @@ def report_finetune(args, device, tiny):
                 big = batch_of(b, 1022)
                 for _ in range(2):
                     with autocast:
-                        loss = model(amma.strip(big)).float().sum()
+                        loss = model(runs.strip(big)).float().sum()
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
@@ -850,7 +851,7 @@ def feed_rate(open_set, batches, n_bytes, collate_fn=None, workers=0, passes=3, 
     clock = time.process_time if workers == 0 or threads else time.perf_counter
     best = 0.0
     for _ in range(passes):
-        loader = amma.make_loader(open_set(), batches, workers, False, collate_fn or amma.collate,
+        loader = cache.make_loader(open_set(), batches, workers, False, collate_fn or cache.collate,
                                   "threads" if threads else "processes")
         t = clock()
         for _ in loader:
@@ -894,7 +895,7 @@ def bench_feed(args, report):
             pack_s = time.perf_counter() - t
         sets = {"files": (files, sorted(files.glob("*/*.pt"))),
                 "store": (root / "store", sorted((root / "store" / "store").glob("*/*.safetensors")))}
-        batches = amma.bucket_batches([2 * l + lf for l, lf in zip(L, Lf)], 4, 0, 0)
+        batches = cache.bucket_batches([2 * l + lf for l, lf in zip(L, Lf)], 4, 0, 0)
         raw = {}
         for name, (_, paths) in sets.items():
             raw_read(paths)                                                    # into the page cache
@@ -903,11 +904,11 @@ def bench_feed(args, report):
         print(f"   one memory copy of a protein's bytes (resident memory -> a reused buffer; the ceiling of any one-copy "
               f"feed on this machine): {copy / 1e9:.2f} GB/s = {copy * n / n_bytes:.0f} proteins/s")
         rows = {"memory_copy_gb_per_s": copy / 1e9, "memory_copy_proteins_per_s": copy * n / n_bytes}
-        for name, layout, collate_fn, workers in (("files, amma.collate", "files", None, 0),
-                                                  ("store, amma.collate", "store", None, 0),
-                                                  ("store, amma.collate, 1 worker (wall time)", "store", None, 1),
+        for name, layout, collate_fn, workers in (("files, cache.collate", "files", None, 0),
+                                                  ("store, cache.collate", "store", None, 0),
+                                                  ("store, cache.collate, 1 worker (wall time)", "store", None, 1),
                                                   ("store, 2 loader threads (--loader threads)", "store", None, -2)):
-            per_s, rate = feed_rate(lambda: amma.open_features(sets[layout][0]), batches, n_bytes, collate_fn,
+            per_s, rate = feed_rate(lambda: cache.open_features(sets[layout][0]), batches, n_bytes, collate_fn,
                                     abs(workers), threads=workers < 0)
             need = [math.ceil(x / per_s) for x in (2000, 3000)]
             rows[name] = {"proteins_per_s": per_s, "gb_per_s": rate / 1e9, "raw_gb_per_s": raw[layout] / 1e9,
@@ -920,17 +921,17 @@ def bench_feed(args, report):
             fd = os.open(p, os.O_RDONLY)
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)                 # only these files leave the cache
             os.close(fd)
-        per_s, rate = feed_rate(lambda: amma.open_features(sets["store"][0]), batches, n_bytes, amma.collate,
+        per_s, rate = feed_rate(lambda: cache.open_features(sets["store"][0]), batches, n_bytes, cache.collate,
                                 passes=1)
         rows["store_from_disk"] = {"proteins_per_s": per_s, "gb_per_s": rate / 1e9}
         print(f"   store from this machine's disk (its pages dropped first): {per_s:.0f} proteins/s, {rate / 1e9:.2f} GB/s")
-        manifest = amma.read_manifest(files)
+        manifest = cache.read_manifest(files)
         for name, (path, _) in sets.items():
             (path / ".checked.tsv").unlink(missing_ok=True)
             t = time.perf_counter()
-            assert not amma.check_features(path, manifest)
+            assert not cache.check_features(path, manifest)
             rows[f"check_s_{name}"] = time.perf_counter() - t
-        print(f"   check before step 1 (amma.check_features) of the {n} proteins: files {rows['check_s_files']:.2f} s "
+        print(f"   check before step 1 (cache.check_features) of the {n} proteins: files {rows['check_s_files']:.2f} s "
               f"(every file read: loads, shape, finite), store {rows['check_s_store']:.3f} s (index checksum, "
               f"shard sizes and headers, rows)")
         rows["pack_gb_per_s"] = n_bytes / pack_s / 1e9

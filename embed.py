@@ -35,6 +35,8 @@ import numpy as np
 import torch
 
 import amma
+import runs
+import cache
 import extract_features as ef
 import finetune as ft
 import predict as pr
@@ -92,8 +94,8 @@ def feature_set_rows(cfg, model):
     """(rows by id, ids) of --features (--ids), checked against the model's widths."""
     root = Path(cfg.features)
     try:
-        rows = {r["id"]: r for r in amma.read_manifest(root)}
-        dims = amma.feature_dims(root)
+        rows = {r["id"]: r for r in cache.read_manifest(root)}
+        dims = cache.feature_dims(root)
     except (ValueError, FileNotFoundError) as e:
         raise Stop(str(e)) from None
     want = model.con.config.dims() if model.contrastive else model.enc.config.dims()
@@ -137,7 +139,7 @@ def embed(cfg):
     out.mkdir(parents=True, exist_ok=True)
     for k, name in enumerate(names):
         np.save(out / f"{name}.npy", np.ascontiguousarray(X[:, k]))
-    amma.atomic_write_text(out / "ids.txt", "\n".join(ids) + "\n")
+    runs.atomic_write_text(out / "ids.txt", "\n".join(ids) + "\n")
     readout = {"cls": "[CLS] output of Enc_multi, z[:, 0], unmasked (the finetuning head's input, B.2)",
                "mean": "mean of Enc_multi's outputs at the sequence tokens (valid positions only)",
                "latent": "AMMA-contrastive sequence latent Enc_con(Proj_seq(mean of the seq features)) (eq. 14)"}
@@ -146,7 +148,7 @@ def embed(cfg):
             "modalities": list(model.modalities), "seq_only": seq_only, "proteins": len(ids),
             "input": cfg.features or {"fasta": cfg.fasta, "pdb_dir": cfg.pdb_dir}, "tiny": bool(ck["info"].get("tiny")),
             "encoders": ck["info"].get("encoders", {}), "failed": failed}
-    amma.atomic_write_text(out / "embeddings.json", json.dumps(side, indent=1) + "\n")
+    runs.atomic_write_text(out / "embeddings.json", json.dumps(side, indent=1) + "\n")
     print(f"{len(ids)} proteins x {X.shape[-1]} ({', '.join(names)}; modalities {'+'.join(model.modalities)}"
           f"{f', {len(seq_only)} from sequence alone' if seq_only else ''}), {len(failed)} failed -> "
           f"{', '.join(str(out / f'{n}.npy') for n in names)}, {out / 'ids.txt'}, {out / 'embeddings.json'}")

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 import gearnet
-from amma import MODALITIES
+from cache import MODALITIES
 from sources import TEXT_FIELDS, FatalError, InputError, log, require  # noqa: F401
 
 ESM1B_NAME = "esm1b_t33_650M_UR50S"

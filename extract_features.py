@@ -92,8 +92,11 @@ from pathlib import Path
 
 import torch
 
+import cache
 import gearnet
-from amma import MODALITIES, arg, atomic_write_text, feature_file  # the feature-cache contract lives in amma.py
+from amma import arg
+from cache import MODALITIES, feature_file  # the feature-cache contract lives in cache.py
+from runs import atomic_write_text
 # the readers live in sources.py; imported by name so that extract_features.<name> keeps working for callers
 from sources import (  # noqa: F401
     AF_NAME, CUTOFF_COLUMNS, EXTRA_RESIDUES, GO_BRANCHES, ID_COLUMNS, SEQUENCE_FIELD, SOURCES, SPLITS,
@@ -251,7 +254,7 @@ def shard_ids(ids, i, n):
     return [x for k, x in enumerate(sorted(ids)) if k % n == i]
 
 
-# feature_file (the file name of a protein's features) lives in amma.py, the feature-cache contract.
+# feature_file (the file name of a protein's features) lives in cache.py, the feature-cache contract.
 
 
 def save_tensor(x, path):
@@ -291,12 +294,12 @@ def check_existing(path, length=None):
 
 
 def write_text_atomic(path, text):
-    """amma.atomic_write_text (a temporary file renamed over `path`); OutputError when it cannot be
+    """runs.atomic_write_text (a temporary file renamed over `path`); OutputError when it cannot be
     written, the temporary file removed."""
     try:
         atomic_write_text(path, text)
     except OSError as e:
-        Path(f"{path}.{os.getpid()}.tmp").unlink(missing_ok=True)  # amma.atomic_write_text's temporary name
+        Path(f"{path}.{os.getpid()}.tmp").unlink(missing_ok=True)  # runs.atomic_write_text's temporary name
         raise OutputError(path, e) from None
 
 
@@ -946,7 +949,7 @@ def extract_torchrun(argv, cfg):
 
 
 # ----------------------------------------------------------------------------- feature store (--pack)
-# The per-protein set packed for streaming (amma.py's FeatureStore reads it; its format is written there):
+# The per-protein set packed for streaming (cache.py's FeatureStore reads it; its format is written there):
 # per modality, shards of about --store-shard-mb of contiguous float16 rows, one safetensors file each.
 
 def safetensors_header(name, rows, width):
@@ -973,9 +976,8 @@ def store_plan(rows, dims, shard_bytes):
 def read_for_store(path, rows, width):
     """A protein's float16 [rows, width] features as packed; ValueError (one line) if it is missing,
     unreadable, of another shape or dtype, or not finite."""
-    import amma
     try:
-        x = amma.load_tensor(path)
+        x = cache.load_tensor(path)
     except FileNotFoundError:
         raise ValueError(f"{path}: missing") from None
     if x.dtype != torch.float16 or tuple(x.shape) != (rows, width):
@@ -1037,8 +1039,7 @@ def copy_set_files(src, dst):
 
 def commit_store(dst, work, rows, plan, key, done):
     """index.tsv, SHA256SUMS and store.json (written last) into work, then work becomes <dst>/store."""
-    import amma
-    lines = ["\t".join(amma.STORE_COLUMNS)]
+    lines = ["\t".join(cache.STORE_COLUMNS)]
     for k, shard in enumerate(plan):
         entries = done[f"{k:05d}"]["entries"]
         for r in shard:
@@ -1051,12 +1052,12 @@ def commit_store(dst, work, rows, plan, key, done):
                                                    for m, v in files.items() for name, info in v.items()))
     meta = {**key, "dtype": "float16", "proteins": len(rows), "shards": len(plan),
             "bytes": sum(i["bytes"] for v in files.values() for i in v.values()),
-            "index_sha256": amma.sha256_file(work / "index.tsv"), "files": files}
+            "index_sha256": cache.sha256_file(work / "index.tsv"), "files": files}
     for name in done:
         (work / f"{name}.json").unlink()
     (work / "plan.json").unlink()
     write_text_atomic(work / "store.json", json.dumps(meta, indent=1))
-    final, old = dst / amma.STORE_DIR, dst / f"{amma.STORE_DIR}.old"
+    final, old = dst / cache.STORE_DIR, dst / f"{cache.STORE_DIR}.old"
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         os.replace(final, old)
@@ -1067,10 +1068,9 @@ def commit_store(dst, work, rows, plan, key, done):
 
 def store_is_current(dst, rows, key):
     """The store at dst was packed from this manifest, with these dims and shard size, and its files are whole."""
-    import amma
     try:
-        meta, _ = amma.read_store_index(dst)
-        return all(meta.get(k) == v for k, v in key.items()) and not amma.check_store(dst, rows)
+        meta, _ = cache.read_store_index(dst)
+        return all(meta.get(k) == v for k, v in key.items()) and not cache.check_store(dst, rows)
     except (ValueError, KeyError, OSError):
         return False
 
@@ -1083,7 +1083,6 @@ def pack_store(src, dst=None, shard_mb=4096):
     is. One --pack at a time per DST (a lock file). Returns the exit status."""
     import fcntl
     import time
-    import amma
     src, dst = Path(src), Path(dst or src)
     if not (src / "manifest.tsv").exists():
         raise FatalError(f"--pack {src}: {src}/manifest.tsv not found (not a feature set)")
@@ -1092,12 +1091,12 @@ def pack_store(src, dst=None, shard_mb=4096):
     if not shard_mb > 0:
         raise FatalError(f"--store-shard-mb {shard_mb}: need a size > 0")
     try:
-        rows = amma.read_manifest(src)
+        rows = cache.read_manifest(src)
     except ValueError as e:
         raise FatalError(str(e)) from None
     if not rows:
         raise FatalError(f"--pack {src}: manifest.tsv lists no proteins")
-    dims = amma.feature_dims(src)
+    dims = cache.feature_dims(src)
     missing = sorted({m for r in rows for m in r["modalities"]} - set(dims))
     if missing:
         raise FatalError(f"--pack {src}: no width known for {', '.join(missing)} (info.json's dims)")
@@ -1107,16 +1106,16 @@ def pack_store(src, dst=None, shard_mb=4096):
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise FatalError(f"--pack: another --pack is writing {dst}/{amma.STORE_DIR}; wait for it") from None
+        raise FatalError(f"--pack: another --pack is writing {dst}/{cache.STORE_DIR}; wait for it") from None
     with lock:
-        key = {"format": amma.STORE_FORMAT, "manifest_sha256": amma.sha256_file(src / "manifest.tsv"),
+        key = {"format": cache.STORE_FORMAT, "manifest_sha256": cache.sha256_file(src / "manifest.tsv"),
                "dims": dims, "shard_mb": shard_mb}
         if dst != src:
             copy_set_files(src, dst)
         if store_is_current(dst, rows, key):
-            log(f"{dst}/{amma.STORE_DIR}: up to date with {src}/manifest.tsv ({len(rows)} proteins); nothing to do")
+            log(f"{dst}/{cache.STORE_DIR}: up to date with {src}/manifest.tsv ({len(rows)} proteins); nothing to do")
             return EXIT_OK
-        work = dst / f"{amma.STORE_DIR}.partial"
+        work = dst / f"{cache.STORE_DIR}.partial"
         plan_path = work / "plan.json"
         if work.exists() and (not plan_path.exists() or json.loads(plan_path.read_text()) != key):
             shutil.rmtree(work)                                # another manifest or shard size: start over
@@ -1143,7 +1142,7 @@ def pack_store(src, dst=None, shard_mb=4096):
             return EXIT_PARTIAL
         meta = commit_store(dst, work, rows, plan, key, done)
     seconds = time.time() - t0
-    log(f"{dst}/{amma.STORE_DIR}: {len(rows)} proteins, {len(plan)} shards ({resumed} from an earlier run), "
+    log(f"{dst}/{cache.STORE_DIR}: {len(rows)} proteins, {len(plan)} shards ({resumed} from an earlier run), "
         f"{meta['bytes'] / 1e9:.2f} GB, {', '.join(f'{m} {d}' for m, d in dims.items())} wide, float16; "
         f"{seconds:.1f} s ({meta['bytes'] / 1e9 / max(seconds, 1e-9):.2f} GB/s)")
     return EXIT_OK

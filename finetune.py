@@ -76,6 +76,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import amma
+import runs
+import cache
 from amma import arg
 from metrics import CUTOFFS, TASKS, aupr, cutoff_members, fmax, paper_row, save_predictions
 
@@ -224,7 +226,7 @@ class TaskSet(torch.utils.data.Dataset):
         item = {"id": row["id"], "index": k, "target": self.targets[k], "seq": None, "str": None, "func": None}
         for m in self.cached:
             if m in row["modalities"]:
-                item[m] = amma.read_feature(self.root, m, row["id"])[: self.max_len]
+                item[m] = cache.read_feature(self.root, m, row["id"])[: self.max_len]
         if self.esm_in_loop:
             item["sequence"] = row["sequence"][: self.max_len]
         n = {m: len(item[m]) for m in ("seq", "str", "sequence") if item.get(m) is not None}
@@ -234,16 +236,16 @@ class TaskSet(torch.utils.data.Dataset):
 
 
 def collate_task(items, vocab=None):
-    """amma.collate (ids, seq/str [B, L, d], lengths [B]) plus index [B] and target [B, C]; with ESM in the
+    """cache.collate (ids, seq/str [B, L, d], lengths [B]) plus index [B] and target [B, C]; with ESM in the
     loop also its tokens [B, W + 2] (vocab: esm_vocab), made here in the loader worker."""
-    batch = amma.collate(items)
+    batch = cache.collate(items)
     batch["index"] = torch.tensor([it["index"] for it in items])
     if "target" in items[0]:
         batch["target"] = torch.stack([it["target"] for it in items])
     if "sequence" in items[0] and vocab is None:                 # tokenised by the model (a host step)
         batch["sequence"] = [it["sequence"] for it in items]
     elif "sequence" in items[0]:
-        width = batch["str"].shape[1] if "str" in batch else amma.padded_length(max(len(it["sequence"]) for it in items))
+        width = batch["str"].shape[1] if "str" in batch else cache.padded_length(max(len(it["sequence"]) for it in items))
         batch["tokens"] = esm_tokens([it["sequence"] for it in items], vocab, width)
         batch["seq_len"] = torch.tensor([len(it["sequence"]) for it in items])
     return batch
@@ -299,7 +301,7 @@ def load_task(cfg):
     if len(at_cutoff) < n_test_all:
         print(f"test: {len(at_cutoff)} of {n_test_all} chains at <{cfg.cutoff}% identity (reported as 'test'); every "
               "chain is scored, each cutoff a subset (results.json test_cutoffs)")
-    rows = {r["id"]: r for r in amma.read_manifest(root)}
+    rows = {r["id"]: r for r in cache.read_manifest(root)}
     needed = "str" if cfg.esm == "finetune" else "seq"
     if cfg.esm == "finetune" and any(not r.get("sequence") for r in rows.values()):
         raise SystemExit(f"error: {root}/manifest.tsv has no 'sequence' for some proteins: --esm finetune needs it")
@@ -324,10 +326,10 @@ def load_task(cfg):
 def encoder_dims(root, esm, modalities=("seq", "str")):
     """seq/str widths the encoder will see (ESM's width when it runs in the loop): info.json's, else read
     from the files of `modalities` only (--modalities seq opens no structure file)."""
-    dims = {m: d for m, d in amma.feature_dims_recorded(root).items() if m in modalities}
-    for row in amma.read_manifest(root) if len(dims) < len(modalities) else ():
+    dims = {m: d for m, d in cache.feature_dims_recorded(root).items() if m in modalities}
+    for row in cache.read_manifest(root) if len(dims) < len(modalities) else ():
         for m in [m for m in modalities if m in row["modalities"] and m not in dims]:
-            dims[m] = amma.load_tensor(Path(root) / m / amma.feature_file(row["id"])).shape[1]
+            dims[m] = cache.load_tensor(Path(root) / m / cache.feature_file(row["id"])).shape[1]
         if len(dims) == len(modalities):
             break
     if esm is not None:
@@ -456,7 +458,7 @@ def build_esm(info, cfg, device):
 def with_esm(esm, batch, device):
     """The batch with ESM's per-residue features as its seq (tokens from collate_task, or made here)."""
     if "tokens" not in batch:                                                  # sequences not tokenised in collate
-        width = amma.padded_length(max(map(len, batch["sequence"])))
+        width = cache.padded_length(max(map(len, batch["sequence"])))
         batch = {**batch, "tokens": esm_tokens(batch["sequence"], esm.vocab, width).to(device),
                  "seq_len": torch.tensor([len(s) for s in batch["sequence"]], device=device)}
     return {**batch, **esm(batch["tokens"], batch["seq_len"])}
@@ -570,7 +572,7 @@ def build_optimizer(model, cfg, device=None):
     head = [p for p in model.head.parameters() if p.requires_grad]
     groups = [{"params": body, "lr": cfg.lr}, {"params": head, "lr": cfg.lr_head}]
     device = device or model.head[0].weight.device
-    return amma.make_optimizer(groups, cfg.optimizer, torch.device(device), weight_decay=cfg.weight_decay)
+    return runs.make_optimizer(groups, cfg.optimizer, torch.device(device), weight_decay=cfg.weight_decay)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -606,7 +608,7 @@ def predict(model, dataset, cfg, device, rank=0, world=1, autocast=None):
     for batch in loader:
         ids += batch["index"].tolist()
         with autocast or contextlib.nullcontext():
-            preds.append(model(amma.batch_to(batch, device)).float().cpu())
+            preds.append(model(cache.batch_to(batch, device)).float().cpu())
     parts = [(ids, torch.cat(preds))]
     if world > 1:
         parts = [None] * world
@@ -739,7 +741,7 @@ def default_out(cfg):
 
 
 def write_json(obj, path):
-    amma.atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
+    runs.atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
 
 
 SAME_ON_RESUME = ("task", "ckpt", "from_scratch", "baseline", "features", "esm", "modalities", "readout", "cutoff", "batch_size", "optimizer",
@@ -750,11 +752,11 @@ SAME_ON_RESUME = ("task", "ckpt", "from_scratch", "baseline", "features", "esm",
 # the finetuning loop
 
 def screen_task(sets, cfg, out, main, say):
-    """The feature files of every split, checked before step 1 (amma.find_bad_files); with --skip-bad the
+    """The feature files of every split, checked before step 1 (cache.find_bad_files); with --skip-bad the
     bad proteins are left out (loudly for the test split: its metric changes)."""
     train = sets["train"]
     rows = [train.rows[x] for x in sorted({x for ds in sets.values() for x in ds.ids})]
-    bad = {pid for _, pid in amma.find_bad_files({"task": (train.root, rows, train.cached)}, out, cfg.skip_bad, main)}
+    bad = {pid for _, pid in cache.find_bad_files({"task": (train.root, rows, train.cached)}, out, cfg.skip_bad, main)}
     for name, ds in list(sets.items()):
         keep = [k for k, x in enumerate(ds.ids) if x not in bad]
         if len(keep) == len(ds):
@@ -770,9 +772,9 @@ def screen_task(sets, cfg, out, main, say):
 
 def finetune(cfg, quiet=False):
     """Train, evaluate every epoch, select by validation Fmax; returns the results dict (rank 0)."""
-    rank, world, device = amma.setup_distributed(cfg)
+    rank, world, device = runs.setup_distributed(cfg)
     try:
-        with amma.RunLock(default_out(cfg), enabled=rank == 0):
+        with runs.RunLock(default_out(cfg), enabled=rank == 0):
             result = _finetune(cfg, quiet, rank, world, device)
         if world > 1:
             torch.distributed.barrier()       # no process leaves while another still talks to it
@@ -844,11 +846,11 @@ def epoch_line(record, cfg, best):
 def _finetune(cfg, quiet, rank, world, device):
     is_main = rank == 0
     say = print if is_main and not quiet else (lambda *a, **k: None)
-    amma.check_batch_split(cfg.batch_size, world, cfg.grad_accum, hint="; a batch-1 task (EC, GO-MF, GO-CC in "
+    runs.check_batch_split(cfg.batch_size, world, cfg.grad_accum, hint="; a batch-1 task (EC, GO-MF, GO-CC in "
                            "the paper) uses several GPUs best as independent runs side by side, one per GPU "
                            "(GPUS=\"0 1 2 3\" bash ablations.sh)")
     out = default_out(cfg)
-    resume_path = amma.prepare_out(out, cfg.resume, cfg.overwrite, is_main, say,
+    resume_path = runs.prepare_out(out, cfg.resume, cfg.overwrite, is_main, say,
                                    files=("checkpoint.pt", "best.pt", "results.json", "predictions.npz"))
     data, sets, info, counts = load_task(cfg)
     sets = screen_task(sets, cfg, out, is_main, say)
@@ -861,15 +863,15 @@ def _finetune(cfg, quiet, rank, world, device):
     state = dict(next_epoch=0, next_step=0, history=[], best=None, epoch_loss=0.0, epoch_steps=0, steps_done=0)
     if resume_path:
         ck = torch.load(resume_path, map_location="cpu", weights_only=True)
-        amma.check_same(ck["config"], amma.to_plain(cfg), SAME_ON_RESUME, resume_path)
-        amma.load_training_state(ck, model, opt, sched, state)
+        runs.check_same(ck["config"], runs.to_plain(cfg), SAME_ON_RESUME, resume_path)
+        runs.load_training_state(ck, model, opt, sched, state)
         say(f"resuming from {resume_path} at epoch {state['next_epoch'] + 1}, step {state['next_step']}")
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    autocast = amma.amp_context(cfg.amp, device)
+    autocast = runs.amp_context(cfg.amp, device)
     say(banner(cfg, mc, model, counts, n_classes, n_params, world, device, autocast, esm_name, info))
     if state["next_epoch"] >= cfg.epochs and state["best"] is not None:
         say(f"{out}: all {cfg.epochs} epochs are done already; its results:")
-    net = amma.maybe_compile(amma.wrap_ddp(model, world), cfg)
+    net = runs.maybe_compile(runs.wrap_ddp(model, world), cfg)
     train, baseline = sets["train"], frequency_baseline(sets)
     collate_fn = partial(collate_task, vocab=model.esm.vocab if model.esm else None)
     ckpt_path, best_path = out / "checkpoint.pt", out / "best.pt"
@@ -879,28 +881,28 @@ def _finetune(cfg, quiet, rank, world, device):
     def save(next_epoch, next_step):
         state.update(next_epoch=next_epoch, next_step=next_step)
         if is_main and state["steps_done"]:
-            amma.atomic_save({"kind": "finetune", "model": model.state_dict(), "optimizer": opt.state_dict(),
-                              "scheduler": sched.state_dict(), **state, "config": amma.to_plain(cfg),
-                              "model_config": amma.to_plain(mc)}, ckpt_path)
+            runs.atomic_save({"kind": "finetune", "model": model.state_dict(), "optimizer": opt.state_dict(),
+                              "scheduler": sched.state_dict(), **state, "config": runs.to_plain(cfg),
+                              "model_config": runs.to_plain(mc)}, ckpt_path)
 
     result, last_save = None, time.time()
-    with amma.Interrupt() as stop:
+    with runs.Interrupt() as stop:
         for epoch in range(state["next_epoch"], cfg.epochs):
             t0 = time.time()
             net.train()
             plan, steps, n_steps, loader = finetuning_epoch(cfg, train, state, epoch, rank, world, device, collate_fn)
-            bar = amma.progress(n_steps, f"epoch {epoch + 1}/{cfg.epochs}", not is_main or quiet, state["next_step"])
-            meter = amma.Meter([], device, state["epoch_loss"] if is_main else 0.0)
+            bar = runs.progress(n_steps, f"epoch {epoch + 1}/{cfg.epochs}", not is_main or quiet, state["next_step"])
+            meter = runs.Meter([], device, state["epoch_loss"] if is_main else 0.0)
             for s, parts in steps:
                 norm = len(plan[s]) * n_classes                                 # BCE: mean over the global batch
                 seeds = [amma.seed_hash(cfg.seed, epoch, s, rank * cfg.grad_accum + k) for k in range(len(parts))]
-                batches = amma.micro_batches(loader, len(parts), device)
-                loss, _ = amma.train_step(net, opt, batches, partial(bce_loss, net, autocast, norm), world, seeds)
+                batches = cache.micro_batches(loader, len(parts), device)
+                loss, _ = runs.train_step(net, opt, batches, partial(bce_loss, net, autocast, norm), world, seeds)
                 meter.add(loss, {}, s)
                 state.update(epoch_steps=state["epoch_steps"] + 1, steps_done=state["steps_done"] + 1)
                 bar.update(1)
-                if amma.read_point(cfg, state, s, n_steps, world, stop, last_save):
-                    last_save = amma.at_read_point(meter, cfg, state, stop, save, ckpt_path, epoch, s, n_steps, last_save,
+                if runs.read_point(cfg, state, s, n_steps, world, stop, last_save):
+                    last_save = runs.at_read_point(meter, cfg, state, stop, save, ckpt_path, epoch, s, n_steps, last_save,
                                                    bar, lambda interval: interval[0] / max(meter.steps, 1), is_main)
             bar.close()
             lrs = [g["lr"] for g in opt.param_groups]
@@ -908,8 +910,8 @@ def _finetune(cfg, quiet, rank, world, device):
             record, is_best, pred = evaluate(model, sets, data, cfg, device, rank, world, autocast, epoch, state, t0, lrs)
             if is_best and is_main:
                 write_predictions(out / "predictions.npz", pred, sets, data, cfg, epoch + 1)
-                amma.atomic_save({"kind": "finetune-best", "model": model.state_dict(), "epoch": epoch,
-                                  "config": amma.to_plain(cfg), "model_config": amma.to_plain(mc),
+                runs.atomic_save({"kind": "finetune-best", "model": model.state_dict(), "epoch": epoch,
+                                  "config": runs.to_plain(cfg), "model_config": runs.to_plain(mc),
                                   "terms": data["terms"], **predictor_fields(cfg, info, pred["valid"],
                                                                              sets["valid"].targets)}, best_path)
             save(epoch + 1, 0)
@@ -926,19 +928,19 @@ def finetuning_epoch(cfg, train, state, epoch, rank, world, device, collate_fn):
     the loader of its micro-batches."""
     if epoch != state["next_epoch"] or state["next_step"] == 0:
         state.update(next_epoch=epoch, next_step=0, epoch_loss=0.0, epoch_steps=0)
-    plan = amma.bucket_batches(train.lengths, cfg.batch_size, cfg.seed, epoch)
+    plan = cache.bucket_batches(train.lengths, cfg.batch_size, cfg.seed, epoch)
     n_steps = min(len(plan), cfg.limit_steps or len(plan))
-    steps, _ = amma.epoch_steps(plan, state["next_step"], n_steps, rank, world, cfg.grad_accum)
+    steps, _ = runs.epoch_steps(plan, state["next_step"], n_steps, rank, world, cfg.grad_accum)
     micro = [[plan[s][j] for j in part] for s, parts in steps for part in parts]
-    loader = iter(amma.make_loader(train, micro, cfg.num_workers, device.type == "cuda", collate_fn,
-                                   amma.loader_kind(cfg.loader, [train])))
+    loader = iter(cache.make_loader(train, micro, cfg.num_workers, device.type == "cuda", collate_fn,
+                                   cache.loader_kind(cfg.loader, [train])))
     return plan, steps, n_steps, loader
 
 
 def bce_loss(net, autocast, norm, batch):
     """A micro-batch's share of the global batch's mean binary cross-entropy (fp32 logits)."""
     with autocast:
-        logits = net(amma.strip(batch))                                       # [b, C]
+        logits = net(runs.strip(batch))                                       # [b, C]
     return F.binary_cross_entropy_with_logits(logits.float(), batch["target"], reduction="sum") / norm, {}
 
 
@@ -973,7 +975,7 @@ def results_dict(cfg, mc, data, info, counts, state, baseline, world, n_params):
             "trainable_parameters": n_params, "features": cfg.features, "tiny": bool(info.get("tiny")),
             "synthetic": bool(info.get("synthetic")), "demo": cfg.demo, "encoders": info.get("encoders", {}),
             "labels_source": data.get("source", ""), "pretrained": cfg.ckpt or None,
-            "config": amma.to_plain(cfg), "model_config": amma.to_plain(mc)}
+            "config": runs.to_plain(cfg), "model_config": runs.to_plain(mc)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -991,7 +993,7 @@ def ensure_demo_pretrain(features, out="runs/demo"):
           f"into {path} first")
     args = amma.build_parser().parse_args(["--pretrain"] + ["--resume"] * path.exists())
     mc, tc, _ = amma.configs_from_args(args, {**amma.DEMO, "features": str(features), "out": out})
-    for m, d in amma.feature_dims(features).items():
+    for m, d in cache.feature_dims(features).items():
         setattr(mc, f"d_{m}", d)
     amma.pretrain(mc, tc)
     return path
@@ -1057,7 +1059,7 @@ def main(argv=None):
     try:
         result = finetune(cfg)
     except (ValueError, FileNotFoundError) as e:  # a truncated feature file, a bad label: one line
-        raise SystemExit(f"error: {amma.last_line(e)}") from None
+        raise SystemExit(f"error: {runs.last_line(e)}") from None
     if result is not None and cfg.demo:
         ours, base = result["test"]["fmax"], result["baseline"]["test"]["fmax"]
         print(f"demo: test Fmax {100 * ours:.1f} (ours) vs {100 * base:.1f} (label-frequency baseline)")

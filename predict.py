@@ -45,6 +45,8 @@ from pathlib import Path
 import torch
 
 import amma
+import runs
+import cache
 from amma import arg
 from sources import _open as open_input  # plain or gzipped text
 import extract_features as ef
@@ -179,7 +181,7 @@ def extract_proteins(info, cfg, modalities, work):
         raise Stop(str(e)) from None
     except (OSError, UnicodeDecodeError) as e:   # a missing or unreadable input file
         raise Stop(f"{type(e).__name__}: {e}") from None
-    rows = {r["id"]: r for r in amma.read_manifest(work)}
+    rows = {r["id"]: r for r in cache.read_manifest(work)}
     failed = dict(summary["failed"])
     return rows, [x for x in order if x not in failed], failed
 
@@ -212,16 +214,16 @@ def run_model(fn, model, root, rows, ids, ck, batch_size, device, failed, desc):
                     model.modalities)
     order = sorted(range(len(ds)), key=lambda k: ds.lengths[k])
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    autocast = amma.amp_context(ck["config"].get("amp", "auto"), device)
-    out, bar = {}, amma.progress(len(ids), desc)
+    autocast = runs.amp_context(ck["config"].get("amp", "auto"), device)
+    out, bar = {}, runs.progress(len(ids), desc)
     for batch_ids in batches:
         try:
             batch = ft.collate_task([ds[k] for k in batch_ids])
             with autocast:
-                y = fn(model, amma.batch_to(batch, device))
+                y = fn(model, cache.batch_to(batch, device))
         except (RuntimeError, ValueError) as e:
             for k in batch_ids:
-                failed[ds.ids[k]] = f"{desc}: {type(e).__name__}: {amma.last_line(e)}"
+                failed[ds.ids[k]] = f"{desc}: {type(e).__name__}: {runs.last_line(e)}"
                 ef.log(f"error: {ds.ids[k]}: {failed[ds.ids[k]]}", err=True)
             continue
         for k, row in zip(batch["index"].tolist(), y):
@@ -323,8 +325,8 @@ def write_outputs(out, result):
     for p in result["proteins"]:
         lines += [f"{p['id']}\t{r['term']}\t{r['score']:.6f}\t{int(r['passes'])}\t{r['name']}\t{r['namespace']}\t"
                   f"{p['input']}" for r in p["predictions"]]
-    amma.atomic_write_text(out / "predictions.tsv", "\n".join(lines) + "\n")
-    amma.atomic_write_text(out / "predictions.json", json.dumps(result, indent=1) + "\n")
+    runs.atomic_write_text(out / "predictions.tsv", "\n".join(lines) + "\n")
+    runs.atomic_write_text(out / "predictions.json", json.dumps(result, indent=1) + "\n")
 
 
 def table(result, n=10):

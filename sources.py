@@ -75,9 +75,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-import amma
+import runs
 import gearnet
-from amma import MODALITIES
+from cache import MODALITIES
 
 STANDARD_RESIDUES = "ACDEFGHIKLMNPQRSTVWY"
 EXTRA_RESIDUES = "XBZUO"  # tokens of their own in fair-esm's ESM-1b alphabet
@@ -134,10 +134,10 @@ def log(msg, err=False):
 
 
 def progress(iterable, desc, total=None):
-    """amma.progress over `iterable`: a tqdm bar that updates once a minute at most when stderr is not a
+    """runs.progress over `iterable`: a tqdm bar that updates once a minute at most when stderr is not a
     terminal (a log file, a batch job), so redirected logs do not fill with bar updates."""
-    bar = amma.progress(len(iterable) if total is None and hasattr(iterable, "__len__") else total, desc)
-    bar.iterable = iterable  # amma.progress counts a total; tqdm iterates over .iterable
+    bar = runs.progress(len(iterable) if total is None and hasattr(iterable, "__len__") else total, desc)
+    bar.iterable = iterable  # runs.progress counts a total; tqdm iterates over .iterable
     return bar
 
 

@@ -10,6 +10,8 @@ import pytest
 import torch
 
 import amma
+import runs
+import cache
 from conftest import ROOT, assert_same_training, torchrun, write_features
 
 SMALL = dict(d_seq=12, d_str=20, d_func=8, D=32, n_layers=2, n_heads=4, dec_layers=1, M=24)
@@ -23,7 +25,7 @@ def batch_of(lengths, func_lengths, dims=(12, 20, 8), has_str=None, seed=0):
         items.append({"id": f"p{i}", "seq": torch.randn(L, dims[0], generator=g),
                       "str": torch.randn(L, dims[1], generator=g) if s else None,
                       "func": torch.randn(Lf, dims[2], generator=g) if Lf else None})
-    return amma.batch_to(amma.collate(items), "cpu")
+    return cache.batch_to(cache.collate(items), "cpu")
 
 
 # ---- mask sampler --------------------------------------------------------------------------
@@ -175,13 +177,13 @@ def test_unpaired_step_is_the_sum_of_the_two_batches_losses():
     seqfunc = [{**it, "group": 1} for it in [
         {"id": "c", "seq": torch.randn(7, 12), "str": None, "func": torch.randn(5, 8)},
         {"id": "d", "seq": torch.randn(11, 12), "str": None, "func": torch.randn(3, 8)}]]
-    merged = amma.batch_to(amma.collate(seqstr + seqfunc), "cpu")
-    seqstr, seqfunc = amma.collate(seqstr), amma.collate(seqfunc)
+    merged = cache.batch_to(cache.collate(seqstr + seqfunc), "cpu")
+    seqstr, seqfunc = cache.collate(seqstr), cache.collate(seqfunc)
     assert merged["group"].tolist() == [0, 0, 1, 1]
     with torch.no_grad():
         _, both, _ = model(merged, mask=False)
-        _, l1, logs1 = model(amma.batch_to(seqstr, "cpu"), mask=False)
-        _, l2, logs2 = model(amma.batch_to(seqfunc, "cpu"), mask=False)
+        _, l1, logs1 = model(cache.batch_to(seqstr, "cpu"), mask=False)
+        _, l2, logs2 = model(cache.batch_to(seqfunc, "cpu"), mask=False)
     assert "loss_func" not in logs1 and "loss_str" not in logs2                # absent modality: no loss
     assert torch.allclose(both, l1 + l2, atol=1e-5)                          # eq. 12
     _, loss, _ = model.train()(merged, seeds=seeds(4))
@@ -224,7 +226,7 @@ def test_truncated_feature_file_is_reported(tmp_path):
     root = write_features(tmp_path / "f", [5, 6])
     path = root / "str" / "P001.pt"
     path.write_bytes(path.read_bytes()[:40])
-    ds = amma.FeatureDataset(root)
+    ds = cache.FeatureDataset(root)
     with pytest.raises(ValueError, match="P001.pt: not a readable tensor file"):
         ds[1]
 
@@ -448,12 +450,12 @@ def test_preset_111m_and_parameter_counts():
 # ---- global batch, DDP ---------------------------------------------------------------------
 
 def test_global_batch_split_and_its_errors():
-    assert amma.rank_share(4, 0, 2, 1) == [[0, 1]] and amma.rank_share(4, 1, 2, 1) == [[2, 3]]
-    assert amma.rank_share(8, 1, 2, 2) == [[4, 5], [6, 7]]
-    assert amma.rank_share(3, 1, 2, 1) == [[1, 2]] and amma.rank_share(1, 0, 2, 1) is None
+    assert runs.rank_share(4, 0, 2, 1) == [[0, 1]] and runs.rank_share(4, 1, 2, 1) == [[2, 3]]
+    assert runs.rank_share(8, 1, 2, 2) == [[4, 5], [6, 7]]
+    assert runs.rank_share(3, 1, 2, 1) == [[1, 2]] and runs.rank_share(1, 0, 2, 1) is None
     with pytest.raises(SystemExit, match=r"--batch-size 4 is the global batch .* over 3 processes x --grad-accum 1: "
                                          r"use 1 or 2 or 4 processes, or fewer processes with --grad-accum K"):
-        amma.check_batch_split(4, 3, 1)
+        runs.check_batch_split(4, 3, 1)
 
 
 def test_masks_do_not_depend_on_how_the_batch_is_split():

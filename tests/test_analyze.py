@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import amma
+import cache
 import analyze
 from conftest import write_features
 
@@ -70,9 +71,9 @@ def test_amma_latents_do_not_depend_on_padding(tiny):
     _, root, ckpts = tiny
     model, config, _ = amma.load_pretrained(ckpts["asymmetric"])
     model.eval()
-    ds = amma.FeatureDataset(root, ids=["P000", "P005"])                         # lengths 8 and 13
-    both = analyze.amma_latents(model, amma.batch_to(amma.collate([ds[0], ds[1]]), "cpu"))
-    alone = analyze.amma_latents(model, amma.batch_to(amma.collate([ds[0]]), "cpu"))
+    ds = cache.FeatureDataset(root, ids=["P000", "P005"])                         # lengths 8 and 13
+    both = analyze.amma_latents(model, cache.batch_to(cache.collate([ds[0], ds[1]]), "cpu"))
+    alone = analyze.amma_latents(model, cache.batch_to(cache.collate([ds[0]]), "cpu"))
     for m in amma.MODALITIES:
         assert both[m].shape == (2, config.D)
         assert torch.allclose(both[m][0], alone[m][0], atol=1e-5), m
@@ -84,7 +85,7 @@ def test_last_layer_attention_rows_sum_to_one(tiny):
     _, root, ckpts = tiny
     model, _, _ = amma.load_pretrained(ckpts["asymmetric"])
     model.eval()
-    batch = amma.batch_to(amma.collate([amma.FeatureDataset(root, ids=["P003"])[0]]), "cpu")
+    batch = cache.batch_to(cache.collate([cache.FeatureDataset(root, ids=["P003"])[0]]), "cpu")
     total, a_seq, a_str, attn = analyze.function_attention(model, batch)
     L, Lf = 11, 6
     assert attn.shape == (SMALL["n_heads"], 1 + 2 * L + Lf, 1 + 2 * L + Lf)
@@ -124,7 +125,7 @@ def test_function_attention_finds_a_steered_residue(tiny, tmp_path):
     model.eval()
     pid, L, Lf = "P003", 11, 6                                                   # lengths of write_features
     func_tokens = list(range(1 + 2 * L, 1 + 2 * L + Lf))
-    batch = amma.batch_to(amma.collate([amma.FeatureDataset(root, ids=[pid])[0]]), "cpu")
+    batch = cache.batch_to(cache.collate([cache.FeatureDataset(root, ids=[pid])[0]]), "cpu")
     base, _, _, _ = analyze.function_attention(model, batch)
     cfg = analyze.AnalyzeConfig()
     for slot, r in (("seq", int(base.argmin())), ("str", (int(base.argmin()) + 4) % L)):
@@ -271,9 +272,9 @@ def test_table1_initial_and_amma_columns_by_hand(tiny, tmp_path):
         torch.save({**ck, "model": state}, tmp_path / f"l{k}.pt")
         zeroed[k] = run_analyze(tmp_path / f"l{k}.pt", f"l{k}", 4)["table1"]
         m2, _, _ = amma.load_pretrained(tmp_path / f"l{k}.pt")
-        ds = amma.FeatureDataset(root, ids=order[:5])
-        got = analyze.amma_latents(m2.eval(), amma.batch_to(amma.collate([ds[i] for i in range(5)]), "cpu"))
-        want = analyze.amma_latents(model, amma.batch_to(amma.collate([ds[i] for i in range(5)]), "cpu"))
+        ds = cache.FeatureDataset(root, ids=order[:5])
+        got = analyze.amma_latents(m2.eval(), cache.batch_to(cache.collate([ds[i] for i in range(5)]), "cpu"))
+        want = analyze.amma_latents(model, cache.batch_to(cache.collate([ds[i] for i in range(5)]), "cpu"))
         for m in amma.MODALITIES:
             if k == 0:
                 assert torch.equal(got[m], torch.zeros_like(got[m])), m

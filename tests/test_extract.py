@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import amma
+import cache
 import extract_features as ef
 import gearnet
 import replicas
@@ -97,7 +97,7 @@ def test_esm_rows_crop_and_bad_letters(tmp_path):
     assert not torch.allclose(short.float(), full[0:9], atol=1e-2)
 
     assert load(out / "seq" / "long.pt").shape == (1022, 64)               # cropped to the first 1022
-    rows = {r["id"]: r for r in amma.read_manifest(out)}
+    rows = {r["id"]: r for r in cache.read_manifest(out)}
     assert rows["long"]["L"] == 1022 and rows["long"]["L_full"] == "1100"
     assert rows["long"]["sequence"] == long[:1022]
     info = json.loads((out / "info.json").read_text())
@@ -144,7 +144,7 @@ def test_sequence_vs_structure(tmp_path):
     rc, out, s = run(args, tmp_path)
     assert rc == 3 and set(s["failed"]) == {"sub", "noca"}
     assert "mismatch" in s["failed"]["sub"] and "noca.pdb" in s["failed"]["noca"]
-    rows = {r["id"]: r for r in amma.read_manifest(out)}
+    rows = {r["id"]: r for r in cache.read_manifest(out)}
     assert rows["gap"]["sequence"] == seq[:3] + seq[5:] and rows["gap"]["L"] == len(seq) - 2  # CA-less dropped
     assert load(out / "seq" / "gap.pt").shape[0] == load(out / "str" / "gap.pt").shape[0] == len(seq) - 2
     assert rows["nostruct"]["modalities"] == ("seq",) and rows["gap"]["modalities"] == ("seq", "str")
@@ -164,7 +164,7 @@ def test_pdb_dir_shared(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 3 and list(s["failed"]) == ["noca"] and "noca.pdb" in s["failed"]["noca"]
     assert [x for x in err.splitlines() if "noca" in x and x.startswith("error")]   # a one-line error
-    rows = amma.read_manifest(out)
+    rows = cache.read_manifest(out)
     assert sorted(r["id"] for r in rows) == sorted(f.stem for f in shared.glob("*.pdb"))
     for r in rows:
         seq, st = load(out / "seq" / f"{r['id']}.pt"), load(out / "str" / f"{r['id']}.pt")
@@ -288,9 +288,9 @@ def test_shards_cover_every_id_once(tmp_path):
         lines = (out / f"manifest.shard-{i}-of-3.tsv").read_text().splitlines()[1:]
         per_shard.append([x.split("\t")[0] for x in lines])
     assert sorted(x for p in per_shard for x in p) == ids[:5]
-    assert sorted(r["id"] for r in amma.read_manifest(out)) == ids[:5]
+    assert sorted(r["id"] for r in cache.read_manifest(out)) == ids[:5]
     (out / "manifest.tsv").unlink()
-    assert ef.main(["--out", str(out), "--merge"]) == 0 and len(amma.read_manifest(out)) == 5
+    assert ef.main(["--out", str(out), "--merge"]) == 0 and len(cache.read_manifest(out)) == 5
 
 
 def test_float16_overflow_fails_the_protein(tmp_path, monkeypatch, capsys):
@@ -306,7 +306,7 @@ def test_float16_overflow_fails_the_protein(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(ef.SeqEncoder, "__call__", scaled)
     rc, out, s = run(["--source", "fasta", "--fasta", str(fasta), "--modality", "seq"], tmp_path)
     assert rc == 3 and list(s["failed"]) == ["big"] and "max |value|" in s["failed"]["big"]
-    assert [r["id"] for r in amma.read_manifest(out)] == ["ok"] and not (out / "seq" / "big.pt").exists()
+    assert [r["id"] for r in cache.read_manifest(out)] == ["ok"] and not (out / "seq" / "big.pt").exists()
     assert [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: big: seq: a value")]
 
 
@@ -328,11 +328,11 @@ def test_shard_info_covers_all_modalities_and_limit_keeps_manifest(tmp_path):
     assert json.loads((out / "info.json").read_text()) == info
 
     rc, out, s = run(base, tmp_path, name="g")
-    assert rc == 0 and len(amma.read_manifest(out)) == 3
+    assert rc == 0 and len(cache.read_manifest(out)) == 3
     (out / "seq" / "Q3.pt").write_bytes(b"junk")                            # no longer valid: its row goes
     rc, out, s = run(base + ["--limit", "1"], tmp_path, name="g")
     assert rc == 0 and s["proteins"] == 1
-    assert [r["id"] for r in amma.read_manifest(out)] == ["Q1", "Q2"]
+    assert [r["id"] for r in cache.read_manifest(out)] == ["Q1", "Q2"]
     assert json.loads((out / "info.json").read_text())["dims"] == {"seq": 64, "func": 48}
 
 
@@ -462,7 +462,7 @@ def test_alphafold_join_and_unpaired(tmp_path):
     rc = ef.main(["--source", "alphafold", "--af-dir", str(tmp_path / "af"), "--protdescribe", str(tmp_path / "pd.tsv"),
                   "--unpaired", "--encoders", "tiny", "--out", str(out)])
     assert rc == 0
-    sets = {name: {r["id"]: r for r in amma.read_manifest(path)}
+    sets = {name: {r["id"]: r for r in cache.read_manifest(path)}
             for name, path in [("paired", out), ("seqstr", out.parent / "seqstr"), ("seqfunc", out.parent / "seqfunc")]}
     assert list(sets["paired"]) == ["P11111"] and sets["paired"]["P11111"]["modalities"] == ("seq", "str", "func")
     assert list(sets["seqstr"]) == ["P33333"] and sets["seqstr"]["P33333"]["modalities"] == ("seq", "str")
@@ -477,11 +477,11 @@ def test_protdescribe_no_text_and_id_column(tmp_path):
                                      "Q1\tMKTAYIAK\tName\t\t\t\nQ2\tMKVLAAGI\t \t\t\t\n")
     rc = ef.main(["--protdescribe", str(tmp_path / "pd.tsv"), "--encoders", "tiny", "--out", str(tmp_path / "x")])
     assert rc == 0                             # no known id column: rows named by position, no "column None" error
-    assert [r["id"] for r in amma.read_manifest(tmp_path / "x")] == ["row000001", "row000002"]
+    assert [r["id"] for r in cache.read_manifest(tmp_path / "x")] == ["row000001", "row000002"]
     rc, out, s = run(["--source", "protdescribe", "--protdescribe", str(tmp_path / "pd.tsv"), "--id-column", "Acc",
                       "--modality", "seq", "func"], tmp_path)
     assert rc == 0 and s["failed"] == {} and list(s["notes"]) == ["Q2"] and "no text" in s["notes"]["Q2"]
-    rows = {r["id"]: r for r in amma.read_manifest(out)}                  # no text = no func, seq still there
+    rows = {r["id"]: r for r in cache.read_manifest(out)}                  # no text = no func, seq still there
     assert rows["Q1"]["modalities"] == ("seq", "func") and rows["Q2"]["modalities"] == ("seq",)
     assert (out / "seq" / "Q2.pt").exists() and not (out / "func" / "Q2.pt").exists()
 
@@ -765,7 +765,7 @@ def test_nan_from_an_encoder_fails_that_protein(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(ef.SeqEncoder, "__call__", broken)
     rc, out, s = run(["--fasta", str(fasta), "--pdb-dir", str(tmp_path / "pdb"), "--modality", "seq", "str"], tmp_path)
     assert rc == 3 and list(s["failed"]) == ["nan"] and "non-finite" in s["failed"]["nan"]
-    assert not (out / "seq" / "nan.pt").exists() and [r["id"] for r in amma.read_manifest(out)] == ["ok"]
+    assert not (out / "seq" / "nan.pt").exists() and [r["id"] for r in cache.read_manifest(out)] == ["ok"]
     assert [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: nan: seq: the encoder gave")]
 
 
@@ -810,7 +810,7 @@ def test_changed_inputs_are_recomputed(tmp_path, capsys):
     args = ["--fasta", str(fasta), "--pdb-dir", str(tmp_path / "pdb"), "--protdescribe", str(tmp_path / "pd.tsv")]
     rc, out, s = run(args, tmp_path)
     assert rc == 0 and s["done"] == 2
-    manifest = {r["id"]: r for r in amma.read_manifest(out)}
+    manifest = {r["id"]: r for r in cache.read_manifest(out)}
     assert manifest["a"]["sha_str"] and manifest["b"]["sha_str"] == "" and manifest["a"]["enc_seq"] == ef.TINY_NAMES["seq"]
     assert manifest["a"]["sha_seq"] == ef.digest(seq_a) and manifest["b"]["sha_func"]
     before = {p.name: load(p) for p in (out / "seq").iterdir()}
@@ -820,7 +820,7 @@ def test_changed_inputs_are_recomputed(tmp_path, capsys):
     assert (rc, s["done"], s["skipped"]) == (0, 1, 1) and s["recomputed"] == {"b": "seq: the sequence changed"}
     assert not torch.equal(load(out / "seq" / "b.pt"), before["b.pt"])
     assert torch.equal(load(out / "seq" / "a.pt"), before["a.pt"])
-    assert {r["id"]: r for r in amma.read_manifest(out)}["b"]["sha_seq"] == ef.digest(f"{seq_b[:5]}W{seq_b[6:]}")
+    assert {r["id"]: r for r in cache.read_manifest(out)}["b"]["sha_seq"] == ef.digest(f"{seq_b[:5]}W{seq_b[6:]}")
 
     text = (tmp_path / "pdb" / "a.pdb").read_text()
     (tmp_path / "pdb" / "a.pdb").write_text(text.replace("  1.00  0.00", "  1.00 50.00", 1))  # same residues
@@ -867,7 +867,7 @@ def test_torchdrug_extracted_folder_gives_what_the_zip_gives(tmp_path, monkeypat
             a, b = (json.loads((d / f"labels_{task}.json").read_text()) for d in (from_zip, folder))
             assert a == b and a["source"] == "torchdrug"
         assert a["splits"] == {s: [c for c, _ in rep["splits"][s]] for s in ef.SPLITS}
-        for r in amma.read_manifest(from_zip):
+        for r in cache.read_manifest(from_zip):
             assert torch.equal(load(from_zip / "seq" / f"{r['id']}.pt"), load(folder / "seq" / f"{r['id']}.pt"))
     labels = json.loads((from_zip / f"labels_{tasks[0]}.json").read_text())
     chain = rep["splits"]["train"][1][0]
@@ -902,7 +902,7 @@ def test_protdescribe_rows_and_the_alphafold_join(tmp_path, capsys, id_column, k
     assert rc == 0
     join = "accession" if kind == "accession" else "exact sequence"
     assert f"join by {join}" in printed and "paired 2 AF files with 2 ProtDescribe rows" in printed
-    ids = {name: sorted(r["id"] for r in amma.read_manifest(path))
+    ids = {name: sorted(r["id"] for r in cache.read_manifest(path))
            for name, path in [("paired", out), ("seqstr", out.parent / "seqstr"), ("seqfunc", out.parent / "seqfunc")]}
     assert ids["paired"] == ["O15530", "Q9Y6K9"] and ids["seqstr"] == ["P00698", "P69905"]
     af_seqs = {seqs[a] for a in accs[:4]}
@@ -961,14 +961,14 @@ def test_pick_the_paper_subsets_from_a_folder_or_the_tar(tmp_path):
                       "--seed", "0", "--modality", "seq", "--encoders", "tiny", "--out", str(out)])
         assert rc == 0
         picks[source.name] = json.loads((out / "picks.json").read_text())
-        sets = {k: sorted(r["id"] for r in amma.read_manifest(p)) for k, p in
+        sets = {k: sorted(r["id"] for r in cache.read_manifest(p)) for k, p in
                 [("paired", out), ("seqstr", out.parent / "seqstr"), ("seqfunc", out.parent / "seqfunc")]}
         assert {k: picks[source.name][k] for k in sets} == sets
         assert [len(v) for v in sets.values()] == [3, 2, 2]
         assert not (set(sets["paired"]) & set(sets["seqstr"]) or set(sets["paired"]) & set(sets["seqfunc"])
                     or set(sets["seqstr"]) & set(sets["seqfunc"]))
         assert set(sets["paired"]) <= set(accs[2:8]) and set(sets["seqfunc"]) <= set(accs[2:])
-        structure = {r["id"]: r["structure"] for r in amma.read_manifest(out)}
+        structure = {r["id"]: r["structure"] for r in cache.read_manifest(out)}
         assert all(("::" in v) == (source == tar) for v in structure.values())
     assert picks["af"] == picks["swissprot_pdb_v2.tar"]
     rc = ef.main(["--af-dir", str(tar), "--protdescribe", str(tmp_path / "pd.tsv"), "--pick", "3", "2", "2",
@@ -988,7 +988,7 @@ def test_demo_end_to_end(tmp_path, monkeypatch):
     # the docstring's demo command, made small; data/demo and features/ land in tmp_path
     argv = ["--source", "demo", "--encoders", "tiny", "--demo-n", "6"]
     assert ef.main(argv) == 0
-    rows = amma.read_manifest(out)
+    rows = cache.read_manifest(out)
     assert len(rows) == 6 and all(r["modalities"] == ("seq", "str", "func") for r in rows)
     info = json.loads((out / "info.json").read_text())
     assert info["tiny"] is True and all(v.startswith("tiny:") for v in info["encoders"].values())
@@ -998,7 +998,7 @@ def test_demo_end_to_end(tmp_path, monkeypatch):
         assert sorted(x for s in labels["splits"].values() for x in s) == sorted(r["id"] for r in rows)
         assert all(0 <= i < len(labels["terms"]) for v in labels["labels"].values() for i in v)
         assert set(labels["test_identity"]) == set(labels["splits"]["test"])
-    item = amma.FeatureDataset(out)[0]
+    item = cache.FeatureDataset(out)[0]
     assert item["seq"].shape[0] == item["str"].shape[0] and item["func"].shape[1] == info["dims"]["func"]
     assert ef.main(argv) == 0 and json.loads((out / "summary.json").read_text())["skipped"] == 6
     assert "python extract_features.py --source demo --encoders tiny" in ef.__doc__
@@ -1066,15 +1066,15 @@ def test_chain_policy_for_structure_folders(tmp_path, capsys):
     chains_pdb(tmp_path / "pdb" / "multi.pdb", {"A": a, "B": b})
     args = ["--pdb-dir", str(tmp_path / "pdb"), "--modality", "seq", "str"]
     rc, out, s = run(args, tmp_path)
-    rows = {r["id"]: r for r in amma.read_manifest(out)}
+    rows = {r["id"]: r for r in cache.read_manifest(out)}
     assert rc == 3 and rows["2AB-A"]["sequence"] == a and rows["2AB-A"]["chain"] == "A"
     assert list(s["failed"]) == ["multi"] and "holds chains A,B" in s["failed"]["multi"]
     assert "chain policy" in capsys.readouterr().out
     rc, out, s = run(args + ["--all-chains"], tmp_path, "all")
-    rows = {r["id"]: r for r in amma.read_manifest(out)}
+    rows = {r["id"]: r for r in cache.read_manifest(out)}
     assert rc == 0 and sorted(rows) == ["2AB-A", "multi_A", "multi_B"] and rows["multi_B"]["sequence"] == b
     rc, out, s = run(args + ["--chain", "B"], tmp_path, "b")
-    assert rc == 0 and {r["id"]: r["sequence"] for r in amma.read_manifest(out)} == {"2AB-A": b, "multi": b}
+    assert rc == 0 and {r["id"]: r["sequence"] for r in cache.read_manifest(out)} == {"2AB-A": b, "multi": b}
 
 
 def test_ids_that_cannot_be_file_names_get_hashed_names(tmp_path):
@@ -1085,16 +1085,16 @@ def test_ids_that_cannot_be_file_names_get_hashed_names(tmp_path):
     fasta.write_text(f">{long_id}\nMKTAYIAK\n>{odd}\nMKVLAAGI\n>ok\nMSTNPKPQ\n")
     rc, out, s = run(["--fasta", str(fasta), "--modality", "seq"], tmp_path)
     assert rc == 0 and s["done"] == 3
-    assert sorted(r["id"] for r in amma.read_manifest(out)) == sorted([long_id, odd, "ok"])
+    assert sorted(r["id"] for r in cache.read_manifest(out)) == sorted([long_id, odd, "ok"])
     assert ef.feature_file("ok") == "ok.pt" and ef.feature_file(long_id) == ef.feature_file(long_id)
     for pid in (long_id, odd):
         name = ef.feature_file(pid)
         assert "~" in name and len(name.encode()) < 100 and "/" not in name and not name.startswith(".")
         assert load(out / "seq" / name).shape == (8, 64)
     assert ef.feature_file(long_id) != ef.feature_file("P" * 301)
-    ds = amma.FeatureDataset(out, modalities=("seq",))                     # the readers find them too
+    ds = cache.FeatureDataset(out, modalities=("seq",))                     # the readers find them too
     assert {ds[i]["id"]: ds[i]["seq"].shape for i in range(3)}[long_id] == (8, 64)
-    assert amma.check_feature_files(out, ds.rows, ("seq",)) == {}
+    assert cache.check_feature_files(out, ds.rows, ("seq",)) == {}
 
 
 def test_disk_full_is_one_line_and_leaves_no_temporary_file(tmp_path, monkeypatch, capsys):
@@ -1137,7 +1137,7 @@ def test_modified_residues_are_counted_in_the_summary(tmp_path):
     seq = "MKTAYIAKQRQISFVKSHFSRQLEERLGLIEV"
     chains_pdb(tmp_path / "pdb" / "mod.pdb", {"A": seq}, het=[(2, "KCX", "HETATM"), (5, "MSE", "ATOM")])
     rc, out, s = run(["--pdb-dir", str(tmp_path / "pdb"), "--modality", "seq"], tmp_path)
-    row = amma.read_manifest(out)[0]
+    row = cache.read_manifest(out)[0]
     assert rc == 0 and row["L"] == len(seq) and row["sequence"] == seq[:2] + "K" + seq[3:5] + "M" + seq[6:]
     assert s["residues"] == {"mod": {"remapped": {"KCX->LYS": 1, "MSE->MET": 1}}}
 

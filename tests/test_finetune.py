@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import amma
+import cache
 import extract_features as ef
 import finetune as ft
 from conftest import assert_same_training, need_shared, torchrun, write_features
@@ -244,7 +245,7 @@ def test_eval_shards_gather_each_protein_once_in_order(tmp_path):
     torch.manual_seed(0)
     model = ft.FunctionModel(amma.AMMAConfig(d_seq=12, d_str=20, d_func=8, **TINY), 5).eval()
     with torch.no_grad():
-        one = torch.cat([model(amma.batch_to(ft.collate_task([ds[k]]), "cpu")) for k in range(len(ds))])  # one by one
+        one = torch.cat([model(cache.batch_to(ft.collate_task([ds[k]]), "cpu")) for k in range(len(ds))])  # one by one
     assert torch.allclose(ft.predict(model, ds, cfg, torch.device("cpu")), one, atol=1e-5)
     for world in (2, 3, 4, 16):
         shards = [ft.shard(len(ds), r, world) for r in range(world)]

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import amma
+import cache
 import finetune as ft
 import metrics
 from conftest import ROOT
@@ -129,7 +130,7 @@ def planted(demo_run):
     copies of two more, all five from two families; the other families' test chains have no neighbour."""
     import random
     tmp, root, _ = demo_run
-    rows = {r["id"]: r for r in amma.read_manifest(root)}
+    rows = {r["id"]: r for r in cache.read_manifest(root)}
     test = json.loads((root / "labels_ec.json").read_text())["splits"]["test"]
     families = sorted({rows[x]["family"] for x in test})
     near = [x for x in test if rows[x]["family"] in families[:2]]
@@ -228,7 +229,7 @@ def test_extract_pick_excludes_proteins_identical_to_test_chains(tmp_path):
                   "--exclude-similar-to", str(bench), "--identity", "1.0", "--modality", "seq", "--encoders", "tiny",
                   "--out", str(out)])
     assert rc == 0
-    assert sorted(r["id"] for r in amma.read_manifest(out)) == accs[2:]
+    assert sorted(r["id"] for r in cache.read_manifest(out)) == accs[2:]
     assert json.loads((out / "excluded_similar.json").read_text())["excluded"] == accs[:2]
     rc = ef.main(["--af-dir", str(af), "--protdescribe", str(tmp_path / "pd.tsv"), "--pick", "8", "0", "0",
                   "--exclude-similar-to", str(tmp_path / "nothing"), "--modality", "seq", "--encoders", "tiny",

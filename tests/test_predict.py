@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import amma
+import cache
 import embed
 import extract_features as ef
 import finetune as ft
@@ -30,7 +31,7 @@ def demo(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("predict")
     assert ef.main(["--source", "demo", "--encoders", "tiny", "--demo-n", str(N_DEMO), "--data-dir", str(tmp / "data"),
                     "--out", str(tmp / "f")]) == 0
-    dims = amma.feature_dims(tmp / "f")
+    dims = cache.feature_dims(tmp / "f")
     mc = amma.AMMAConfig(**{f"d_{m}": d for m, d in dims.items()}, **TINY)
     tc = amma.TrainConfig(features=str(tmp / "f"), out=str(tmp / "pre"), epochs=1, batch_size=8, num_workers=0)
     amma.pretrain(mc, tc, quiet=True)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import amma
+import cache
 import extract_features as ef
 import finetune
 import replicas
@@ -83,16 +84,16 @@ def test_real_encoders_on_replicas_of_every_source_then_pretrain_and_finetune(tm
     out, info = extract("fasta", "--fasta", str(data / "prot.fasta"), "--pdb-dir", str(data / "pdb"),
                         "--protdescribe", str(pd_path))
     assert info["dims"] == {"seq": 32, "str": 48, "func": 32}
-    rows = {r["id"]: r for r in amma.read_manifest(out)}
+    rows = {r["id"]: r for r in cache.read_manifest(out)}
     assert rows["P69905"]["modalities"] == ("seq", "str", "func") and rows["P00698"]["modalities"] == ("seq", "str")
     extract("pdb", "--pdb-dir", str(data / "pdb"), "--modality", "seq", "str")
     extract("protdescribe", "--protdescribe", str(pd_path), "--modality", "seq", "func")
     paired, info = extract("pretrain", "--af-dir", str(af), "--protdescribe", str(pd_path), "--pick", "4", "1", "1")
-    assert len(amma.read_manifest(paired)) == 4 and info["dims"] == {"seq": 32, "str": 48, "func": 32}
-    assert len(amma.read_manifest(paired.parent / "seqstr")) == len(amma.read_manifest(paired.parent / "seqfunc")) == 1
+    assert len(cache.read_manifest(paired)) == 4 and info["dims"] == {"seq": 32, "str": 48, "func": 32}
+    assert len(cache.read_manifest(paired.parent / "seqstr")) == len(cache.read_manifest(paired.parent / "seqfunc")) == 1
     from_tar, _ = extract("pretrain_tar", "--af-dir", str(tar), "--protdescribe", str(pd_path))
-    picked = [r["id"] for r in amma.read_manifest(paired)]
-    assert len(amma.read_manifest(from_tar)) == 5 and set(picked) <= {r["id"] for r in amma.read_manifest(from_tar)}
+    picked = [r["id"] for r in cache.read_manifest(paired)]
+    assert len(cache.read_manifest(from_tar)) == 5 and set(picked) <= {r["id"] for r in cache.read_manifest(from_tar)}
     for m in ("seq", "str", "func"):                             # the tar, read in place, gives what its folder gives
         assert all(torch.equal(torch.load(from_tar / m / f"{i}.pt", weights_only=True),
                                torch.load(paired / m / f"{i}.pt", weights_only=True)) for i in picked)

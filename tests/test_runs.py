@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import amma
+import runs
 import finetune as ft
 from conftest import ROOT, write_features
 
@@ -49,7 +50,7 @@ def test_a_second_run_into_the_same_out_is_refused_while_the_first_runs(tmp_path
 
 def test_finetune_run_directories_are_locked_too(tmp_path):
     out = tmp_path / "ft"
-    with amma.RunLock(out):
+    with runs.RunLock(out):
         cfg = ft.FinetuneConfig(task="go-mf", from_scratch=True, features=str(tmp_path / "none"), out=str(out))
         with pytest.raises(SystemExit, match=r"is in use by another run \(pid \d+ on "):
             ft.finetune(cfg, quiet=True)
@@ -79,7 +80,7 @@ def test_disk_full_at_a_checkpoint_is_one_line_and_leaves_nothing(tmp_path, monk
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(type(tmp_path), "write_text", enospc)
     with pytest.raises(SystemExit, match=r"cannot write .*results.json: No space left on device \(.* GiB free there\)"):
-        amma.atomic_write_text(tmp_path / "results.json", "{}")
+        runs.atomic_write_text(tmp_path / "results.json", "{}")
     assert not list(tmp_path.glob("*.tmp"))
 
 
@@ -101,5 +102,5 @@ def test_a_read_only_out_is_one_line(tmp_path, monkeypatch):
         raise OSError(errno.EROFS, "Read-only file system")
     monkeypatch.setattr(os, "open", read_only)
     with pytest.raises(SystemExit, match=r"^error: --out .*ro: cannot be written \(Read-only file system\)$"):
-        with amma.RunLock(tmp_path / "ro"):
+        with runs.RunLock(tmp_path / "ro"):
             pass

@@ -8,6 +8,7 @@ import torch
 
 import amma
 import bench
+import cache
 import finetune as ft
 from conftest import ROOT, write_features
 
@@ -46,8 +47,8 @@ def test_collate_masks_equal_the_encoders_own():
               "func": torch.randn(Lf, 8, generator=g), "seed": amma.seed_hash(0, 1, 2, i)}
              for i, (L, Lf) in enumerate([(9, 3), (30, 7), (5, 0)])]
     items[2]["func"] = None
-    batch = amma.collate(items, mask=(24, (1.0, 2.0, 2.0)))
-    assert batch["seq"].shape[1] == amma.padded_length(30) == 30 and amma.padded_length(37) == 40
+    batch = amma.collate_pretraining(items, 24, (1.0, 2.0, 2.0))
+    assert batch["seq"].shape[1] == cache.padded_length(30) == 30 and cache.padded_length(37) == 40
     own = model.enc({k: v for k, v in batch.items() if k not in ("keep_ids", "keep")}, seeds=[it["seed"] for it in items])
     made = model.enc(batch)
     assert torch.equal(own.ids, made.ids) and torch.equal(own.keep, made.keep)
@@ -84,7 +85,7 @@ def test_esm_forward_equals_fair_esm(tmp_path, arch):
     seqs = ["MKTAYIAKQRQISFVKSHFSRQ", "GSHMLE", "ACDEFGHIKLMNPQRSTVWYXBZ"]
     _, _, reference_tokens = alphabet.get_batch_converter()([(str(i), s) for i, s in enumerate(seqs)])
     vocab = ft.esm_vocab(alphabet)
-    tokens = ft.esm_tokens(seqs, vocab, amma.padded_length(max(map(len, seqs))))
+    tokens = ft.esm_tokens(seqs, vocab, cache.padded_length(max(map(len, seqs))))
     assert torch.equal(tokens[:, :reference_tokens.shape[1]], reference_tokens)   # then padding only
     assert (tokens[:, reference_tokens.shape[1]:] == alphabet.padding_idx).all()
     with torch.no_grad():
@@ -125,10 +126,46 @@ def test_the_model_part_of_amma_py_runs_alone():
 
 def test_loader_threads_give_the_batches_worker_processes_give(tmp_path):
     root = write_features(tmp_path / "f", [5 + i % 9 for i in range(14)])
-    ds = amma.FeatureDataset(root)
+    ds = cache.FeatureDataset(root)
     batches = [[0, 3], [5, 1, 2], [13], [7, 8, 9, 10], [4, 6, 11, 12]]
-    threads = list(amma.make_loader(ds, batches, 2, False, amma.collate, "threads"))
-    inline = list(amma.make_loader(ds, batches, 0, False, amma.collate))
+    threads = list(cache.make_loader(ds, batches, 2, False, cache.collate, "threads"))
+    inline = list(cache.make_loader(ds, batches, 0, False, cache.collate))
     assert [b["ids"] for b in threads] == [b["ids"] for b in inline] == [[f"P{i:03d}" for i in b] for b in batches]
     assert all(torch.equal(a[m], b[m]) for a, b in zip(threads, inline) for m in amma.MODALITIES)
-    assert amma.loader_kind("auto", [ds]) == "processes" and amma.loader_kind("threads", [ds]) == "threads"
+    assert cache.loader_kind("auto", [ds]) == "processes" and cache.loader_kind("threads", [ds]) == "threads"
+
+
+def test_the_kit_imports_form_no_circle_and_the_shared_files_need_only_torch():
+    """amma.py's model part imports no kit file; cache.py and runs.py need only torch and the standard
+    library (cache.py uses runs.py); the kit's imports form no circle; the modality order is one."""
+    import ast
+    import sys
+    kit = {p.stem for p in ROOT.glob("*.py")}
+    graph = {}
+    for name in kit:
+        tree = ast.parse((ROOT / f"{name}.py").read_text())
+        names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        graph[name] = names & kit - {name}
+        if name in ("cache", "runs"):
+            outside = names - kit - set(sys.stdlib_module_names) - {"torch", "tqdm"}
+            assert not outside, (name, outside)
+    assert graph["runs"] == set() and graph["cache"] == {"runs"}
+    done, stack = set(), []
+
+    def visit(n):
+        assert n not in stack, " -> ".join(stack + [n])
+        if n not in done:
+            stack.append(n)
+            for m in sorted(graph[n]):
+                visit(m)
+            stack.pop()
+            done.add(n)
+    for n in sorted(graph):
+        visit(n)
+    text = (ROOT / "amma.py").read_text()
+    model_part = ast.parse(text[:text.index("# end of the model")])
+    used = {a.name.split(".")[0] for n in model_part.body if isinstance(n, ast.Import) for a in n.names}
+    used |= {n.module.split(".")[0] for n in model_part.body if isinstance(n, ast.ImportFrom)}
+    assert used <= set(sys.stdlib_module_names) | {"torch"}, used
+    assert amma.MODALITIES == cache.MODALITIES

@@ -1,4 +1,4 @@
-"""The feature store (extract_features.py --pack, amma.FeatureStore): a run on the store equals the same run on
+"""The feature store (extract_features.py --pack, cache.FeatureStore): a run on the store equals the same run on
 the per-protein files bit for bit; packing refuses bad files, resumes, is idempotent and locked."""
 import fcntl
 import json
@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import amma
+import cache
 import extract_features as ef
 from conftest import write_features
 
@@ -22,8 +23,8 @@ def test_store_items_are_the_files_rows_and_safetensors_reads_them(tmp_path):
     assert pack(root, "--store-out", tmp_path / "s", "--store-shard-mb", 0.002) == 0
     meta = json.loads((tmp_path / "s" / "store" / "store.json").read_text())
     assert meta["shards"] > 2 and meta["dims"] == {"seq": 12, "str": 20}
-    files, store = amma.FeatureDataset(root), amma.open_features(tmp_path / "s")
-    assert isinstance(store, amma.FeatureStore) and store.counts() == files.counts()
+    files, store = cache.FeatureDataset(root), cache.open_features(tmp_path / "s")
+    assert isinstance(store, cache.FeatureStore) and store.counts() == files.counts()
     for i in range(len(files)):
         a, b = files[i], store[i]
         assert b["func"] is None and all(torch.equal(a[m], b[m]) for m in ("seq", "str"))
@@ -34,8 +35,8 @@ def test_store_items_are_the_files_rows_and_safetensors_reads_them(tmp_path):
     shard = st.load_file(tmp_path / "s" / "store" / "str" / "00001.safetensors")["str"]
     ours = torch.cat([store[i]["str"] for i in range(len(store)) if store.index["str"][store.rows[i]["id"]][0] == "00001"])
     assert shard.dtype == torch.float16 and torch.equal(shard, ours)
-    assert amma.feature_dims(tmp_path / "s") == {"seq": 12, "str": 20}
-    assert torch.equal(amma.read_feature(tmp_path / "s", "str", "P003"), files[3]["str"])
+    assert cache.feature_dims(tmp_path / "s") == {"seq": 12, "str": 20}
+    assert torch.equal(cache.read_feature(tmp_path / "s", "str", "P003"), files[3]["str"])
 
 
 def test_pretraining_on_the_store_equals_the_files_bit_for_bit(tmp_path):
@@ -74,13 +75,13 @@ def test_pack_refuses_nan_keeps_finished_shards_and_resumes(tmp_path, capsys):
     assert pack(root, "--store-shard-mb", 0.001) == 3                    # 1 KiB: 6 shards of 2 proteins
     err = capsys.readouterr().err
     assert "bad P010:" in err and "1 values are nan or inf" in err and "nothing committed" in err
-    assert not amma.is_store(root) and (root / "store.partial" / "00000.json").exists()
+    assert not cache.is_store(root) and (root / "store.partial" / "00000.json").exists()
     torch.save(good, root / "str" / "P010.pt")
     assert pack(root, "--store-shard-mb", 0.001) == 0
     assert "12 proteins, 6 shards (5 from an earlier run)" in capsys.readouterr().out
-    assert amma.is_store(root) and not (root / "store.partial").exists()
-    assert amma.check_features(root, amma.read_manifest(root)) == {}
-    store = amma.open_features(root)
+    assert cache.is_store(root) and not (root / "store.partial").exists()
+    assert cache.check_features(root, cache.read_manifest(root)) == {}
+    store = cache.open_features(root)
     assert torch.equal(store[10]["str"], good)
     before = (root / "store" / "store.json").stat().st_mtime_ns
     assert pack(root, "--store-shard-mb", 0.001) == 0                    # up to date: left as it is
@@ -92,7 +93,7 @@ def test_check_before_step_1_names_a_damaged_store_and_a_stale_one(tmp_path):
     assert pack(root, "--store-shard-mb", 0.001) == 0
     shard = next((root / "store" / "seq").glob("*.safetensors"))
     shard.write_bytes(shard.read_bytes()[:-10])                          # truncated
-    bad = amma.check_features(root, amma.read_manifest(root))
+    bad = cache.check_features(root, cache.read_manifest(root))
     assert bad and all(why.startswith(f"seq: {shard}: ") and "bytes, store.json says" in why for why in bad.values())
     mc = amma.AMMAConfig(**SMALL)
     tc = amma.TrainConfig(features=str(root), out=str(tmp_path / "run"), epochs=1, batch_size=2, num_workers=0)
@@ -101,7 +102,7 @@ def test_check_before_step_1_names_a_damaged_store_and_a_stale_one(tmp_path):
     (root / "manifest.tsv").write_text((root / "manifest.tsv").read_text() + "\n")
     with pytest.raises(ValueError, match=r"store is stale: manifest.tsv changed since it was packed; run "
                                          r"extract_features.py --pack"):
-        amma.open_features(root)
+        cache.open_features(root)
 
 
 def test_pack_bad_input_and_a_second_packer_are_one_line_errors(tmp_path, capsys):
