@@ -79,14 +79,18 @@ Choices made here:
   shard has not finished.
 """
 import argparse
+import contextlib
 import csv
+import dataclasses
 import hashlib
 import json
 import os
 import re
 import shutil
 import sys
-from collections import Counter
+import time
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -179,10 +183,18 @@ class ExtractConfig:
                              "features): a plain state_dict, a torchdrug solver checkpoint {'model': ...} or a "
                              "DDP one ('module.' keys)")
     text_model: str = arg(PUBMEDBERT, "Hugging Face name or local directory of the text model")
-    toks_per_batch: int = arg(4096, "token budget per ESM / text batch, sorted by length (fair-esm's extract.py)",
-                               type=int)
-    str_toks_per_batch: int = arg(1024, "residues per GearNet batch (its line graph grows ~600 edges per "
-                                   "residue)", type=int)
+    toks_per_batch: int = arg(None, "token budget per ESM / text batch, sorted by length (default: 4096 as "
+                               "fair-esm's extract.py; 32768 on a GPU with >= 40 GB)", type=int)
+    str_toks_per_batch: int = arg(None, "residues per GearNet batch (its line graph grows ~600 edges per "
+                                   "residue; default: 1024; 8192 on a GPU with >= 40 GB)", type=int)
+    graphs: str = arg("auto", "where GearNet's residue graphs are built: auto = on the encoder's device (a GPU "
+                       "when there is one), cpu", choices=("auto", "cpu"))
+    read_workers: int = arg(None, "processes that read and check the inputs (structure parsing) ahead of the "
+                             "encoders (default: 0 on the CPU: one reader thread; min(8, cores - 1) beside a GPU)",
+                             type=int)
+    write_threads: int = arg(None, "threads that write the feature files while the encoders go on (0: each "
+                              "file written before the next batch; default: 1 on a GPU, 0 on the CPU, where "
+                              "the encoders use every core)", type=int)
     max_len: int = arg(1022, "residues per protein the encoders see (ESM-1b's limit)", type=int)
     long: str = arg("crop", "proteins over --max-len: crop to the first max-len residues everywhere, or "
                      "average ESM over overlapping windows (GearNet then sees the whole chain)",
@@ -260,14 +272,16 @@ def shard_ids(ids, i, n):
 def save_tensor(x, path):
     """float16 copy of x written to a temporary file next to path, then renamed over it; InputError
     (nothing written) when a value is NaN or infinite, from the encoder or beyond float16's 65504."""
-    bad = (~torch.isfinite(x)).sum().item()
-    if bad:
-        raise InputError(f"the encoder gave {bad} non-finite values (NaN or inf) in [{', '.join(map(str, x.shape))}]"
-                         "; nothing written")
-    y = x.to(torch.float16).contiguous().clone()
-    if not torch.isfinite(y).all():
+    # finite in float16 <=> |x| < 65520 (65504 and up round to 65504 below it, to inf from it); a NaN fails the
+    # comparison too, so one fast reduction over x checks everything (isfinite on float16 is 10x slower)
+    if x.numel() and not bool(x.detach().abs().amax() < 65520):
+        bad = (~torch.isfinite(x)).sum().item()
+        if bad:
+            raise InputError(f"the encoder gave {bad} non-finite values (NaN or inf) in "
+                             f"[{', '.join(map(str, x.shape))}]; nothing written")
         raise InputError(f"a value is not finite in float16 (max |value| "
                          f"{x.detach().float().abs().max().item():.4g}; float16 holds up to 65504); nothing written")
+    y = torch.empty(x.shape, dtype=torch.float16).copy_(x)    # one copy: contiguous, its own storage, on the CPU
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -552,9 +566,10 @@ def encode_batches(encode, proteins, lengths, budget, desc, save, fail):
 
 
 def encode_structures(model, proteins, cfg, save, fail):
-    """GearNet features; the graphs are built on the CPU (gearnet.protein_graph) and the packed batch
-    moves to the model's device once (gearnet.encode_structures)."""
-    run = lambda group: gearnet.encode_structures(model, [p.graph_input for p in group])
+    """GearNet features; each protein's graph is built on the model's device (--graphs auto) or on the
+    CPU (gearnet.protein_graph), then the batch is packed into one graph (gearnet.encode_structures)."""
+    graph_device = "cpu" if cfg.graphs == "cpu" else None
+    run = lambda group: gearnet.encode_structures(model, [p.graph_input for p in group], graph_device)
     device = next(model.parameters()).device
     encode_batches(lambda group: with_precision(structure_precision(cfg.precision, device), device, run, group), proteins,
                    [len(p.seq) for p in proteins], cfg.str_toks_per_batch, "str", save, fail)
@@ -656,36 +671,146 @@ def encode_pending(pending, encoders, out, cfg, device, tally):
         except InputError as e:
             tally.fail(p, str(e))
     pending = {m: [p for p in ps if p.id not in tally.failed] for m, ps in pending.items()}
+    cfg = token_budgets(cfg, device)
 
-    def saver(m):
-        def save(p, x):
-            try:
-                save_tensor(x, out / m / feature_file(p.id))
-            except InputError as e:
-                tally.fail(p, f"{m}: {e}")
-                return
-            p.shapes[m] = tuple(x.shape)
-        return save
-    if pending["seq"]:
-        jobs = [(p, p.seq) for p in pending["seq"]]
-        encode_residues(encoders["seq"], jobs, cfg, saver("seq"), tally.fail, "seq")
-    if pending["str"]:
-        encode_structures(encoders["str"], pending["str"], cfg, saver("str"), tally.fail)
-    if pending["func"]:
-        encode_texts(encoders["func"], pending["func"], cfg, saver("func"), tally.fail)
+    threads = (1 if torch.device(device).type == "cuda" else 0) if cfg.write_threads is None else max(cfg.write_threads, 0)
+    with Writer(out, tally, threads) as writer:
+        if pending["seq"]:
+            jobs = [(p, p.seq) for p in pending["seq"]]
+            encode_residues(encoders["seq"], jobs, cfg, writer.saver("seq"), tally.fail, "seq")
+        if pending["str"]:
+            encode_structures(encoders["str"], pending["str"], cfg, writer.saver("str"), tally.fail)
+        if pending["func"]:
+            encode_texts(encoders["func"], pending["func"], cfg, writer.saver("func"), tally.fail)
     return {p.id for ps in pending.values() for p in ps}
 
 
-def extract_chunk(chunk, out, cfg, modalities, ctx, tally):
-    """One chunk of proteins: read and check the inputs, find the files to (re)compute, encode them, and
-    add a manifest row for every protein that did not fail."""
-    ready = []
-    for p in progress(chunk, "inputs"):
+def token_budgets(cfg, device):
+    """cfg with --toks-per-batch / --str-toks-per-batch as given, else sized for the device: 4096 / 1024 (CPU,
+    small GPUs), 8 x that on a GPU with 40 GB or more (fair-esm's 4096 tokens fill a fraction of an H100)."""
+    device = torch.device(device)
+    big = device.type == "cuda" and torch.cuda.get_device_properties(device).total_memory >= 40 * 2 ** 30
+    return dataclasses.replace(cfg, toks_per_batch=cfg.toks_per_batch or (32768 if big else 4096),
+                               str_toks_per_batch=cfg.str_toks_per_batch or (8192 if big else 1024))
+
+
+HOST_SECONDS = Counter()   # seconds reading inputs, writing files, and the encoding thread waiting for either
+                           # (bench.py --only extract: the rest of read + write ran beside the encoders)
+
+
+def waited(fn, *args):
+    """fn(*args), its duration counted as time the encoders waited for the host (HOST_SECONDS['waited'])."""
+    t = time.perf_counter()
+    try:
+        return fn(*args)
+    finally:
+        HOST_SECONDS["waited"] += time.perf_counter() - t
+
+
+class Writer:
+    """Feature files written by `threads` background threads while the encoders go on (0: inline).
+    At most `depth` files wait (their tensors are held); results are taken in submission order, in the
+    caller's thread: a non-finite tensor leaves its protein out (tally.fail), any other error (a full
+    disk: OutputError) stops the run, at the latest when the block ends."""
+
+    def __init__(self, out, tally, threads=1, depth=32):
+        self.out, self.tally, self.depth = out, tally, depth
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="writer") if threads else None
+        self.waiting = deque()
+
+    def saver(self, m):
+        return lambda p, x: self.submit(m, p, x)
+
+    def submit(self, m, p, x):
+        job = (m, p, tuple(x.shape))
+        if self.pool is None:
+            self.settle(job, waited(_timed_save, x, self.out / m / feature_file(p.id)))
+            return
+        self.waiting.append((job, self.pool.submit(_timed_save, x, self.out / m / feature_file(p.id))))
+        while len(self.waiting) > self.depth:
+            self.take()
+
+    def take(self):
+        job, future = self.waiting.popleft()
+        self.settle(job, waited(future.result))
+
+    def settle(self, job, error):
+        m, p, shape = job
+        if error is None:
+            p.shapes[m] = shape
+        else:
+            self.tally.fail(p, f"{m}: {error}")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, *exc):
         try:
-            ready.append(prepare(p, cfg, modalities))
-        except InputError as e:
-            tally.fail(p, str(e))
+            while self.waiting:
+                if kind is None:
+                    self.take()
+                else:                                  # already failing: let the writes end, keep that error
+                    self.waiting.popleft()[1].exception()
+        finally:
+            if self.pool is not None:
+                self.pool.shutdown(wait=True)
+
+
+def _timed_save(x, path):
+    """save_tensor; None, or the InputError that left the tensor unwritten (other errors propagate)."""
+    t = time.perf_counter()
+    try:
+        save_tensor(x, path)
+        return None
+    except InputError as e:
+        return e
+    finally:
+        HOST_SECONDS["write"] += time.perf_counter() - t
+
+
+def read_inputs(chunk, cfg, modalities, bar=True, pool=None):
+    """[(protein, None or its InputError)] of a chunk: each protein's inputs read and checked (prepare:
+    structure parsing, sequence checks), here or by the processes of `pool` (--read-workers). Runs in a
+    reader thread for the next chunk while this one is encoded (extract_set); only proteins are touched
+    here, the tally is the caller's."""
+    t = time.perf_counter()
+    if pool is not None:
+        done = list(pool.map(read_one, chunk, [cfg] * len(chunk), [modalities] * len(chunk), chunksize=16))
+    else:
+        done = [read_one(p, cfg, modalities) for p in (progress(chunk, "inputs") if bar else chunk)]
+    HOST_SECONDS["read"] += time.perf_counter() - t
+    return done
+
+
+def read_one(p, cfg, modalities):
+    try:
+        return prepare(p, cfg, modalities), None
+    except InputError as e:
+        return p, e
+
+
+def reader_pool(cfg, device):
+    """The processes that read inputs ahead (--read-workers; default: none on the CPU, where the encoders
+    use every core, up to 8 beside a GPU), or None. Started with spawn: the encoders' CUDA state is not forked."""
+    n = cfg.read_workers
+    if n is None:
+        n = min(8, (os.cpu_count() or 1) - 1) if device.type == "cuda" else 0
+    if n <= 0:
+        return None
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    return ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"))
+
+
+def extract_chunk(inputs, out, cfg, modalities, ctx, tally):
+    """One chunk of proteins, read (read_inputs): find the files to (re)compute, encode them, and add a
+    manifest row for every protein that did not fail."""
+    ready = []
+    for p, error in inputs:
+        if error is not None:
+            tally.fail(p, str(error))
             continue
+        ready.append(p)
         if p.note:
             tally.notes[p.id] = p.note
         if p.residue_report:
@@ -725,13 +850,19 @@ def extract_set(proteins, out, cfg, modalities, source, label_sets=(), encoders=
     # rows of this manifest for ids not handled yet: kept while the run goes on, so a killed run keeps them
     pending_rows = read_manifest_rows(manifest) if same_encoders else {}
     tally = Tally(stale_temps_removed=stale)
-    for start in range(0, len(todo), CHUNK):
-        chunk = todo[start:start + CHUNK]
-        extract_chunk(chunk, out, cfg, modalities, ctx, tally)
-        for p in chunk:
-            pending_rows.pop(p.id, None)
-        if start + CHUNK < len(todo):  # progress so far, for a run that gets killed
-            write_manifest(manifest, tally.rows + list(pending_rows.values()))
+    chunks = [todo[start:start + CHUNK] for start in range(0, len(todo), CHUNK)]
+    workers = reader_pool(cfg, device)
+    with ThreadPoolExecutor(1, thread_name_prefix="inputs") as reader, workers or contextlib.nullcontext():
+        inputs = waited(read_inputs, chunks[0], cfg, modalities, True, workers)   # chunk k + 1 is read while k encodes
+        for k, chunk in enumerate(chunks):
+            ahead = reader.submit(read_inputs, chunks[k + 1], cfg, modalities, False, workers) \
+                if k + 1 < len(chunks) else None
+            extract_chunk(inputs, out, cfg, modalities, ctx, tally)
+            for p in chunk:
+                pending_rows.pop(p.id, None)
+            if ahead is not None:  # progress so far, for a run that gets killed
+                write_manifest(manifest, tally.rows + list(pending_rows.values()))
+                inputs = waited(ahead.result)
     return finish_set(out, cfg, modalities, source, todo, tally, ctx, manifest, same_encoders, duplicates)
 
 

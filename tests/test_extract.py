@@ -749,6 +749,21 @@ def test_runs_that_find_nothing_usable_exit_2(tmp_path, capsys, monkeypatch):
     fails(["--source", "ec", "--data", str(root)], "train/valid/test 4/0/3", "valid empty")
 
 
+def test_save_tensor_refuses_what_float16_cannot_hold_and_keeps_what_it_can(tmp_path):
+    ef.save_tensor(torch.tensor([[65519.0, -65519.0, 1.5]]), tmp_path / "ok.pt")       # rounds to +-65504
+    assert torch.load(tmp_path / "ok.pt", weights_only=True).tolist() == [[65504.0, -65504.0, 1.5]]
+    for bad in (65520.0, -1e6):
+        with pytest.raises(ef.InputError, match="not finite in float16"):
+            ef.save_tensor(torch.tensor([[1.0, bad]]), tmp_path / "x.pt")
+    with pytest.raises(ef.InputError, match="1 non-finite values"):
+        ef.save_tensor(torch.tensor([[1.0, float("-inf")]]), tmp_path / "x.pt")
+    assert not (tmp_path / "x.pt").exists()
+    view = torch.randn(6, 4).half()[2:4]                                       # a view: only its rows are saved
+    ef.save_tensor(view, tmp_path / "v.pt")
+    y = torch.load(tmp_path / "v.pt", weights_only=True)
+    assert torch.equal(y, view) and y.untyped_storage().nbytes() == 16
+
+
 def test_nan_from_an_encoder_fails_that_protein(tmp_path, monkeypatch, capsys):
     """NaN or inf from an encoder (not only float16 overflow) is never written: the protein fails by name."""
     with pytest.raises(ef.InputError, match="2 non-finite values"):
@@ -1003,6 +1018,37 @@ def test_demo_end_to_end(tmp_path, monkeypatch):
     assert ef.main(argv) == 0 and json.loads((out / "summary.json").read_text())["skipped"] == 6
     assert "python extract_features.py --source demo --encoders tiny" in ef.__doc__
     assert os.path.exists(tmp_path / "data" / "demo" / "demo.fasta")
+
+
+
+def test_inputs_read_ahead_and_files_written_behind_give_the_sequential_set(tmp_path, monkeypatch):
+    """Chunks whose inputs are read ahead (by reader processes) while the one before encodes, and feature
+    files written by writer threads, give the set a plain sequential run gives, file for file."""
+    from concurrent.futures import Future
+
+    class Inline:                                                             # an executor that runs each job at once
+        def __init__(self, *args, **kwargs): pass
+        def __enter__(self): return self
+        def __exit__(self, *exc): pass
+        def submit(self, fn, *args):
+            f = Future()
+            f.set_result(fn(*args))
+            return f
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(ef, "CHUNK", 3)                                       # 3 chunks: 2 of them read ahead
+    base = ["--source", "demo", "--encoders", "tiny", "--demo-n", "7"]
+    with monkeypatch.context() as m:
+        m.setattr(ef, "ThreadPoolExecutor", Inline)
+        assert ef.main(base + ["--out", "seq", "--write-threads", "0", "--graphs", "cpu"]) == 0
+    ef.HOST_SECONDS.clear()
+    assert ef.main(base + ["--out", "piped", "--write-threads", "2", "--graphs", "auto", "--read-workers", "2"]) == 0
+    assert ef.HOST_SECONDS["read"] > 0 and ef.HOST_SECONDS["write"] > 0
+    a, b = tmp_path / "seq", tmp_path / "piped"
+    assert (a / "manifest.tsv").read_text() == (b / "manifest.tsv").read_text()
+    files = sorted(p.relative_to(a) for p in a.glob("*/*.pt"))
+    assert len(files) == 21 and files == sorted(p.relative_to(b) for p in b.glob("*/*.pt"))
+    for f in files:
+        assert torch.equal(torch.load(a / f, weights_only=True), torch.load(b / f, weights_only=True)), f
 
 
 # ----------------------------------------------------------------------------- issue 18: batch-wide failures, chains,
