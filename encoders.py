@@ -16,7 +16,7 @@ import torch
 
 import gearnet
 from cache import MODALITIES
-from sources import TEXT_FIELDS, FatalError, InputError, log, require  # noqa: F401
+from sources import TEXT_FIELDS, FatalError, InputError, full_reason, log, require  # noqa: F401
 
 ESM1B_NAME = "esm1b_t33_650M_UR50S"
 ESM_URL = "https://dl.fbaipublicfiles.com/fair-esm/models/{}.pt"  # fair-esm's esm/pretrained.py
@@ -333,11 +333,6 @@ def resolve_esm(name, weights=None):
     except Exception as e:  # no network, missing or corrupt file, wrong format: all end the run the same way
         raise FatalError(f"could not load ESM model {name}{f' from {weights}' if weights else ''}: "
                          f"{type(e).__name__}: {full_reason(e)} -- fix: {esm_fix(name, weights)}{TINY_HINT}") from None
-
-
-def full_reason(e):
-    """The whole message of an exception on one line (multi-line messages of transformers / torch joined)."""
-    return " ".join(str(e).split()) or "(no message)"
 
 
 def legacy_esm_name(info):

@@ -48,11 +48,11 @@ import amma
 import runs
 import cache
 from amma import arg
+from sources import EXIT_FATAL, EXIT_OK, EXIT_PARTIAL  # noqa: F401 (embed.py reads them here too)
 from sources import _open as open_input  # plain or gzipped text
 import extract_features as ef
 import finetune as ft
 
-EXIT_OK, EXIT_FATAL, EXIT_PARTIAL = 0, 2, 3
 SYNTHETIC = ("{what} was made from demo.py's synthetic features (features/demo): no encoder makes them from a "
              "protein, so it cannot take new proteins; finetune on a feature set of extract_features.py instead "
              "(python extract_features.py --source demo --encoders tiny -> features/demo-tiny)")

@@ -10,6 +10,8 @@
 
 Nothing here encodes or writes features (extract_features.py does); everything raises InputError (one
 protein is unusable: reported, the run goes on) or FatalError (the run cannot start: one line, exit 2).
+The error vocabulary that extraction, packing and predict.py share lives here too: InputError,
+FatalError, OutputError (a file that cannot be written), write_text_atomic, the EXIT_* statuses.
 
     import sources
     proteins = sources.proteins_fasta(cfg)        # cfg: extract_features.ExtractConfig
@@ -75,8 +77,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-import runs
 import gearnet
+import runs
 from cache import MODALITIES
 
 STANDARD_RESIDUES = "ACDEFGHIKLMNPQRSTVWY"
@@ -125,8 +127,52 @@ class InputError(ValueError):
     """Bad input for one protein: reported in one line, the run goes on."""
 
 
+EXIT_OK, EXIT_INCOMPLETE, EXIT_FATAL, EXIT_PARTIAL = 0, 1, 2, 3   # the exit statuses of extraction, packing, predict
+
+
 class FatalError(Exception):
     """The run cannot start or has nothing to do: one line, exit status 2."""
+
+
+def full_reason(e):
+    """The whole message of an exception on one line (multi-line messages of transformers / torch joined)."""
+    return " ".join(str(e).split()) or "(no message)"
+
+
+class OutputError(FatalError):
+    """A file of the feature set cannot be written (disk full, read-only, no permission): one line naming
+    the path and the free space there; the run stops (exit status 2), nothing partial is left."""
+
+    def __init__(self, path, error):
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else full_reason(error)
+        super().__init__(f"cannot write {path}: {reason} ({free_space(path)} free there); nothing partial "
+                         "is left, run again when there is room (finished files are kept)")
+
+
+def free_space(path):
+    """Free space on the file system of path (its nearest existing folder), e.g. '1.2 GB'."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError:
+        return "unknown space"
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if free >= size:
+            return f"{free / size:.1f} {unit}"
+    return f"{free} B"
+
+
+def write_text_atomic(path, text):
+    """runs.atomic_write_text (a temporary file renamed over `path`); OutputError when it cannot be
+    written, the temporary file removed."""
+    try:
+        runs.atomic_write_text(path, text)
+    except OSError as e:
+        Path(f"{path}.{os.getpid()}.tmp").unlink(missing_ok=True)  # runs.atomic_write_text's temporary name
+        raise OutputError(path, e) from None
+
 
 
 def log(msg, err=False):
