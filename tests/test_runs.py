@@ -27,7 +27,7 @@ def test_a_second_run_into_the_same_out_is_refused_while_the_first_runs(tmp_path
     """Two runs started 2 s apart into one --out both 'finished'; now the second is refused at once."""
     root = write_features(tmp_path / "f", [12] * 40)
     out = tmp_path / "run"
-    first = cli("amma.py", "--pretrain", "--features", root, *SMALL, "--epochs", "50", "--out", out)
+    first = cli("amma.py", "--pretrain", "--features", root, *SMALL, "--epochs", "100000", "--out", out)   # still running when killed
     for _ in range(300):                                                      # until the first holds the lock
         if (out / ".lock").exists() and (out / ".lock").read_text():
             break
