@@ -42,8 +42,8 @@ import torch
 import torch.nn as nn
 
 import amma
-import runs
 import cache
+import runs
 from amma import arg
 
 

@@ -35,8 +35,8 @@ import numpy as np
 import torch
 
 import amma
-import runs
 import cache
+import runs
 import extract_features as ef
 import finetune as ft
 import predict as pr

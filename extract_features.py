@@ -99,11 +99,11 @@ from amma import arg
 from cache import MODALITIES, feature_file  # the feature-cache contract lives in cache.py
 # the readers live in sources.py; imported by name so that extract_features.<name> keeps working for callers
 from sources import (  # noqa: F401
-    AF_NAME, CUTOFF_COLUMNS, EXIT_FATAL, EXIT_INCOMPLETE, EXIT_OK, EXIT_PARTIAL, EXTRA_RESIDUES, GO_BRANCHES, ID_COLUMNS, SEQUENCE_FIELD, SOURCES, SPLITS,
-    STANDARD_RESIDUES, STRUCTURE_SUFFIXES, TEXT_FIELDS, TORCHDRUG_ZIPS, UNIPROT_ACCESSION, ArchiveMember,
-    FatalError, InputError, OutputError, ProtDescribe, Protein, alphafold_files, alphafold_sets, check_pair, check_sequence,
-    choose_join, demo_sets, digest, fetch_archive, find_annotation, folder_entries, free_space, full_reason,
-    has_text, index_structures,
+    AF_NAME, CUTOFF_COLUMNS, EXIT_FATAL, EXIT_INCOMPLETE, EXIT_OK, EXIT_PARTIAL, EXTRA_RESIDUES, GO_BRANCHES,
+    ID_COLUMNS, SEQUENCE_FIELD, SOURCES, SPLITS, STANDARD_RESIDUES, STRUCTURE_SUFFIXES, TEXT_FIELDS,
+    TORCHDRUG_ZIPS, UNIPROT_ACCESSION, ArchiveMember, FatalError, InputError, OutputError, ProtDescribe,
+    Protein, alphafold_files, alphafold_sets, check_pair, check_sequence, choose_join, demo_sets, digest,
+    fetch_archive, find_annotation, folder_entries, free_space, full_reason, has_text, index_structures,
     infer_source, log, md5sum, pick_sets, prepare, progress, proteins_fasta, proteins_pdb_dir,
     proteins_protdescribe, read_deepfri_annot, read_fasta, read_protdescribe, read_split, read_structure,
     read_test_csv, require, safe_extract, split_structures, structure_bytes, structure_name, structure_of,
@@ -635,8 +635,8 @@ def encode_pending(pending, encoders, out, cfg, device, tally):
     pending = {m: [p for p in ps if p.id not in tally.failed] for m, ps in pending.items()}
     cfg = token_budgets(cfg, device)
 
-    threads = (1 if torch.device(device).type == "cuda" else 0) if cfg.write_threads is None else max(cfg.write_threads, 0)
-    with Writer(out, tally, threads) as writer:
+    threads = cfg.write_threads if cfg.write_threads is not None else int(torch.device(device).type == "cuda")
+    with Writer(out, tally, max(threads, 0)) as writer:
         if pending["seq"]:
             jobs = [(p, p.seq) for p in pending["seq"]]
             encode_residues(encoders["seq"], jobs, cfg, writer.saver("seq"), tally.fail, "seq")

@@ -76,8 +76,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import amma
-import runs
 import cache
+import runs
 from amma import arg
 from metrics import CUTOFFS, TASKS, aupr, cutoff_members, fmax, paper_row, save_predictions
 

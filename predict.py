@@ -45,8 +45,8 @@ from pathlib import Path
 import torch
 
 import amma
-import runs
 import cache
+import runs
 from amma import arg
 from sources import EXIT_FATAL, EXIT_OK, EXIT_PARTIAL  # noqa: F401 (embed.py reads them here too)
 from sources import _open as open_input  # plain or gzipped text

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import amma
-import runs
 import cache
+import runs
 from conftest import ROOT, assert_same_training, torchrun, write_features
 
 SMALL = dict(d_seq=12, d_str=20, d_func=8, D=32, n_layers=2, n_heads=4, dec_layers=1, M=24)
