@@ -854,16 +854,17 @@ def memory_copy(n_bytes, total=1 << 30, passes=3):
     return best
 
 
-def feed_rate(open_set, batches, n_bytes, collate_fn=None, workers=0, passes=3, threads=False):
-    """(proteins/s, bytes/s) of amma's dataset + collate through a DataLoader as make_loader builds it, the set
-    opened afresh each pass (as each epoch's loader does); the best of `passes`. In this process (workers=0):
-    per CPU-second of the process, so other jobs on a shared machine do not count; through worker processes:
-    per second of wall time."""
+def feed_rate(open_set, batches, n_bytes, workers=0, passes=3, threads=False, reopen=True):
+    """(proteins/s, bytes/s) of the kit's dataset + collate through a loader as make_loader builds it, the set
+    opened afresh each pass (as each epoch's worker processes do) or, with reopen=False, opened once (as a
+    run's in-process or thread loader keeps it: its shards stay mapped); the best of `passes`. In this
+    process (workers=0) and with threads: per CPU-second of the process, so other jobs on a shared machine do
+    not count; through worker processes: per second of wall time."""
     clock = time.process_time if workers == 0 or threads else time.perf_counter
-    best = 0.0
+    best, kept = 0.0, open_set()
     for _ in range(passes):
-        loader = cache.make_loader(open_set(), batches, workers, False, collate_fn or cache.collate,
-                                  "threads" if threads else "processes")
+        loader = cache.make_loader(open_set() if reopen else kept, batches, workers, False, cache.collate,
+                                   "threads" if threads else "processes")
         t = clock()
         for _ in loader:
             pass
@@ -915,12 +916,13 @@ def bench_feed(args, report):
         print(f"   one memory copy of a protein's bytes (resident memory -> a reused buffer; the ceiling of any one-copy "
               f"feed on this machine): {copy / 1e9:.2f} GB/s = {copy * n / n_bytes:.0f} proteins/s")
         rows = {"memory_copy_gb_per_s": copy / 1e9, "memory_copy_proteins_per_s": copy * n / n_bytes}
-        for name, layout, collate_fn, workers in (("files, cache.collate", "files", None, 0),
-                                                  ("store, cache.collate", "store", None, 0),
-                                                  ("store, cache.collate, 1 worker (wall time)", "store", None, 1),
-                                                  ("store, 2 loader threads (--loader threads)", "store", None, -2)):
-            per_s, rate = feed_rate(lambda: cache.open_features(sets[layout][0]), batches, n_bytes, collate_fn,
-                                    abs(workers), threads=workers < 0)
+        for name, layout, workers, reopen in (("files, cache.collate", "files", 0, True),
+                                              ("store, opened each epoch", "store", 0, True),
+                                              ("store, kept open (epochs after the first)", "store", 0, False),
+                                              ("store, 1 worker process (wall time)", "store", 1, True),
+                                              ("store, 2 loader threads, kept open", "store", -2, False)):
+            per_s, rate = feed_rate(lambda: cache.open_features(sets[layout][0]), batches, n_bytes, abs(workers),
+                                    passes=4, threads=workers < 0, reopen=reopen)
             need = [math.ceil(x / per_s) for x in (2000, 3000)]
             rows[name] = {"proteins_per_s": per_s, "gb_per_s": rate / 1e9, "raw_gb_per_s": raw[layout] / 1e9,
                           "ratio": rate / raw[layout], "of_memory_copy": rate / copy, "processes_for_2000_3000": need}
@@ -932,8 +934,7 @@ def bench_feed(args, report):
             fd = os.open(p, os.O_RDONLY)
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)                 # only these files leave the cache
             os.close(fd)
-        per_s, rate = feed_rate(lambda: cache.open_features(sets["store"][0]), batches, n_bytes, cache.collate,
-                                passes=1)
+        per_s, rate = feed_rate(lambda: cache.open_features(sets["store"][0]), batches, n_bytes, passes=1)
         rows["store_from_disk"] = {"proteins_per_s": per_s, "gb_per_s": rate / 1e9}
         print(f"   store from this machine's disk (its pages dropped first): {per_s:.0f} proteins/s, {rate / 1e9:.2f} GB/s")
         manifest = cache.read_manifest(files)
