@@ -861,7 +861,7 @@ def feed_rate(open_set, batches, n_bytes, workers=0, passes=3, threads=False, re
     process (workers=0) and with threads: per CPU-second of the process, so other jobs on a shared machine do
     not count; through worker processes: per second of wall time."""
     clock = time.process_time if workers == 0 or threads else time.perf_counter
-    best, kept = 0.0, open_set()
+    best, kept = 0.0, None if reopen else open_set()
     for _ in range(passes):
         loader = cache.make_loader(open_set() if reopen else kept, batches, workers, False, cache.collate,
                                    "threads" if threads else "processes")

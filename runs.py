@@ -290,24 +290,24 @@ def write_error(path, e):
     return SystemExit(f"error: cannot write {path}: {reason} ({free}); nothing partial was kept")
 
 
-def _atomic(write, path):
+def atomic_write(write, path, error=write_error):
     """write(tmp) then rename over path: a reader never sees a partial file, and the temporary file is
-    removed on every error path (a full disk is one line naming the path, not a traceback)."""
+    removed on every error path (a full disk is error(path, e): one line naming the path, not a traceback)."""
     tmp = Path(f"{path}.{os.getpid()}.tmp")
     try:
         write(tmp)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:          # torch.save reports a full disk as a RuntimeError
         tmp.unlink(missing_ok=True)
-        raise write_error(path, e) from None
+        raise error(path, e) from None
 
 
 def atomic_save(obj, path):
-    _atomic(lambda tmp: torch.save(obj, tmp), path)
+    atomic_write(lambda tmp: torch.save(obj, tmp), path)
 
 
 def atomic_write_text(path, text):
-    _atomic(lambda tmp: tmp.write_text(text), path)
+    atomic_write(lambda tmp: tmp.write_text(text), path)
 
 
 class RunLock:

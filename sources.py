@@ -165,13 +165,9 @@ def free_space(path):
 
 
 def write_text_atomic(path, text):
-    """runs.atomic_write_text (a temporary file renamed over `path`); OutputError when it cannot be
-    written, the temporary file removed."""
-    try:
-        runs.atomic_write_text(path, text)
-    except OSError as e:
-        Path(f"{path}.{os.getpid()}.tmp").unlink(missing_ok=True)  # runs.atomic_write_text's temporary name
-        raise OutputError(path, e) from None
+    """runs.atomic_write_text for the feature set: a temporary file renamed over `path`; OutputError (the
+    run stops with exit status 2) when it cannot be written, the temporary file removed."""
+    runs.atomic_write(lambda tmp: tmp.write_text(text), path, OutputError)
 
 
 

@@ -749,6 +749,17 @@ def test_runs_that_find_nothing_usable_exit_2(tmp_path, capsys, monkeypatch):
     fails(["--source", "ec", "--data", str(root)], "train/valid/test 4/0/3", "valid empty")
 
 
+def test_a_set_file_that_cannot_be_written_stops_extraction_with_its_own_error(tmp_path, monkeypatch):
+    """write_text_atomic (manifest, info, summary): OutputError (exit status 2), no temporary file left."""
+    def full(self, *args, **kwargs):
+        Path.write_bytes(self, b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(ef.OutputError, match=r"cannot write .*manifest.tsv: No space left on device \(.* free there\)"):
+        ef.write_text_atomic(tmp_path / "manifest.tsv", "id\n")
+    assert not list(tmp_path.iterdir())
+
+
 def test_save_tensor_refuses_what_float16_cannot_hold_and_keeps_what_it_can(tmp_path):
     ef.save_tensor(torch.tensor([[65519.0, -65519.0, 1.5]]), tmp_path / "ok.pt")       # rounds to +-65504
     assert torch.load(tmp_path / "ok.pt", weights_only=True).tolist() == [[65504.0, -65504.0, 1.5]]
