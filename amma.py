@@ -596,10 +596,10 @@ def load_pretrained(path, map_location="cpu"):
 # finetune.py shares in runs.py; both need only torch and the standard library.
 from cache import (BrokenBatch, bucket_batches, collate, feature_dims, find_bad_files, loader_kind, make_loader,
                    micro_batches, open_features)
-from runs import (Interrupt, Meter, RunLock, amp_context, at_read_point, atomic_save, check_batch_split,
-                  check_same, epoch_steps, last_line, load_training_state, log_step, make_optimizer,
-                  maybe_compile, new_run_id, prepare_out, progress, read_point, RunLog, setup_distributed,
-                  stop_if_bad, strip, to_plain, train_step, wrap_ddp)
+from runs import (Interrupt, Meter, RunLock, RunLog, amp_context, at_read_point, atomic_save, check_batch_split,
+                  check_same, epoch_steps, last_line, leave_distributed, load_training_state, log_step,
+                  make_optimizer, maybe_compile, new_run_id, prepare_out, progress, read_point,
+                  setup_distributed, stop_if_bad, strip, to_plain, train_step, wrap_ddp)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -795,15 +795,14 @@ def banner(mc, tc, sets, n_params, world, device, autocast, run, source, state):
 def pretrain(mc, tc, quiet=False):
     """The pretraining loop. Returns the list of per-epoch mean losses."""
     rank, world, device = setup_distributed(tc)
+    ended = False
     try:
         with RunLock(tc.out, enabled=rank == 0):
             history = _pretrain(mc, tc, quiet, rank, world, device)
-        if world > 1:
-            torch.distributed.barrier()       # no process leaves while another still talks to it
+        ended = True
         return history
     finally:
-        if world > 1:
-            torch.distributed.destroy_process_group()
+        leave_distributed(world, ended)
 
 
 def open_sets(tc, mc, world, is_main, say):

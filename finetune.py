@@ -773,15 +773,14 @@ def screen_task(sets, cfg, out, main, say):
 def finetune(cfg, quiet=False):
     """Train, evaluate every epoch, select by validation Fmax; returns the results dict (rank 0)."""
     rank, world, device = runs.setup_distributed(cfg)
+    ended = False
     try:
         with runs.RunLock(default_out(cfg), enabled=rank == 0):
             result = _finetune(cfg, quiet, rank, world, device)
-        if world > 1:
-            torch.distributed.barrier()       # no process leaves while another still talks to it
+        ended = True
         return result
     finally:
-        if world > 1:
-            torch.distributed.destroy_process_group()
+        runs.leave_distributed(world, ended)
 
 
 def build_function_model(cfg, info, n_classes, device):

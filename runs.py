@@ -85,6 +85,20 @@ def setup_distributed(tc):
     return rank, world, torch.device(f"cuda:{torch.cuda.current_device()}" if cuda else "cpu")
 
 
+def leave_distributed(world, ended):
+    """The end of a torchrun process, however its run ended: the run's DDP objects are freed first (a
+    reducer kept alive by a reference cycle would release the process group during interpreter shutdown,
+    which can abort the process: 'terminate called without an active exception'); after a run that ended
+    well a barrier (no process leaves while another still talks to it); then the group is destroyed."""
+    if world == 1:
+        return
+    import gc
+    gc.collect()
+    if ended:
+        torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
 def wrap_ddp(model, world):
     """DDP over the processes (gradients bucketed in place: no extra copy per step); the model alone without."""
     if world == 1:
