@@ -599,7 +599,7 @@ from cache import (BrokenBatch, bucket_batches, collate, feature_dims, find_bad_
 from runs import (Interrupt, Meter, RunLock, RunLog, amp_context, at_read_point, atomic_save, check_batch_split,
                   check_same, epoch_steps, last_line, leave_distributed, load_training_state, log_step,
                   make_optimizer, maybe_compile, new_run_id, prepare_out, progress, read_point,
-                  setup_distributed, stop_if_bad, strip, to_plain, train_step, wrap_ddp)
+                  run_as_script, setup_distributed, stop_if_bad, strip, to_plain, train_step, wrap_ddp)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1025,4 +1025,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_as_script(main)

@@ -111,6 +111,7 @@ from sources import (  # noqa: F401
     unmatched_residues, write_text_atomic)
 import overlap
 from pack import pack_store
+from runs import run_as_script
 
 # the encoders live in encoders.py; imported by name so that extract_features.<name> keeps working
 from encoders import (  # noqa: F401
@@ -1042,4 +1043,4 @@ def extract_torchrun(argv, cfg):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_as_script(main)

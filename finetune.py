@@ -1066,4 +1066,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    runs.run_as_script(main)

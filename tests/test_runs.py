@@ -104,3 +104,20 @@ def test_a_read_only_out_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match=r"^error: --out .*ro: cannot be written \(Read-only file system\)$"):
         with runs.RunLock(tmp_path / "ro"):
             pass
+
+
+@pytest.mark.parametrize("torchrun", [False, True])
+def test_run_as_script_exit_statuses(torchrun):
+    """A script's exit status through runs.run_as_script, as a plain process and as a torchrun rank (which
+    ends with os._exit after flushing): an int result is the status, anything else 0, SystemExit's message
+    reaches stderr with status 1, and stdout written before the end is not lost."""
+    env = {k: v for k, v in os.environ.items() if k != "RANK"}
+    if torchrun:
+        env["RANK"] = "0"
+    cases = {"3": (3, ""), "[0.5, 0.4]": (0, ""), "None": (0, ""), "True": (0, ""),
+             "(_ for _ in ()).throw(SystemExit('error: bad input'))": (1, "error: bad input"),
+             "(_ for _ in ()).throw(SystemExit(4))": (4, "")}
+    for body, (status, err) in cases.items():
+        code = f"import sys, runs; print('out', end=''); sys.stdout.write(''); runs.run_as_script(lambda: {body})"
+        run = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True)
+        assert (run.returncode, run.stdout, run.stderr.strip()) == (status, "out", err), body
