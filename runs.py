@@ -109,10 +109,9 @@ def run_as_script(main):
 
 
 def leave_distributed(world, ended):
-    """The end of a torchrun process, however its run ended: the run's DDP objects are freed first (a
-    reducer kept alive by a reference cycle would release the process group during interpreter shutdown,
-    which can abort the process: 'terminate called without an active exception'); after a run that ended
-    well a barrier (no process leaves while another still talks to it); then the group is destroyed."""
+    """The end of a torchrun process's run, however it ended: the run's DDP objects are freed first (no
+    reducer left for interpreter shutdown), after a run that ended well a barrier (no process leaves while
+    another still talks to it), then the group is destroyed; run_as_script then skips the shutdown itself."""
     if world == 1:
         return
     import gc
