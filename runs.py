@@ -91,21 +91,20 @@ def run_as_script(main):
     by then its process group is destroyed and its files are closed, and torch's C++ teardown during
     interpreter shutdown can abort a rank that has finished ('terminate called without an active
     exception' after destroy_process_group, about 1 run in 20-90 here), failing a run that succeeded."""
-    torchrun = "RANK" in os.environ
     try:
         result = main()
-        status = result if isinstance(result, int) and not isinstance(result, bool) else 0
+        code = result if type(result) is int else 0
     except SystemExit as e:
-        if not torchrun:
-            raise
-        status = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
-        if not isinstance(e.code, (int, type(None))):
-            print(e.code, file=sys.stderr)
-    if not torchrun:
-        sys.exit(status)
+        code = e.code
+    if "RANK" not in os.environ:
+        sys.exit(code)
+    if not isinstance(code, int):                # as sys.exit treats them: None is 0, a message goes to stderr, 1
+        if code is not None:
+            print(code, file=sys.stderr)
+        code = 0 if code is None else 1
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(status)
+    os._exit(code)
 
 
 def leave_distributed(world, ended):

@@ -118,6 +118,6 @@ def test_run_as_script_exit_statuses(torchrun):
              "(_ for _ in ()).throw(SystemExit('error: bad input'))": (1, "error: bad input"),
              "(_ for _ in ()).throw(SystemExit(4))": (4, "")}
     for body, (status, err) in cases.items():
-        code = f"import sys, runs; print('out', end=''); sys.stdout.write(''); runs.run_as_script(lambda: {body})"
+        code = f"import runs; print('out', end=''); runs.run_as_script(lambda: {body})"
         run = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True)
         assert (run.returncode, run.stdout, run.stderr.strip()) == (status, "out", err), body
