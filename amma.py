@@ -594,7 +594,7 @@ def load_pretrained(path, map_location="cpu"):
 
 # The data path lives in cache.py (the feature cache, batches, loaders) and the run plumbing that
 # finetune.py shares in runs.py; both need only torch and the standard library.
-from cache import (BrokenBatch, bucket_batches, collate, feature_dims, find_bad_files, loader_kind, make_loader,
+from cache import (BrokenBatch, Feed, bucket_batches, collate, feature_dims, find_bad_files, loader_kind,
                    micro_batches, open_features)
 from runs import (Interrupt, Meter, RunLock, RunLog, amp_context, at_read_point, atomic_save, check_batch_split,
                   check_same, epoch_steps, last_line, leave_distributed, load_training_state, log_step,
@@ -856,9 +856,10 @@ def _pretrain(mc, tc, quiet, rank, world, device):
                          "config": to_plain(mc), "train_config": to_plain(tc)}, ckpt)
 
     last_save = time.time()
-    with Interrupt() as stop:
+    feed = Feed(Sets(sets), tc.num_workers, device.type == "cuda", _collate_masked(mc), loader_kind(tc.loader, sets.values()))
+    with Interrupt() as stop, feed:
         for epoch in range(state["next_epoch"], tc.epochs):
-            steps, n_steps, loader, keys = pretraining_epoch(tc, mc, sets, counts, state, epoch, rank, world, device)
+            steps, n_steps, loader, keys = pretraining_epoch(tc, mc, sets, counts, state, epoch, rank, world, feed)
             bar = progress(n_steps, f"epoch {epoch + 1}/{tc.epochs}", not is_main or quiet, state["next_step"])
             meter, t0 = Meter([f"loss_{m}" for m in MODALITIES], device, state["epoch_loss"] if is_main else 0.0), time.time()
             for s, parts in steps:
@@ -890,9 +891,9 @@ def _pretrain(mc, tc, quiet, rank, world, device):
     return state["history"]
 
 
-def pretraining_epoch(tc, mc, sets, counts, state, epoch, rank, world, device):
-    """One epoch's plan from where the run stands: this process's steps, their count, and the loader of
-    its micro-batches (each protein keyed with its mask seed and loss weights)."""
+def pretraining_epoch(tc, mc, sets, counts, state, epoch, rank, world, feed):
+    """One epoch's plan from where the run stands: this process's steps, their count, and its micro-batches
+    from the run's feed (each protein keyed with its mask seed and loss weights)."""
     if state["next_epoch"] != epoch or state["next_step"] == 0:
         state.update(next_epoch=epoch, next_step=0, epoch_loss=0.0, epoch_steps=0)
     plan = epoch_plan(tc, sets, epoch)
@@ -903,9 +904,7 @@ def pretraining_epoch(tc, mc, sets, counts, state, epoch, rank, world, device):
                          f"proteins, global batch {tc.batch_size}, {world} process(es) x --grad-accum {tc.grad_accum}")
     keys = {s: step_keys(tc, mc, sets, counts, plan, epoch, s) for s, _ in steps}
     micro = [[keys[s][j] for j in part] for s, parts in steps for part in parts]
-    loader = iter(make_loader(Sets(sets), micro, tc.num_workers, device.type == "cuda", _collate_masked(mc),
-                              loader_kind(tc.loader, sets.values())))
-    return steps, n_steps, loader, keys
+    return steps, n_steps, feed.epoch(micro), keys
 
 
 def collate_pretraining(items, M, alpha):

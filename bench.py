@@ -856,8 +856,9 @@ def memory_copy(n_bytes, total=1 << 30, passes=3):
 
 def feed_rate(open_set, batches, n_bytes, workers=0, passes=3, threads=False, reopen=True):
     """(proteins/s, bytes/s) of the kit's dataset + collate through a loader as make_loader builds it, the set
-    opened afresh each pass (as each epoch's worker processes do) or, with reopen=False, opened once (as a
-    run's in-process or thread loader keeps it: its shards stay mapped); the best of `passes`. In this
+    opened afresh each pass (as in a run's first epoch) or, with reopen=False, opened once (as a run's loader
+    keeps it from then on, in its threads or its persistent worker processes: the shards stay mapped); the best
+    of `passes`. In this
     process (workers=0) and with threads: per CPU-second of the process, so other jobs on a shared machine do
     not count; through worker processes: per second of wall time."""
     clock = time.process_time if workers == 0 or threads else time.perf_counter
@@ -917,8 +918,8 @@ def bench_feed(args, report):
               f"feed on this machine): {copy / 1e9:.2f} GB/s = {copy * n / n_bytes:.0f} proteins/s")
         rows = {"memory_copy_gb_per_s": copy / 1e9, "memory_copy_proteins_per_s": copy * n / n_bytes}
         for name, layout, workers, reopen in (("files, cache.collate", "files", 0, True),
-                                              ("store, opened each epoch", "store", 0, True),
-                                              ("store, kept open (epochs after the first)", "store", 0, False),
+                                              ("store, opened afresh (a run's first epoch)", "store", 0, True),
+                                              ("store, kept open (the epochs after)", "store", 0, False),
                                               ("store, 1 worker process (wall time)", "store", 1, True),
                                               ("store, 2 loader threads, kept open", "store", -2, False)):
             per_s, rate = feed_rate(lambda: cache.open_features(sets[layout][0]), batches, n_bytes, abs(workers),

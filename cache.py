@@ -9,7 +9,7 @@ and analyze.py (which read it), and the batches made from it. Torch and the stan
 
 Here: the per-protein files (FeatureDataset) and the store (FeatureStore, open_features), the check
 before step 1 (check_features, find_bad_files), padded batches (collate, padded_length, batch_to),
-length-bucketed batch plans (bucket_batches) and the loaders that make them (make_loader, ThreadLoader).
+length-bucketed batch plans (bucket_batches) and the loaders that make them (Feed, make_loader, ThreadLoader).
 The masks that pretraining adds to a batch are amma.py's (collate_pretraining).
 """
 import hashlib
@@ -413,14 +413,54 @@ def bucket_batches(lengths, batch_size, seed, epoch):
     return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
 
 
-def make_loader(dataset, batches, num_workers, pin, collate_fn=collate, kind="processes"):
-    """The batches of `batches` (lists of keys), in order: worker processes (torch's DataLoader), or with
-    kind='threads' threads of this process (ThreadLoader)."""
+def make_loader(dataset, batches, num_workers, pin, collate_fn=collate, kind="processes", persistent=False):
+    """The batches of `batches` (lists of keys), in order: worker processes (torch's DataLoader; with
+    persistent, they outlive the iteration: Feed), or with kind='threads' threads of this process (ThreadLoader)."""
     if kind == "threads" and num_workers:
         return ThreadLoader(dataset, batches, num_workers, pin, collate_fn)
     return torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate_fn,
-                                       num_workers=num_workers, pin_memory=pin, persistent_workers=False,
+                                       num_workers=num_workers, pin_memory=pin,
+                                       persistent_workers=persistent and num_workers > 0,
                                        prefetch_factor=4 if num_workers else None)
+
+
+class EpochBatches:
+    """A batch sampler whose batches each epoch replaces (a Feed's DataLoader samples through it)."""
+
+    def __init__(self):
+        self.batches = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self):
+        return len(self.batches)
+
+
+class Feed:
+    """A run's loader, made once: feed.epoch(batches) iterates that epoch's batches. Worker processes persist
+    across epochs (each opens files and maps store shards once per run, not once per epoch); a partial
+    epoch's leftovers are dropped when the next one starts. Use it as a context manager (the workers end)."""
+
+    def __init__(self, dataset, num_workers, pin, collate_fn=collate, kind="processes"):
+        self.plan, self.args = EpochBatches(), (dataset, num_workers, pin, collate_fn)
+        self.loader = make_loader(dataset, self.plan, num_workers, pin, collate_fn, kind, persistent=True)
+
+    def epoch(self, batches):
+        if isinstance(self.loader, ThreadLoader):                  # threads: nothing to keep between epochs
+            dataset, threads, pin, collate_fn = self.args
+            return iter(ThreadLoader(dataset, batches, threads, pin, collate_fn))
+        self.plan.batches = list(batches)
+        return iter(self.loader)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        workers = getattr(self.loader, "_iterator", None)          # a persistent DataLoader's live iterator
+        if workers is not None and hasattr(workers, "_shutdown_workers"):
+            workers._shutdown_workers()
+        self.loader = None
 
 
 def loader_kind(kind, datasets):

@@ -885,11 +885,12 @@ def _finetune(cfg, quiet, rank, world, device):
                               "model_config": runs.to_plain(mc)}, ckpt_path)
 
     result, last_save = None, time.time()
-    with runs.Interrupt() as stop:
+    feed = cache.Feed(train, cfg.num_workers, device.type == "cuda", collate_fn, cache.loader_kind(cfg.loader, [train]))
+    with runs.Interrupt() as stop, feed:
         for epoch in range(state["next_epoch"], cfg.epochs):
             t0 = time.time()
             net.train()
-            plan, steps, n_steps, loader = finetuning_epoch(cfg, train, state, epoch, rank, world, device, collate_fn)
+            plan, steps, n_steps, loader = finetuning_epoch(cfg, train, state, epoch, rank, world, feed)
             bar = runs.progress(n_steps, f"epoch {epoch + 1}/{cfg.epochs}", not is_main or quiet, state["next_step"])
             meter = runs.Meter([], device, state["epoch_loss"] if is_main else 0.0)
             for s, parts in steps:
@@ -922,18 +923,16 @@ def _finetune(cfg, quiet, rank, world, device):
     return finish(cfg, mc, data, info, counts, state, baseline, world, n_params, out, result, is_main, say)
 
 
-def finetuning_epoch(cfg, train, state, epoch, rank, world, device, collate_fn):
+def finetuning_epoch(cfg, train, state, epoch, rank, world, feed):
     """One epoch's length-bucketed global batches from where the run stands, this process's steps and
-    the loader of its micro-batches."""
+    its micro-batches from the run's feed."""
     if epoch != state["next_epoch"] or state["next_step"] == 0:
         state.update(next_epoch=epoch, next_step=0, epoch_loss=0.0, epoch_steps=0)
     plan = cache.bucket_batches(train.lengths, cfg.batch_size, cfg.seed, epoch)
     n_steps = min(len(plan), cfg.limit_steps or len(plan))
     steps, _ = runs.epoch_steps(plan, state["next_step"], n_steps, rank, world, cfg.grad_accum)
     micro = [[plan[s][j] for j in part] for s, parts in steps for part in parts]
-    loader = iter(cache.make_loader(train, micro, cfg.num_workers, device.type == "cuda", collate_fn,
-                                   cache.loader_kind(cfg.loader, [train])))
-    return plan, steps, n_steps, loader
+    return plan, steps, n_steps, feed.epoch(micro)
 
 
 def bce_loss(net, autocast, norm, batch):

@@ -135,6 +135,41 @@ def test_loader_threads_give_the_batches_worker_processes_give(tmp_path):
     assert cache.loader_kind("auto", [ds]) == "processes" and cache.loader_kind("threads", [ds]) == "threads"
 
 
+class _WorkerPids(torch.utils.data.Dataset):
+    """Items that say which process made them."""
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __getitem__(self, i):
+        import os
+        return {**self.ds[i], "pid": os.getpid()}
+
+
+def _pids_collate(items):
+    return {**cache.collate(items), "pids": [it["pid"] for it in items]}
+
+
+def test_a_feed_keeps_its_worker_processes_across_epochs_and_drops_a_partial_epochs_leftovers(tmp_path):
+    root = write_features(tmp_path / "f", [5 + i % 9 for i in range(16)])
+    ds = cache.FeatureDataset(root)
+    plans = [cache.bucket_batches(ds.lengths(), 3, 0, e) for e in range(3)]
+    with cache.Feed(_WorkerPids(ds), 2, False, _pids_collate) as feed:
+        epochs = []
+        for e, plan in enumerate(plans):
+            it = feed.epoch(plan)
+            epochs.append([next(it) for _ in range(2)] if e == 0 else list(it))     # epoch 0 stops after 2 batches
+        workers = feed.loader._iterator._workers
+    assert all(not w.is_alive() for w in workers)                                  # the context ended them
+    inline = [list(cache.make_loader(_WorkerPids(ds), plan, 0, False, _pids_collate)) for plan in plans]
+    for got, want in zip(epochs, inline):
+        assert [b["ids"] for b in got] == [b["ids"] for b in want][:len(got)]
+        assert all(torch.equal(a[m], b[m]) for a, b in zip(got, want) for m in amma.MODALITIES)
+    pids = [{p for b in batches for p in b["pids"]} for batches in epochs]
+    assert len(pids[1] | pids[2]) == 2 and pids[0] <= pids[1] | pids[2]             # the same 2 processes throughout
+    threads = cache.Feed(ds, 2, False, cache.collate, "threads")
+    assert [b["ids"] for b in threads.epoch(plans[1])] == [b["ids"] for b in inline[1]]
+
+
 def test_the_kit_imports_form_no_circle_and_the_shared_files_need_only_torch():
     """amma.py's model part imports no kit file; cache.py and runs.py need only torch and the standard
     library (cache.py uses runs.py); the kit's imports form no circle; the modality order is one."""

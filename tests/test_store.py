@@ -43,13 +43,14 @@ def test_pretraining_on_the_store_equals_the_files_bit_for_bit(tmp_path):
     root = write_features(tmp_path / "f", [6 + i % 9 for i in range(24)])
     assert pack(root, "--store-out", tmp_path / "s", "--store-shard-mb", 0.01) == 0
     runs = {}
-    for name, features, workers in (("files", root, 0), ("store", tmp_path / "s", 0), ("store2", tmp_path / "s", 2)):
+    for name, features, workers in (("files", root, 0), ("store", tmp_path / "s", 0), ("store2", tmp_path / "s", 2),
+                                    ("files2", root, 2)):                  # 2 threads; 2 worker processes, kept
         mc = amma.AMMAConfig(**SMALL)
         tc = amma.TrainConfig(features=str(features), out=str(tmp_path / name), epochs=2, batch_size=4,
                               num_workers=workers, lr=1e-3)
         runs[name] = amma.pretrain(mc, tc, quiet=True)
     ckpt = {n: torch.load(tmp_path / n / "checkpoint.pt", weights_only=True) for n in runs}
-    for n in ("store", "store2"):
+    for n in ("store", "store2", "files2"):
         assert runs[n] == runs["files"]
         assert all(torch.equal(v, ckpt[n]["model"][k]) for k, v in ckpt["files"]["model"].items()), n
 
@@ -61,9 +62,9 @@ def test_finetuning_on_a_packed_task_set_equals_the_files(tmp_path):
     ckpt = pretrain_tiny(root, tmp_path / "pre")
     assert pack(root, "--store-out", tmp_path / "s") == 0
     results = [ft.main(["--task", "go-mf", "--features", str(f), "--ckpt", str(ckpt), "--out", str(tmp_path / o),
-                        "--epochs", "1", "--num-workers", "0", "--batch-size", "2"])
-               for f, o in ((root, "a"), (tmp_path / "s", "b"))]
-    assert results[0]["test"] == results[1]["test"]
+                        "--epochs", "2", "--num-workers", w, "--batch-size", "2"])
+               for f, o, w in ((root, "a", "0"), (tmp_path / "s", "b", "0"), (root, "c", "2"))]  # c: worker processes
+    assert results[0]["test"] == results[1]["test"] == results[2]["test"]
 
 
 def test_pack_refuses_nan_keeps_finished_shards_and_resumes(tmp_path, capsys):
