@@ -135,6 +135,18 @@ def test_loader_threads_give_the_batches_worker_processes_give(tmp_path):
     assert cache.loader_kind("auto", [ds]) == "processes" and cache.loader_kind("threads", [ds]) == "threads"
 
 
+def test_write_rows_copies_and_zero_pads_over_stale_memory_and_falls_back_to_torch_for_other_layouts():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 6, generator=g).half()
+    for src in (x, x.float(), x.t().contiguous().t()):                  # memmove; another dtype; not contiguous
+        dst = torch.full((8, 6), float("nan"), dtype=torch.float16)          # a reused buffer's stale values
+        cache.write_rows(dst, src)
+        assert torch.equal(dst[:5], x) and torch.equal(dst[5:], torch.zeros(3, 6, dtype=torch.float16))
+    dst = torch.full((4, 6), 7.0, dtype=torch.bfloat16)
+    cache.write_rows(dst, None)                                              # absent for this protein: all 0
+    assert torch.equal(dst, torch.zeros_like(dst))
+
+
 class _WorkerPids(torch.utils.data.Dataset):
     """Items that say which process made them."""
     def __init__(self, ds):
