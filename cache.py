@@ -392,10 +392,13 @@ def write_rows(dst, x):
     """dst[:len(x)] = x and the rest 0, in this thread alone: a plain memmove / memset (GIL released) where both
     are contiguous CPU tensors of one dtype. A loader thread then uses one core, as a worker process does (torch
     gives each 1 intra-op thread), instead of starting torch's intra-op team for every protein, whose threads
-    spin beside the training loop; on the 2-core VM, 2 loader threads fed 2,158-2,687 proteins/s this way
+    may spin beside the training loop after each copy (OpenMP's default wait); on the 2-core VM, 2 loader threads fed 2,158-2,687 proteins/s this way
     against 1,934-2,089 with torch's copy (A/B, 3 rounds; the in-process loader, alone on the cores, loses its
     parallel copy: 1,105-1,197 against 1,760-2,358)."""
     n = 0 if x is None else len(x)
+    if not dst.is_contiguous() or n > len(dst) or (n and x.shape[1:] != dst.shape[1:]):
+        raise ValueError(f"write_rows: {list(x.shape)} rows do not fit a {'' if dst.is_contiguous() else 'non-contiguous '}"
+                         f"{list(dst.shape)} destination")
     if n and not (x.dtype == dst.dtype and x.is_contiguous() and x.device.type == dst.device.type == "cpu"):
         dst[:n] = x                                                      # another dtype or layout: torch's copy
     elif n:

@@ -1,7 +1,6 @@
 """The GPU-first training step, proved on the CPU: no host syncs per step (counted), compiled == eager,
 the kit's ESM forward == fair-esm's, and amma.py's model part running on its own."""
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -145,6 +144,9 @@ def test_write_rows_copies_and_zero_pads_over_stale_memory_and_falls_back_to_tor
     dst = torch.full((4, 6), 7.0, dtype=torch.bfloat16)
     cache.write_rows(dst, None)                                              # absent for this protein: all 0
     assert torch.equal(dst, torch.zeros_like(dst))
+    for bad in (torch.zeros(5, 7).half(), torch.zeros(9, 6).half()):              # never a write past the buffer
+        with pytest.raises(ValueError, match="do not fit"):
+            cache.write_rows(torch.zeros(8, 6).half(), bad)
 
 
 class _WorkerPids(torch.utils.data.Dataset):
