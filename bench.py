@@ -858,9 +858,8 @@ def feed_rate(open_set, batches, n_bytes, workers=0, passes=3, threads=False, re
     """(proteins/s, bytes/s) of the kit's dataset + collate through a loader as make_loader builds it, the set
     opened afresh each pass (as in a run's first epoch) or, with reopen=False, opened once (as a run's loader
     keeps it from then on, in its threads or its persistent worker processes: the shards stay mapped); the best
-    of `passes`. In this
-    process (workers=0): per CPU-second of the process, so other jobs on a shared machine do not count; with
-    threads or worker processes: per second of wall time (what the process delivers with its helpers)."""
+    of `passes`. In this process (workers=0): per CPU-second of the process, so other jobs on a shared machine
+    do not count; with threads or worker processes: per second of wall time (what the process delivers)."""
     clock = time.process_time if workers == 0 else time.perf_counter
     best, kept = 0.0, None if reopen else open_set()
     for _ in range(passes):

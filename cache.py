@@ -390,14 +390,15 @@ def collate(items, pad=True):
 
 def write_rows(dst, x):
     """dst[:len(x)] = x and the rest 0, in this thread alone: a plain memmove / memset (GIL released) where both
-    are contiguous CPU tensors of one dtype. A loader thread then uses one core, as a worker process does (torch
-    gives each 1 intra-op thread), instead of starting torch's intra-op team for every protein, whose threads
-    may spin beside the training loop after each copy (OpenMP's default wait); on the 2-core VM, 2 loader threads fed 2,158-2,687 proteins/s this way
-    against 1,934-2,089 with torch's copy (A/B, 3 rounds; the in-process loader, alone on the cores, loses its
-    parallel copy: 1,105-1,197 against 1,760-2,358)."""
+    are contiguous CPU tensors of one dtype. A loader thread then uses one core, as a worker process does
+    (torch gives each 1 intra-op thread), instead of starting torch's intra-op team for every protein, whose
+    threads may spin beside the training loop after each copy (OpenMP's default wait). On the 2-core VM,
+    2 loader threads fed 2,158-2,687 proteins/s this way against 1,934-2,089 with torch's copy (A/B, 3 rounds;
+    the in-process loader, alone on the cores, loses its parallel copy: 1,105-1,197 against 1,760-2,358)."""
     n = 0 if x is None else len(x)
     if not dst.is_contiguous() or n > len(dst) or (n and x.shape[1:] != dst.shape[1:]):
-        raise ValueError(f"write_rows: {list(x.shape)} rows do not fit a {'' if dst.is_contiguous() else 'non-contiguous '}"
+        rows = "no" if x is None else list(x.shape)
+        raise ValueError(f"write_rows: {rows} rows do not fit a {'' if dst.is_contiguous() else 'non-contiguous '}"
                          f"{list(dst.shape)} destination")
     if n and not (x.dtype == dst.dtype and x.is_contiguous() and x.device.type == dst.device.type == "cpu"):
         dst[:n] = x                                                      # another dtype or layout: torch's copy
@@ -444,7 +445,7 @@ def make_loader(dataset, batches, num_workers, pin, collate_fn=collate, kind="pr
 
 
 class EpochBatches:
-    """A batch sampler whose batches each epoch replaces (a Feed's DataLoader samples through it)."""
+    """A batch sampler whose batches each epoch replaces (a Feed's loader samples through it)."""
 
     def __init__(self):
         self.batches = []
@@ -462,13 +463,10 @@ class Feed:
     epoch's leftovers are dropped when the next one starts. Use it as a context manager (the workers end)."""
 
     def __init__(self, dataset, num_workers, pin, collate_fn=collate, kind="processes"):
-        self.plan, self.args = EpochBatches(), (dataset, num_workers, pin, collate_fn)
+        self.plan = EpochBatches()
         self.loader = make_loader(dataset, self.plan, num_workers, pin, collate_fn, kind, persistent=True)
 
     def epoch(self, batches):
-        if isinstance(self.loader, ThreadLoader):                  # threads: nothing to keep between epochs
-            dataset, threads, pin, collate_fn = self.args
-            return iter(ThreadLoader(dataset, batches, threads, pin, collate_fn))
         self.plan.batches = list(batches)
         return iter(self.loader)
 
