@@ -16,9 +16,11 @@ import ctypes
 import hashlib
 import json
 import math
+import mmap
 import os
 import re
 import threading
+import weakref
 from pathlib import Path
 
 import torch
@@ -220,7 +222,6 @@ def shard_header(path):
 
 def map_shard(path):
     """(mmap, data offset, float16 [rows, d] tensor over it) of a shard file (copy-on-write: nothing is written back)."""
-    import mmap
     offset, dtype, (rows, d) = shard_header(path)
     if dtype != "F16":
         raise ValueError(f"{path}: dtype {dtype}, the store holds F16")
@@ -236,7 +237,6 @@ class FeatureStore(FeatureDataset):
         super().__init__(root, ids, modalities, max_len, max_text)
         self.meta, self.index = read_store_index(root)
         self.maps = {}
-        import mmap
         ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 0
         # a set larger than half the memory streams from disk: ask for each protein's range at once (+10-25%
         # from this machine's disk); a smaller one stays in the page cache, where the call costs ~10%
@@ -353,13 +353,49 @@ def padded_length(n):
 
 
 def _empty(shape, dtype):
-    """An uninitialised tensor, allocated in shared memory inside a loader worker (as torch's default
-    collate does), so the batch is not copied again on its way to the main process; pinned inside a
-    ThreadLoader on a GPU machine, so it goes to the device as it is."""
-    if torch.utils.data.get_worker_info() is None:
-        return torch.empty(shape, dtype=dtype, pin_memory=getattr(_PIN, "on", False))
-    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
-    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+    """An uninitialised batch tensor: in shared memory inside a loader worker (as torch's default collate
+    does), so the batch is not copied again on its way to the main process; pinned inside a ThreadLoader on a
+    GPU machine, so it goes to the device as it is (torch's pinned allocator reuses its blocks); otherwise
+    from BatchMemory's reused blocks."""
+    if torch.utils.data.get_worker_info() is not None:
+        storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+        return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+    if getattr(_PIN, "on", False):
+        return torch.empty(shape, dtype=dtype, pin_memory=True)
+    return _MEMORY.empty(shape, dtype)
+
+
+class BatchMemory:
+    """Reused memory for batches that are not pinned (a run on the CPU, bench.py on a machine without a GPU).
+    Memory fresh from the system costs a page fault and the kernel's zeroing on each 4 KiB page's first write:
+    on the 2-core VM about a third of a store feed's time went there. A batch tensor here is a view of a pooled
+    block, which comes back when the last tensor on it is gone (the finalizer of the memoryview its storage
+    holds), so a batch that is kept is never written over. Blocks are powers of two bytes (anonymous maps);
+    at most `keep` bytes of them wait unused."""
+
+    def __init__(self, keep=1 << 29):
+        self.keep, self.idle, self.free = keep, 0, {}
+        self.lock = threading.RLock()                 # a finalizer may run in any thread, this one too
+
+    def empty(self, shape, dtype):
+        n = math.prod(shape) * dtype.itemsize
+        size = 1 << max(n - 1, 4095).bit_length()
+        with self.lock:
+            block = self.free[size].pop() if self.free.get(size) else None
+            self.idle -= size if block is not None else 0
+        block = block if block is not None else mmap.mmap(-1, size)
+        view = memoryview(block)
+        weakref.finalize(view, self._give_back, block, size).atexit = False
+        return torch.frombuffer(view, dtype=torch.uint8, count=n).view(dtype).view(shape)
+
+    def _give_back(self, block, size):
+        with self.lock:
+            if self.idle + size <= self.keep:
+                self.free.setdefault(size, []).append(block)
+                self.idle += size
+
+
+_MEMORY = BatchMemory()
 
 
 def collate(items, pad=True):

@@ -149,6 +149,36 @@ def test_write_rows_copies_and_zero_pads_over_stale_memory_and_falls_back_to_tor
             cache.write_rows(torch.zeros(8, 6).half(), bad)
 
 
+def test_batch_memory_reuses_a_block_only_when_every_tensor_on_it_is_gone_and_kept_batches_stay_intact(tmp_path):
+    mem = cache.BatchMemory(keep=1 << 20)
+    a = mem.empty((4, 100), torch.float16)
+    first, part = a.data_ptr(), a[1:3]
+    a.fill_(1)
+    del a                                                                  # a view of it is still alive
+    b = mem.empty((4, 100), torch.float16)
+    b.fill_(2)
+    assert b.data_ptr() != first and torch.all(part == 1)
+    second = b.data_ptr()
+    del b, part
+    again = mem.empty((8, 25), torch.float32), mem.empty((3, 7), torch.bfloat16)          # any dtype, same class
+    assert {t.data_ptr() for t in again} == {first, second}
+    del again
+    blocks = [mem.empty((1 << 18,), torch.uint8) for _ in range(6)]           # 6 x 256 KiB, 1 MiB may wait
+    del blocks
+    assert mem.idle == 2 * 4096 + 3 * (1 << 18)                              # 3 fit beside the 2 small blocks
+    root = write_features(tmp_path / "f", [5 + i % 9 for i in range(14)])
+    ds = cache.FeatureDataset(root)
+    batches = [[0, 3], [5, 1, 2], [13], [7, 8, 9, 10], [4, 6, 11, 12]] * 3
+    for workers, kind in ((0, "processes"), (2, "threads")):
+        kept = list(cache.make_loader(ds, batches, workers, False, cache.collate, kind))   # none given back
+        for batch, keys in zip(kept, batches):
+            for j, k in enumerate(keys):
+                item = ds[k]
+                for m in amma.MODALITIES:
+                    n = len(item[m])
+                    assert torch.equal(batch[m][j, :n], item[m]) and not batch[m][j, n:].any()
+
+
 class _WorkerPids(torch.utils.data.Dataset):
     """Items that say which process made them."""
     def __init__(self, ds):
