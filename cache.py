@@ -8,7 +8,7 @@ and analyze.py (which read it), and the batches made from it. Torch and the stan
     <set>/store/...                the same set packed for streaming (extract_features.py --pack)
 
 Here: the per-protein files (FeatureDataset) and the store (FeatureStore, open_features), the check
-before step 1 (check_features, find_bad_files), padded batches (collate, padded_length, batch_to),
+before step 1 (check_features, find_bad_files), padded batches (collate, BatchMemory, padded_length, batch_to),
 length-bucketed batch plans (bucket_batches) and the loaders that make them (Feed, make_loader, ThreadLoader).
 The masks that pretraining adds to a batch are amma.py's (collate_pretraining).
 """

@@ -2,7 +2,6 @@
 on the CPU, bit for bit; the precision is part of the encoder names, so one set never mixes two."""
 import json
 
-import pytest
 import torch
 
 import extract_features as ef
@@ -25,7 +24,7 @@ def test_bf16_against_fp32_on_the_tiny_encoders(tmp_path, capsys):
             assert torch.equal(a, c)                                              # auto on the CPU is exact fp32
             worst[m] = max(worst.get(m, 0.0), ((a - b).abs().max() / a.abs().max()).item())
     with capsys.disabled():
-        print(f"\nbf16 vs fp32, largest |difference| / max |feature| over 6 demo proteins: "
+        print("\nbf16 vs fp32, largest |difference| / max |feature| over 6 demo proteins: "
               + ", ".join(f"{m} {v:.2e}" for m, v in worst.items()))
     assert 0 < worst["seq"] < 2e-2 and 0 < worst["func"] < 2e-2               # bf16 ran, and stays close
     assert worst["str"] == 0                                                   # GearNet-Edge: fp32 off CUDA
