@@ -367,23 +367,26 @@ def _empty(shape, dtype):
 
 class BatchMemory:
     """Reused memory for batches that are not pinned (a run on the CPU, bench.py on a machine without a GPU).
-    Memory fresh from the system costs a page fault and the kernel's zeroing on each 4 KiB page's first write:
-    on the 2-core VM about a third of a store feed's time went there. A batch tensor here is a view of a pooled
+    Memory fresh from the system costs a page fault and the kernel's zeroing on each page's first write, a
+    large share of a store feed's time (REPRODUCE.md, section 3). A batch tensor here is a view of a pooled
     block, which comes back when the last tensor on it is gone (the finalizer of the memoryview its storage
     holds), so a batch that is kept is never written over. Blocks are powers of two bytes (anonymous maps);
     at most `keep` bytes of them wait unused."""
 
     def __init__(self, keep=1 << 29):
-        self.keep, self.idle, self.free = keep, 0, {}
+        self.keep, self.free = keep, {}               # block size -> its idle blocks
         self.lock = threading.RLock()                 # a finalizer may run in any thread, this one too
+
+    @property
+    def idle(self):
+        return sum(size * len(blocks) for size, blocks in self.free.items())
 
     def empty(self, shape, dtype):
         n = math.prod(shape) * dtype.itemsize
         size = 1 << max(n - 1, 4095).bit_length()
         with self.lock:
-            block = self.free[size].pop() if self.free.get(size) else None
-            self.idle -= size if block is not None else 0
-        block = block if block is not None else mmap.mmap(-1, size)
+            blocks = self.free.get(size)
+            block = blocks.pop() if blocks else mmap.mmap(-1, size)
         view = memoryview(block)
         weakref.finalize(view, self._give_back, block, size).atexit = False
         return torch.frombuffer(view, dtype=torch.uint8, count=n).view(dtype).view(shape)
@@ -392,7 +395,6 @@ class BatchMemory:
         with self.lock:
             if self.idle + size <= self.keep:
                 self.free.setdefault(size, []).append(block)
-                self.idle += size
 
 
 _MEMORY = BatchMemory()
@@ -428,9 +430,7 @@ def write_rows(dst, x):
     """dst[:len(x)] = x and the rest 0, in this thread alone: a plain memmove / memset (GIL released) where both
     are contiguous CPU tensors of one dtype. A loader thread then uses one core, as a worker process does
     (torch gives each 1 intra-op thread), instead of starting torch's intra-op team for every protein, whose
-    threads may spin beside the training loop after each copy (OpenMP's default wait). On the 2-core VM,
-    2 loader threads fed 2,158-2,687 proteins/s this way against 1,934-2,089 with torch's copy (A/B, 3 rounds;
-    the in-process loader, alone on the cores, loses its parallel copy: 1,105-1,197 against 1,760-2,358)."""
+    threads may spin beside the training loop after each copy (OpenMP's default wait; A/B in REPRODUCE.md, section 3)."""
     n = 0 if x is None else len(x)
     if not dst.is_contiguous() or n > len(dst) or (n and x.shape[1:] != dst.shape[1:]):
         rows = "no" if x is None else list(x.shape)
